@@ -1,0 +1,96 @@
+//! Identifier rules: registration ids, enrollment group ids, ID scopes and etags.
+
+use crate::error::ServiceError;
+
+/// Longest registration or enrollment group id (spec service-api.md §1.3 notes).
+pub const MAX_ID_LEN: usize = 128;
+
+/// Registration ids and enrollment group ids: 1..=128 characters, alphanumerics plus `- . _ :`,
+/// the last character alphanumeric or `-`, and no special first character
+/// (TypeSpec text quoted in spec service-api.md §1.3).
+pub fn validate_id(what: &str, id: &str) -> Result<(), ServiceError> {
+    let bad = |why: &str| Err(ServiceError::invalid(format!("{what} '{}' is invalid: {why}", printable(id))));
+    if id.is_empty() {
+        return bad("empty");
+    }
+    if id.len() > MAX_ID_LEN {
+        return bad("longer than 128 characters");
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':')) {
+        return bad("only alphanumerics and - . _ : are allowed");
+    }
+    let first = id.as_bytes()[0];
+    let last = id.as_bytes()[id.len() - 1];
+    if !first.is_ascii_alphanumeric() {
+        return bad("must start with an alphanumeric character");
+    }
+    if !(last.is_ascii_alphanumeric() || last == b'-') {
+        return bad("must end with an alphanumeric character or '-'");
+    }
+    Ok(())
+}
+
+/// Ids are case-insensitive: the store keys them in lower case.
+pub fn id_key(id: &str) -> String {
+    id.to_ascii_lowercase()
+}
+
+/// An ID scope: `0ne` and 8 upper-case hex digits (spec service-api.md §4.2).
+pub fn id_scope_from(random: [u8; 4]) -> String {
+    format!("0ne{:08X}", u32::from_be_bytes(random))
+}
+
+/// An opaque etag shaped like the ones DPS emits (a quoted Cosmos-style value), from 16 random bytes.
+pub fn etag_from(r: [u8; 16]) -> String {
+    let h = |s: &[u8]| s.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    format!("\"{}-{}-{}-{}-{}\"", h(&r[0..4]), h(&r[4..6]), h(&r[6..8]), h(&r[8..10]), h(&r[10..16]))
+}
+
+/// Etag comparison for If-Match: an optional `W/` prefix and surrounding quotes are ignored on
+/// both sides; `*` matches any existing entity (spec service-api.md §1.6).
+pub fn etag_matches(if_match: &str, stored: &str) -> bool {
+    fn bare(s: &str) -> &str {
+        let s = s.trim();
+        let s = s.strip_prefix("W/").unwrap_or(s);
+        s.trim_matches('"')
+    }
+    let m = if_match.trim();
+    m == "*" || bare(m) == bare(stored)
+}
+
+/// Shortened and sanitised for error messages.
+pub fn printable(s: &str) -> String {
+    s.chars().take(140).map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_rules() {
+        assert!(validate_id("id", "dev-1.a_b:c").is_ok());
+        assert!(validate_id("id", "dev-").is_ok());
+        assert!(validate_id("id", "").is_err());
+        assert!(validate_id("id", "-dev").is_err());
+        assert!(validate_id("id", "dev.").is_err());
+        assert!(validate_id("id", "dev/1").is_err());
+        assert!(validate_id("id", &"a".repeat(129)).is_err());
+        assert!(validate_id("id", &"a".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn scope_shape() {
+        assert_eq!(id_scope_from([0, 0, 0x0a, 0x0b]), "0ne00000A0B");
+    }
+
+    #[test]
+    fn etag_match_rules() {
+        let e = etag_from([7; 16]);
+        assert!(etag_matches(&e, &e));
+        assert!(etag_matches(e.trim_matches('"'), &e));
+        assert!(etag_matches(&format!("W/{e}"), &e));
+        assert!(etag_matches("*", &e));
+        assert!(!etag_matches("\"other\"", &e));
+    }
+}

@@ -1,0 +1,14 @@
+//! Sans-IO logic of the device provisioning service: the data model and its JSON wire shapes,
+//! DPS error codes, SAS tokens, attestation input validation and the service API's routing rules.
+//! No runtime, no sockets, no clock reads: callers pass `now` in.
+
+pub mod error;
+pub mod ids;
+pub mod model;
+pub mod rights;
+pub mod sas;
+pub mod service_route;
+pub mod time;
+pub mod tpm;
+pub mod validate;
+pub mod x509;
