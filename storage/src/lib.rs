@@ -1,1 +1,38 @@
+//! Durable state of the service behind the [`Store`] trait, with a fjall implementation
+//! ([`FjallStore`]) and the threads that keep blocking store work off the shards
+//! ([`StoreService`]: readers plus one group-committing writer).
 
+mod crypt;
+mod fjall_store;
+mod record;
+mod service;
+
+pub use crypt::DataKey;
+pub use fjall_store::FjallStore;
+pub use record::{Expect, Op, Record, Table, Txn, TxnError, TxnResult};
+pub use service::{CommitStats, ServiceError as StoreCallError, StoreService, StoreServiceConfig, StoreThreads};
+
+/// A failure of the store itself (I/O, corruption, a key that does not decrypt). After one, the
+/// write in flight was not acknowledged; callers answer 500.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage engine: {0}")]
+    Engine(#[from] fjall::Error),
+    #[error("record {table}/{key} is corrupt or was encrypted with another data key")]
+    Corrupt { table: &'static str, key: String },
+}
+
+/// The store interface: blocking calls, safe from many threads. Transactions passed to one
+/// [`Store::commit`] become durable together (group commit) before it returns.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Record>, StoreError>;
+    /// Up to `limit` records whose key starts with `prefix`, in key order, after key `after`.
+    fn scan(&self, table: Table, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Record)>, StoreError>;
+    /// Records of `table` with `class` (maintained exactly by commits).
+    fn count(&self, table: Table, class: u8) -> u64;
+    /// Applies the transactions in order; each is all-or-nothing and checks its preconditions
+    /// against the state left by the ones before it. Everything that succeeded is durable on return.
+    fn commit(&self, txns: Vec<Txn>) -> Result<Vec<TxnResult>, StoreError>;
+    /// Makes every write durable (used at shutdown).
+    fn flush(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,210 @@
+//! The embedded store: one fjall database, a keyspace per [`Table`], values sealed by
+//! [`DataKey`]. Commits hold a lock, so preconditions, quotas and counts are exact.
+
+use crate::crypt::DataKey;
+use crate::record::{Expect, Op, Record, Table, Txn, TxnError, TxnResult};
+use crate::{Store, StoreError};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+pub struct FjallStore {
+    db: Database,
+    spaces: HashMap<Table, Keyspace>,
+    key: DataKey,
+    /// Record counts per (table, class), persisted in `meta` under `count/{table}/{class}`.
+    counts: Mutex<HashMap<(Table, u8), u64>>,
+}
+
+fn count_key(t: Table, class: u8) -> String {
+    format!("count/{}/{class}", t.name())
+}
+
+impl FjallStore {
+    /// Opens (or creates) the store in `dir` with the given data key.
+    pub fn open(dir: &Path, key: DataKey, cache_bytes: u64) -> Result<FjallStore, StoreError> {
+        let db = Database::builder(dir).cache_size(cache_bytes).open()?;
+        let mut spaces = HashMap::new();
+        for t in Table::ALL {
+            spaces.insert(t, db.keyspace(t.name(), KeyspaceCreateOptions::default)?);
+        }
+        let mut counts = HashMap::new();
+        // Counters are plain (unsealed) little-endian u64 values; they hold no secrets.
+        for kv in spaces[&Table::Meta].prefix("count/") {
+            let (k, v) = kv.into_inner()?;
+            let k = String::from_utf8_lossy(&k).into_owned();
+            let mut parts = k.split('/').skip(1);
+            if let (Some(tname), Some(class)) = (parts.next(), parts.next().and_then(|c| c.parse::<u8>().ok())) {
+                if let (Some(t), Ok(bytes)) = (Table::ALL.into_iter().find(|t| t.name() == tname), <[u8; 8]>::try_from(&v[..])) {
+                    counts.insert((t, class), u64::from_le_bytes(bytes));
+                }
+            }
+        }
+        Ok(FjallStore { db, spaces, key, counts: Mutex::new(counts) })
+    }
+
+    fn space(&self, t: Table) -> &Keyspace {
+        // Every table gets its keyspace in `open`.
+        &self.spaces[&t]
+    }
+
+    fn read(&self, t: Table, key: &str) -> Result<Option<Record>, StoreError> {
+        match self.space(t).get(key)? {
+            None => Ok(None),
+            Some(v) if t == Table::RegistrationsByGroup => {
+                let _ = v;
+                Ok(Some(Record { etag: String::new(), class: 0, body: Vec::new() }))
+            }
+            Some(v) => self.key.open(t, key, &v).map(Some).ok_or_else(|| StoreError::Corrupt { table: t.name(), key: key.to_string() }),
+        }
+    }
+}
+
+fn check(expect: &Expect, current: Option<&Record>) -> Result<(), TxnError> {
+    match (expect, current) {
+        (Expect::Any, _) => Ok(()),
+        (Expect::Absent, None) => Ok(()),
+        (Expect::Absent, Some(_)) => Err(TxnError::Conflict),
+        (_, None) => Err(TxnError::NotFound),
+        (Expect::Present, Some(_)) => Ok(()),
+        (Expect::Etag(e), Some(r)) => {
+            if dps_core::ids::etag_matches(e, &r.etag) {
+                Ok(())
+            } else {
+                Err(TxnError::PreconditionFailed)
+            }
+        }
+    }
+}
+
+impl Store for FjallStore {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Record>, StoreError> {
+        self.read(table, key)
+    }
+
+    fn scan(&self, table: Table, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Record)>, StoreError> {
+        let mut out = Vec::new();
+        let start = match after {
+            Some(a) if a >= prefix => format!("{a}\u{0}"),
+            _ => prefix.to_string(),
+        };
+        for kv in self.space(table).range(start.as_bytes()..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv.into_inner()?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let rec = if table == Table::RegistrationsByGroup {
+                Record { etag: String::new(), class: 0, body: Vec::new() }
+            } else {
+                self.key.open(table, &key, &v).ok_or_else(|| StoreError::Corrupt { table: table.name(), key: key.clone() })?
+            };
+            out.push((key, rec));
+        }
+        Ok(out)
+    }
+
+    fn count(&self, table: Table, class: u8) -> u64 {
+        self.counts.lock().map(|c| c.get(&(table, class)).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    fn commit(&self, txns: Vec<Txn>) -> Result<Vec<TxnResult>, StoreError> {
+        let mut counts = match self.counts.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        // Values written earlier in this group, so later transactions see them.
+        let mut overlay: HashMap<(Table, String), Option<Record>> = HashMap::new();
+        let mut new_counts = counts.clone();
+        let mut batch = self.db.batch();
+        let mut results = Vec::with_capacity(txns.len());
+        for txn in txns {
+            let mut staged: Vec<((Table, String), Option<Record>)> = Vec::new();
+            let mut previous = Vec::with_capacity(txn.ops.len());
+            let mut delta: HashMap<(Table, u8), i64> = HashMap::new();
+            let mut failed = None;
+            for op in &txn.ops {
+                let (table, key) = match op {
+                    Op::Put { table, key, .. } | Op::Delete { table, key, .. } | Op::Index { table, key, .. } => (*table, key.clone()),
+                };
+                let current = match staged.iter().rev().find(|(k, _)| k.0 == table && k.1 == key) {
+                    Some((_, v)) => v.clone(),
+                    None => match overlay.get(&(table, key.clone())) {
+                        Some(v) => v.clone(),
+                        None => self.read(table, &key)?,
+                    },
+                };
+                let outcome = match op {
+                    Op::Put { record, expect, quota, .. } => check(expect, current.as_ref()).and_then(|_| {
+                        let grows_class = current.as_ref().is_none_or(|c| c.class != record.class);
+                        if let (Some(q), true) = (quota, grows_class) {
+                            let have = new_counts.get(&(table, record.class)).copied().unwrap_or(0) as i64
+                                + delta.get(&(table, record.class)).copied().unwrap_or(0);
+                            if have >= *q as i64 {
+                                return Err(TxnError::QuotaExceeded);
+                            }
+                        }
+                        if let Some(c) = &current {
+                            *delta.entry((table, c.class)).or_default() -= 1;
+                        }
+                        *delta.entry((table, record.class)).or_default() += 1;
+                        Ok(Some(record.clone()))
+                    }),
+                    Op::Delete { expect, .. } => check(if *expect == Expect::Any { &Expect::Present } else { expect }, current.as_ref()).map(|_| {
+                        if let Some(c) = &current {
+                            *delta.entry((table, c.class)).or_default() -= 1;
+                        }
+                        None
+                    }),
+                    Op::Index { present, .. } => Ok(present.then(|| Record { etag: String::new(), class: 0, body: Vec::new() })),
+                };
+                match outcome {
+                    Ok(new) => {
+                        previous.push(current);
+                        staged.push(((table, key), new));
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                results.push(Err(e));
+                continue;
+            }
+            for ((table, key), value) in staged {
+                match &value {
+                    Some(_) if table == Table::RegistrationsByGroup => batch.insert(self.space(table), key.as_bytes(), &[][..]),
+                    Some(r) => batch.insert(self.space(table), key.as_bytes(), self.key.seal(table, &key, r)),
+                    None => batch.remove(self.space(table), key.as_bytes()),
+                }
+                overlay.insert((table, key), value);
+            }
+            for ((t, class), d) in delta {
+                if t == Table::RegistrationsByGroup || d == 0 {
+                    continue;
+                }
+                let c = new_counts.entry((t, class)).or_default();
+                *c = (*c as i64 + d).max(0) as u64;
+                batch.insert(self.space(Table::Meta), count_key(t, class).as_bytes(), c.to_le_bytes().to_vec());
+            }
+            results.push(Ok(previous));
+        }
+        if !batch.is_empty() {
+            batch.commit()?;
+            self.db.persist(PersistMode::SyncAll)?;
+        }
+        *counts = new_counts;
+        Ok(results)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+}

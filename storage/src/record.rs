@@ -1,0 +1,93 @@
+//! What the store holds and the writes it accepts.
+
+/// The partitions of the keyspace (design.md "State").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Enrollments,
+    Groups,
+    Registrations,
+    /// Index `{groupId}\0{registrationId}` → empty record, for the by-group registration query.
+    RegistrationsByGroup,
+    Hubs,
+    Meta,
+    Operations,
+}
+
+impl Table {
+    pub const ALL: [Table; 7] = [
+        Table::Enrollments,
+        Table::Groups,
+        Table::Registrations,
+        Table::RegistrationsByGroup,
+        Table::Hubs,
+        Table::Meta,
+        Table::Operations,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Enrollments => "enrollments",
+            Table::Groups => "groups",
+            Table::Registrations => "registrations",
+            Table::RegistrationsByGroup => "registrations_by_group",
+            Table::Hubs => "hubs",
+            Table::Meta => "meta",
+            Table::Operations => "operations",
+        }
+    }
+}
+
+/// A stored value: an opaque etag, a small class tag used for per-class counts (e.g. the
+/// attestation type of a group, for quotas), and the plaintext body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub etag: String,
+    pub class: u8,
+    pub body: Vec<u8>,
+}
+
+/// A write's precondition on the current value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    Any,
+    /// Create only (fails with `Conflict`).
+    Absent,
+    /// Must exist (fails with `NotFound`).
+    Present,
+    /// If-Match: must exist and match (`*` matches anything; quotes and `W/` ignored).
+    Etag(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `quota`: when this put creates a record, fail with `QuotaExceeded` if the table already
+    /// holds that many records of the record's class.
+    Put { table: Table, key: String, record: Record, expect: Expect, quota: Option<u64> },
+    /// Deletes must find the record (else `NotFound`).
+    Delete { table: Table, key: String, expect: Expect },
+    /// An unconditional index entry write or removal.
+    Index { table: Table, key: String, present: bool },
+}
+
+/// Operations applied together or not at all.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Txn {
+    pub ops: Vec<Op>,
+}
+
+impl Txn {
+    pub fn one(op: Op) -> Txn {
+        Txn { ops: vec![op] }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnError {
+    NotFound,
+    Conflict,
+    PreconditionFailed,
+    QuotaExceeded,
+}
+
+/// On success, the previous value of each op's key.
+pub type TxnResult = Result<Vec<Option<Record>>, TxnError>;

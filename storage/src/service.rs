@@ -1,0 +1,211 @@
+//! Keeps blocking store work off the shards: reads go to a pool of reader threads, writes to
+//! one writer thread that drains its queue into a single group commit (one fsync for many
+//! writes) and answers each caller only once the commit is durable. Queues are bounded; a full
+//! queue is reported at once so the caller can answer 503 instead of waiting.
+
+use crate::record::{Table, Txn, TxnResult};
+use crate::{Record, Store, StoreError};
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use futures::channel::oneshot;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Knobs (documented in tuning.md).
+#[derive(Debug, Clone)]
+pub struct StoreServiceConfig {
+    /// Reader threads. Default 2.
+    pub readers: usize,
+    /// Capacity of the read and write queues, in requests. Default 65,536.
+    pub queue: usize,
+    /// Most transactions in one group commit. Default 4,096.
+    pub max_group: usize,
+    /// How long the writer lingers for more writes before committing a group, in microseconds.
+    /// 0 (default) commits whatever has queued up while the previous fsync ran.
+    pub linger_us: u64,
+}
+
+impl Default for StoreServiceConfig {
+    fn default() -> Self {
+        StoreServiceConfig { readers: 2, queue: 65_536, max_group: 4_096, linger_us: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("store queue is full")]
+    Busy,
+    #[error("store failed: {0}")]
+    Failed(String),
+    #[error("store is shut down")]
+    Closed,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;
+
+enum Read {
+    Get(Table, String, Reply<Option<Record>>),
+    Scan(Table, String, Option<String>, usize, Reply<Vec<(String, Record)>>),
+}
+
+struct Write {
+    txn: Txn,
+    reply: Reply<TxnResult>,
+}
+
+/// Commit statistics for metrics and benchmarks.
+#[derive(Default)]
+pub struct CommitStats {
+    pub groups: AtomicU64,
+    pub txns: AtomicU64,
+    pub commit_micros: AtomicU64,
+}
+
+/// A cloneable handle; every method returns a future that any executor can await.
+#[derive(Clone)]
+pub struct StoreService {
+    store: Arc<dyn Store>,
+    reads: Sender<Read>,
+    writes: Sender<Write>,
+    pub stats: Arc<CommitStats>,
+}
+
+pub struct StoreThreads {
+    handles: Vec<JoinHandle<()>>,
+    store: Arc<dyn Store>,
+}
+
+impl StoreThreads {
+    /// Waits for the threads (after every [`StoreService`] handle is dropped) and flushes.
+    pub fn join(self) -> Result<(), StoreError> {
+        for h in self.handles {
+            let _ = h.join();
+        }
+        self.store.flush()
+    }
+}
+
+impl StoreService {
+    pub fn start(store: Arc<dyn Store>, cfg: &StoreServiceConfig) -> (StoreService, StoreThreads) {
+        let (rtx, rrx) = bounded::<Read>(cfg.queue);
+        let (wtx, wrx) = bounded::<Write>(cfg.queue);
+        let stats = Arc::new(CommitStats::default());
+        let mut handles = Vec::new();
+        for i in 0..cfg.readers.max(1) {
+            let (s, rx) = (store.clone(), rrx.clone());
+            handles.push(spawn(format!("store-read-{i}"), move || reader(s, rx)));
+        }
+        {
+            let (s, st, max, linger) = (store.clone(), stats.clone(), cfg.max_group.max(1), Duration::from_micros(cfg.linger_us));
+            handles.push(spawn("store-write".into(), move || writer(s, wrx, st, max, linger)));
+        }
+        (StoreService { store: store.clone(), reads: rtx, writes: wtx, stats }, StoreThreads { handles, store })
+    }
+
+    fn send<T, M>(tx: &Sender<M>, make: impl FnOnce(Reply<T>) -> M) -> Result<oneshot::Receiver<Result<T, ServiceError>>, ServiceError> {
+        let (reply, rx) = oneshot::channel();
+        match tx.try_send(make(reply)) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(ServiceError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(ServiceError::Closed),
+        }
+    }
+
+    async fn wait<T>(rx: oneshot::Receiver<Result<T, ServiceError>>) -> Result<T, ServiceError> {
+        rx.await.unwrap_or(Err(ServiceError::Closed))
+    }
+
+    pub async fn get(&self, table: Table, key: &str) -> Result<Option<Record>, ServiceError> {
+        let rx = Self::send(&self.reads, |r| Read::Get(table, key.to_string(), r))?;
+        Self::wait(rx).await
+    }
+
+    pub async fn scan(&self, table: Table, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Record)>, ServiceError> {
+        let rx = Self::send(&self.reads, |r| Read::Scan(table, prefix.to_string(), after.map(str::to_string), limit, r))?;
+        Self::wait(rx).await
+    }
+
+    /// Commits one transaction; resolves once it is durable (or refused by its preconditions).
+    pub async fn commit(&self, txn: Txn) -> Result<TxnResult, ServiceError> {
+        let rx = Self::send(&self.writes, |reply| Write { txn, reply })?;
+        Self::wait(rx).await
+    }
+
+    /// Commits several transactions; each is independent, all are durable together.
+    pub async fn commit_many(&self, txns: Vec<Txn>) -> Result<Vec<TxnResult>, ServiceError> {
+        let mut rxs = Vec::with_capacity(txns.len());
+        for txn in txns {
+            rxs.push(Self::send(&self.writes, |reply| Write { txn, reply })?);
+        }
+        let mut out = Vec::with_capacity(rxs.len());
+        for rx in rxs {
+            out.push(Self::wait(rx).await?);
+        }
+        Ok(out)
+    }
+
+    pub fn count(&self, table: Table, class: u8) -> u64 {
+        self.store.count(table, class)
+    }
+
+    pub fn queued_writes(&self) -> usize {
+        self.writes.len()
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    // Failing to start a thread at start-up is fatal; there is nothing to serve without it.
+    #[allow(clippy::expect_used)]
+    std::thread::Builder::new().name(name).spawn(f).expect("spawn store thread")
+}
+
+fn reader(store: Arc<dyn Store>, rx: Receiver<Read>) {
+    let fail = |e: StoreError| ServiceError::Failed(e.to_string());
+    for req in rx {
+        match req {
+            Read::Get(t, k, reply) => {
+                let _ = reply.send(store.get(t, &k).map_err(fail));
+            }
+            Read::Scan(t, p, after, limit, reply) => {
+                let _ = reply.send(store.scan(t, &p, after.as_deref(), limit).map_err(fail));
+            }
+        }
+    }
+}
+
+fn writer(store: Arc<dyn Store>, rx: Receiver<Write>, stats: Arc<CommitStats>, max_group: usize, linger: Duration) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        let deadline = Instant::now() + linger;
+        while group.len() < max_group {
+            match rx.try_recv() {
+                Ok(w) => group.push(w),
+                Err(_) if !linger.is_zero() && Instant::now() < deadline => match rx.recv_deadline(deadline) {
+                    Ok(w) => group.push(w),
+                    Err(_) => break,
+                },
+                Err(_) => break,
+            }
+        }
+        let (txns, replies): (Vec<Txn>, Vec<Reply<TxnResult>>) = group.into_iter().map(|w| (w.txn, w.reply)).unzip();
+        let started = Instant::now();
+        let n = txns.len() as u64;
+        match store.commit(txns) {
+            Ok(results) => {
+                stats.groups.fetch_add(1, Ordering::Relaxed);
+                stats.txns.fetch_add(n, Ordering::Relaxed);
+                stats.commit_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(r));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed; {n} writes not acknowledged");
+                for reply in replies {
+                    let _ = reply.send(Err(ServiceError::Failed(e.to_string())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+use dps_storage::{DataKey, Expect, FjallStore, Op, Record, Store, Table, Txn, TxnError};
+use std::path::Path;
+
+fn open(dir: &Path) -> FjallStore {
+    FjallStore::open(dir, DataKey::new(&[3; 32]), 8 << 20).unwrap()
+}
+
+fn rec(etag: &str, class: u8, body: &str) -> Record {
+    Record { etag: etag.into(), class, body: body.as_bytes().to_vec() }
+}
+
+fn put(t: Table, k: &str, r: Record, expect: Expect, quota: Option<u64>) -> Txn {
+    Txn::one(Op::Put { table: t, key: k.into(), record: r, expect, quota })
+}
+
+#[test]
+fn preconditions_within_and_across_groups() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let r = s
+        .commit(vec![
+            put(Table::Enrollments, "a", rec("\"1\"", 0, "one"), Expect::Absent, None),
+            put(Table::Enrollments, "a", rec("\"2\"", 0, "two"), Expect::Absent, None),
+            put(Table::Enrollments, "a", rec("\"3\"", 0, "three"), Expect::Etag("\"1\"".into()), None),
+            put(Table::Enrollments, "b", rec("\"1\"", 0, "b"), Expect::Etag("*".into()), None),
+            Txn::one(Op::Delete { table: Table::Enrollments, key: "zz".into(), expect: Expect::Any }),
+        ])
+        .unwrap();
+    assert!(r[0].is_ok());
+    assert_eq!(r[1], Err(TxnError::Conflict));
+    assert_eq!(r[2].as_ref().unwrap()[0].as_ref().unwrap().body, b"one");
+    assert_eq!(r[3], Err(TxnError::NotFound));
+    assert_eq!(r[4], Err(TxnError::NotFound));
+    assert_eq!(s.get(Table::Enrollments, "a").unwrap().unwrap().body, b"three");
+    let r = s.commit(vec![put(Table::Enrollments, "a", rec("\"4\"", 0, "x"), Expect::Etag("\"1\"".into()), None)]).unwrap();
+    assert_eq!(r[0], Err(TxnError::PreconditionFailed));
+}
+
+#[test]
+fn failed_transaction_leaves_nothing_behind() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let txn = Txn {
+        ops: vec![
+            Op::Put { table: Table::Registrations, key: "r1".into(), record: rec("\"1\"", 0, "r"), expect: Expect::Any, quota: None },
+            Op::Index { table: Table::RegistrationsByGroup, key: "g\0r1".into(), present: true },
+            Op::Delete { table: Table::Enrollments, key: "missing".into(), expect: Expect::Any },
+        ],
+    };
+    assert_eq!(s.commit(vec![txn]).unwrap()[0], Err(TxnError::NotFound));
+    assert!(s.get(Table::Registrations, "r1").unwrap().is_none());
+    assert!(s.scan(Table::RegistrationsByGroup, "g\0", None, 10).unwrap().is_empty());
+    assert_eq!(s.count(Table::Registrations, 0), 0);
+}
+
+#[test]
+fn quotas_and_counts_survive_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let s = open(d.path());
+        let txns = (0..5).map(|i| put(Table::Groups, &format!("g{i}"), rec("\"e\"", 1, "g"), Expect::Absent, Some(3))).collect();
+        let r = s.commit(txns).unwrap();
+        assert_eq!(r.iter().filter(|r| r.is_ok()).count(), 3);
+        assert_eq!(r[3], Err(TxnError::QuotaExceeded));
+        // Another class has its own count.
+        assert!(s.commit(vec![put(Table::Groups, "x", rec("\"e\"", 2, "g"), Expect::Absent, Some(3))]).unwrap()[0].is_ok());
+        // Updating an existing record does not count against the quota.
+        assert!(s.commit(vec![put(Table::Groups, "g0", rec("\"f\"", 1, "g"), Expect::Any, Some(3))]).unwrap()[0].is_ok());
+        assert!(s.commit(vec![Txn::one(Op::Delete { table: Table::Groups, key: "g1".into(), expect: Expect::Any })]).unwrap()[0].is_ok());
+        assert_eq!(s.count(Table::Groups, 1), 2);
+    }
+    let s = open(d.path());
+    assert_eq!(s.count(Table::Groups, 1), 2);
+    assert_eq!(s.count(Table::Groups, 2), 1);
+}
+
+#[test]
+fn scan_pages_by_prefix() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let txns = ["a1", "a2", "a3", "b1"].iter().map(|k| put(Table::Enrollments, k, rec("\"e\"", 0, k), Expect::Absent, None)).collect();
+    s.commit(txns).unwrap();
+    let p1 = s.scan(Table::Enrollments, "a", None, 2).unwrap();
+    assert_eq!(p1.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a1", "a2"]);
+    let p2 = s.scan(Table::Enrollments, "a", Some("a2"), 2).unwrap();
+    assert_eq!(p2.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a3"]);
+    assert_eq!(s.scan(Table::Enrollments, "", None, 10).unwrap().len(), 4);
+}
+
+#[test]
+fn raw_files_do_not_contain_secrets() {
+    let d = tempfile::tempdir().unwrap();
+    let secret = "c2VjcmV0LWtleS1tYXRlcmlhbC1ub3QtdG8tbGVhaw==";
+    {
+        let s = open(d.path());
+        let body = format!(r#"{{"attestation":{{"symmetricKey":{{"primaryKey":"{secret}"}}}}}}"#);
+        s.commit(vec![put(Table::Enrollments, "dev", rec("\"e\"", 0, &body), Expect::Absent, None)]).unwrap();
+        s.flush().unwrap();
+        assert!(String::from_utf8(s.get(Table::Enrollments, "dev").unwrap().unwrap().body).unwrap().contains(secret));
+    }
+    let mut files = 0;
+    let mut stack = vec![d.path().to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                files += 1;
+                let bytes = std::fs::read(e.path()).unwrap();
+                assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "secret found in {:?}", e.path());
+                assert!(!bytes.windows(16).any(|w| w == &b"c2VjcmV0LWtleS1t"[..]), "part of the secret in {:?}", e.path());
+            }
+        }
+    }
+    assert!(files > 0);
+}
+
+#[test]
+fn another_data_key_cannot_read() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let s = open(d.path());
+        s.commit(vec![put(Table::Enrollments, "dev", rec("\"e\"", 0, "x"), Expect::Absent, None)]).unwrap();
+    }
+    let s = FjallStore::open(d.path(), DataKey::new(&[4; 32]), 8 << 20).unwrap();
+    assert!(s.get(Table::Enrollments, "dev").is_err());
+}
