@@ -5,6 +5,7 @@
 pub mod error;
 pub mod ids;
 pub mod model;
+pub mod rate;
 pub mod rights;
 pub mod sas;
 pub mod service_route;

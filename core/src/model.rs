@@ -100,8 +100,8 @@ pub struct X509CertificateInfo {
 pub struct X509CertificateWithInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
-    /// Server-computed; ignored on input.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "ignore")]
+    /// Server-computed; dropped from input by `validate::strip_read_only`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<X509CertificateInfo>,
 }
 
@@ -212,9 +212,9 @@ pub struct EnrollmentCommon {
     pub provisioning_status: Option<ProvisioningStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reprovision_policy: Option<ReprovisionPolicy>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "ignore")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_date_time_utc: Option<UtcTime>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "ignore")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_updated_date_time_utc: Option<UtcTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocation_policy: Option<AllocationPolicy>,
@@ -245,7 +245,7 @@ pub struct IndividualEnrollment {
     pub registration_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "ignore")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration_state: Option<DeviceRegistrationState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optional_device_information: Option<Value>,
@@ -288,12 +288,6 @@ pub struct DeviceRegistrationState {
     /// member, never serialised to clients).
     #[serde(default, rename = "_enrollmentGroupId", skip_serializing_if = "Option::is_none")]
     pub enrollment_group_id: Option<String>,
-}
-
-/// Read-only members are dropped on input: the server sets them.
-fn ignore<'de, D: Deserializer<'de>, T>(d: D) -> Result<Option<T>, D::Error> {
-    serde::de::IgnoredAny::deserialize(d)?;
-    Ok(None)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -427,12 +421,11 @@ mod tests {
     #[test]
     fn enrollment_round_trip_and_case_insensitive_enums() {
         let j = r#"{"registrationId":"d1","attestation":{"type":"SYMMETRICKEY","symmetricKey":{"primaryKey":null}},
-            "provisioningStatus":"Disabled","allocationPolicy":"GeoLatency","createdDateTimeUtc":"garbage",
+            "provisioningStatus":"Disabled","allocationPolicy":"GeoLatency",
             "initialTwin":{"tags":{"a":1},"properties":{"desired":{"b":2}}},"unknownMember":5}"#;
         let e: IndividualEnrollment = serde_json::from_str(j).unwrap();
         assert_eq!(e.common.attestation.kind, AttestationType::SymmetricKey);
         assert_eq!(e.common.provisioning_status, Some(ProvisioningStatus::Disabled));
-        assert_eq!(e.common.created_date_time_utc, None);
         let out = serde_json::to_value(&e).unwrap();
         assert_eq!(out["attestation"]["type"], "symmetricKey");
         assert_eq!(out["provisioningStatus"], "disabled");

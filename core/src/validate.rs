@@ -22,6 +22,41 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Serv
     from_value(v)
 }
 
+/// Drops the members the server sets (timestamps, registration state, certificate info), so a
+/// client echoing back what it read (in any form) is not refused for them.
+pub fn strip_read_only(v: &mut serde_json::Value) {
+    if let Some(m) = v.as_object_mut() {
+        for k in ["createdDateTimeUtc", "lastUpdatedDateTimeUtc", "registrationState"] {
+            m.remove(k);
+        }
+        if let Some(x) = m.get_mut("attestation").and_then(|a| a.get_mut("x509")).and_then(|x| x.as_object_mut()) {
+            for certs in x.values_mut() {
+                for which in ["primary", "secondary"] {
+                    if let Some(c) = certs.get_mut(which).and_then(|c| c.as_object_mut()) {
+                        c.remove("info");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Parses an enrollment or group from client input.
+pub fn parse_input<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError> {
+    let mut v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ServiceError::new(ErrorKind::InvalidJson, format!("request body is not valid JSON: {e}")))?;
+    strip_nulls(&mut v);
+    strip_read_only(&mut v);
+    from_value(v)
+}
+
+/// Parses one bulk item from client input.
+pub fn input_from_value<T: serde::de::DeserializeOwned>(mut v: serde_json::Value) -> Result<T, ServiceError> {
+    strip_nulls(&mut v);
+    strip_read_only(&mut v);
+    from_value(v)
+}
+
 pub fn from_value<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ServiceError> {
     serde_json::from_value(v).map_err(|e| ServiceError::invalid(format!("request body does not match the schema: {e}")))
 }
@@ -234,7 +269,15 @@ mod tests {
     }
 
     fn enrollment(j: &str) -> IndividualEnrollment {
-        parse_json(j.as_bytes()).unwrap()
+        parse_input(j.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn read_only_members_are_dropped() {
+        let e = enrollment(r#"{"registrationId":"d1","attestation":{"type":"x509","x509":{"clientCertificates":{"primary":{"certificate":"x","info":{"bogus":1}}}}},
+            "createdDateTimeUtc":"garbage","registrationState":{"x":1}}"#);
+        assert_eq!(e.common.created_date_time_utc, None);
+        assert!(e.registration_state.is_none());
     }
 
     #[test]

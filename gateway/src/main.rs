@@ -1,10 +1,94 @@
-use glommio::{LocalExecutorBuilder, Placement, net::TcpListener};
+//! `dps serve`: runs the device provisioning service.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "dps", about = "Self-hosted device provisioning service, wire-compatible with Azure IoT Hub DPS")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve {
+        /// Data directory (store, keys, generated certificates, endpoint.json).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// TOML configuration file (environment overlay: DPS_SECTION__KEY=value).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Host name clients use; repeat for several. Default: localhost.
+        #[arg(long = "hostname")]
+        host_names: Vec<String>,
+        #[arg(long)]
+        mqtt_port: Option<u16>,
+        #[arg(long)]
+        amqp_port: Option<u16>,
+        #[arg(long)]
+        https_port: Option<u16>,
+        /// Shards (executors); default one per core.
+        #[arg(long)]
+        shards: Option<usize>,
+    },
+}
+
 fn main() {
-    let h = LocalExecutorBuilder::new(Placement::Unbound).spawn(|| async move {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        println!("bound {:?}", l.local_addr());
-        glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
-        println!("ok");
-    }).unwrap();
-    h.join().unwrap();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DPS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")))
+        .with_writer(std::io::stderr)
+        .init();
+    let Cli { command: Command::Serve { data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards } } = Cli::parse();
+    let mut cfg = match dps_gateway::config::Config::load(config.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => exit(&e),
+    };
+    if !host_names.is_empty() {
+        cfg.host_names = host_names;
+    }
+    if let Some(p) = mqtt_port {
+        cfg.ports.mqtt = p;
+    }
+    if let Some(p) = amqp_port {
+        cfg.ports.amqp = p;
+    }
+    if let Some(p) = https_port {
+        cfg.ports.https = p;
+    }
+    if let Some(s) = shards {
+        cfg.shards = s;
+    }
+    let dir = data_dir.or_else(|| cfg.data_dir.clone()).unwrap_or_else(|| PathBuf::from("dps-data"));
+    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => exit(&format!("cannot install signal handlers: {e}")),
+    };
+    let running = match dps_gateway::start(cfg, &dir) {
+        Ok(r) => r,
+        Err(e) => exit(&e),
+    };
+    let e = &running.endpoint;
+    println!("Device provisioning service is running.");
+    println!("  ID scope:                   {}", e.id_scope);
+    println!("  Global device endpoint:     {}", e.host_name);
+    println!("  Service connection string:  {}", e.service_connection_string);
+    if let Some(ca) = &e.ca_certificate {
+        println!("  CA certificate:             {}", ca.display());
+    }
+    println!("  HTTPS port (service API):   {}", e.ports.https);
+    println!("  Details in {}", dir.join("endpoint.json").display());
+    let mut signals = signals;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down");
+    }
+    if let Err(e) = running.shutdown() {
+        exit(&e);
+    }
+}
+
+fn exit(msg: &str) -> ! {
+    eprintln!("dps: {msg}");
+    std::process::exit(1)
 }

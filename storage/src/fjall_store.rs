@@ -154,7 +154,7 @@ impl Store for FjallStore {
                         *delta.entry((table, record.class)).or_default() += 1;
                         Ok(Some(record.clone()))
                     }),
-                    Op::Delete { expect, .. } => check(if *expect == Expect::Any { &Expect::Present } else { expect }, current.as_ref()).map(|_| {
+                    Op::Delete { expect, .. } => check(expect, current.as_ref()).map(|_| {
                         if let Some(c) = &current {
                             *delta.entry((table, c.class)).or_default() -= 1;
                         }

@@ -63,7 +63,7 @@ pub enum Op {
     /// `quota`: when this put creates a record, fail with `QuotaExceeded` if the table already
     /// holds that many records of the record's class.
     Put { table: Table, key: String, record: Record, expect: Expect, quota: Option<u64> },
-    /// Deletes must find the record (else `NotFound`).
+    /// With `Expect::Any` a missing record is fine; `Present`/`Etag` need it (else `NotFound`).
     Delete { table: Table, key: String, expect: Expect },
     /// An unconditional index entry write or removal.
     Index { table: Table, key: String, present: bool },

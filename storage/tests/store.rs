@@ -23,7 +23,7 @@ fn preconditions_within_and_across_groups() {
             put(Table::Enrollments, "a", rec("\"2\"", 0, "two"), Expect::Absent, None),
             put(Table::Enrollments, "a", rec("\"3\"", 0, "three"), Expect::Etag("\"1\"".into()), None),
             put(Table::Enrollments, "b", rec("\"1\"", 0, "b"), Expect::Etag("*".into()), None),
-            Txn::one(Op::Delete { table: Table::Enrollments, key: "zz".into(), expect: Expect::Any }),
+            Txn::one(Op::Delete { table: Table::Enrollments, key: "zz".into(), expect: Expect::Present }),
         ])
         .unwrap();
     assert!(r[0].is_ok());
@@ -44,7 +44,7 @@ fn failed_transaction_leaves_nothing_behind() {
         ops: vec![
             Op::Put { table: Table::Registrations, key: "r1".into(), record: rec("\"1\"", 0, "r"), expect: Expect::Any, quota: None },
             Op::Index { table: Table::RegistrationsByGroup, key: "g\0r1".into(), present: true },
-            Op::Delete { table: Table::Enrollments, key: "missing".into(), expect: Expect::Any },
+            Op::Delete { table: Table::Enrollments, key: "missing".into(), expect: Expect::Present },
         ],
     };
     assert_eq!(s.commit(vec![txn]).unwrap()[0], Err(TxnError::NotFound));

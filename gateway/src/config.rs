@@ -1,0 +1,245 @@
+//! Configuration: a TOML file with an environment overlay (`DPS_SECTION__KEY=value`, e.g.
+//! `DPS_LIMITS__MAX_BULK_ITEMS=1000`), then command-line flags. Unknown keys are rejected with
+//! their name. Every knob is listed in tuning.md with its default, unit and trade-off.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the store, keys and generated certificates live.
+    pub data_dir: Option<PathBuf>,
+    /// Host names devices and operators use to reach this service; the first one goes into the
+    /// connection string and every one into the generated server certificate.
+    pub host_names: Vec<String>,
+    /// Shards (executors, one per core by default; 0 = one per available core).
+    pub shards: usize,
+    pub ports: Ports,
+    pub tls: Tls,
+    pub limits: Limits,
+    pub store: StoreKnobs,
+    pub linked_hubs: Vec<HubConfig>,
+    /// Shared access policies besides `provisioningserviceowner`, e.g. read-only ones.
+    pub access_policies: Vec<PolicyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub key_name: String,
+    /// base64 keys.
+    pub primary_key: String,
+    pub secondary_key: String,
+    /// Comma-separated rights: ServiceConfig, EnrollmentRead, EnrollmentWrite, DeviceConnect,
+    /// RegistrationStatusRead, RegistrationStatusWrite.
+    pub rights: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: None,
+            host_names: vec!["localhost".to_string()],
+            shards: 0,
+            ports: Ports::default(),
+            tls: Tls::default(),
+            limits: Limits::default(),
+            store: StoreKnobs::default(),
+            linked_hubs: Vec::new(),
+            access_policies: Vec::new(),
+        }
+    }
+}
+
+/// The defaults are the ports the official SDKs hard-code.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ports {
+    pub mqtt: u16,
+    pub amqp: u16,
+    pub https: u16,
+    /// Address the listeners bind to.
+    pub bind: String,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports { mqtt: 8883, amqp: 5671, https: 443, bind: "0.0.0.0".to_string() }
+    }
+}
+
+/// Operator-supplied certificates; when absent a development CA and server certificates are
+/// generated in the data dir.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    pub ecdsa_cert: Option<PathBuf>,
+    pub ecdsa_key: Option<PathBuf>,
+    pub rsa_cert: Option<PathBuf>,
+    pub rsa_key: Option<PathBuf>,
+    /// CA certificate to advertise in endpoint.json.
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// Limits; defaults follow the DPS limits table (spec service-api.md §4.6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body, bytes. DPS: 96 KB.
+    pub max_body_bytes: usize,
+    /// Items per bulk call. DPS documents 10.
+    pub max_bulk_items: usize,
+    pub max_enrollments: u64,
+    pub max_symmetric_key_groups: u64,
+    pub max_x509_groups: u64,
+    pub max_linked_hubs: u64,
+    /// Service API operations per minute for the whole service (0 = unlimited). DPS: 1,000.
+    pub service_operations_per_minute: u64,
+    /// Page size when the caller does not send `x-ms-max-item-count`.
+    pub default_page_size: usize,
+    pub max_page_size: usize,
+    /// Open connections per shard; further connections are closed at accept.
+    pub max_connections_per_shard: usize,
+    /// Seconds a connection may sit idle (or take to send a request head) before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Seconds allowed for a TLS handshake.
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 96 * 1024,
+            max_bulk_items: 10,
+            max_enrollments: 1_000_000,
+            max_symmetric_key_groups: 100,
+            max_x509_groups: 100,
+            max_linked_hubs: 50,
+            service_operations_per_minute: 1_000,
+            default_page_size: 100,
+            max_page_size: 1_000,
+            max_connections_per_shard: 50_000,
+            idle_timeout_secs: 60,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreKnobs {
+    pub readers: usize,
+    pub queue: usize,
+    pub max_group: usize,
+    pub linger_us: u64,
+    /// fjall block cache, MiB.
+    pub cache_mb: u64,
+}
+
+impl Default for StoreKnobs {
+    fn default() -> Self {
+        let d = dps_storage::StoreServiceConfig::default();
+        StoreKnobs { readers: d.readers, queue: d.queue, max_group: d.max_group, linger_us: d.linger_us, cache_mb: 64 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    pub host_name: String,
+    pub connection_string: String,
+    #[serde(default)]
+    pub allocation_weight: Option<u32>,
+    #[serde(default)]
+    pub apply_allocation_policy: Option<bool>,
+    #[serde(default)]
+    pub location: Option<String>,
+}
+
+/// Environment variables with the `DPS_` prefix that are not configuration keys.
+const RESERVED_ENV: &[&str] = &["DPS_DATA_KEY", "DPS_LOG"];
+
+impl Config {
+    /// Reads the file (if any), applies `DPS_*` variables from `env`, and checks the result.
+    pub fn load(file: Option<&std::path::Path>, env: impl Iterator<Item = (String, String)>) -> Result<Config, String> {
+        let mut table: toml::Table = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
+                text.parse().map_err(|e| format!("config {}: {e}", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (k, v) in env {
+            if !k.starts_with("DPS_") || RESERVED_ENV.contains(&k.as_str()) {
+                continue;
+            }
+            let path: Vec<String> = k["DPS_".len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
+            let mut t = &mut table;
+            for seg in &path[..path.len() - 1] {
+                let entry = t.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                t = entry.as_table_mut().ok_or_else(|| format!("environment variable {k}: '{seg}' is not a section"))?;
+            }
+            t.insert(path[path.len() - 1].clone(), env_value(&v));
+        }
+        let cfg: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| format!("configuration: {}", e.message()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.host_names.is_empty() {
+            return Err("host_names must name at least one host".into());
+        }
+        let l = &self.limits;
+        if l.max_body_bytes < 1024 {
+            return Err("limits.max_body_bytes must be at least 1024".into());
+        }
+        if l.max_bulk_items == 0 || l.default_page_size == 0 || l.max_page_size < l.default_page_size {
+            return Err("limits: max_bulk_items and default_page_size must be positive, max_page_size >= default_page_size".into());
+        }
+        Ok(())
+    }
+}
+
+/// An environment value as TOML: integers, booleans and arrays as such, anything else a string.
+fn env_value(v: &str) -> toml::Value {
+    if let Ok(i) = v.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(b) = v.parse::<bool>() {
+        return toml::Value::Boolean(b);
+    }
+    if v.starts_with('[') {
+        if let Ok(t) = format!("x = {v}").parse::<toml::Table>() {
+            if let Some(x) = t.get("x") {
+                return x.clone();
+            }
+        }
+    }
+    toml::Value::String(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overlay_and_unknown_keys() {
+        let env = vec![("DPS_LIMITS__MAX_BULK_ITEMS".to_string(), "1000".to_string()), ("DPS_HOST_NAMES".into(), "[\"a\", \"b\"]".into())];
+        let c = Config::load(None, env.into_iter()).unwrap();
+        assert_eq!(c.limits.max_bulk_items, 1000);
+        assert_eq!(c.host_names, ["a", "b"]);
+        let err = Config::load(None, vec![("DPS_LIMITS__MAX_BULK".to_string(), "1".to_string())].into_iter()).unwrap_err();
+        assert!(err.contains("max_bulk"), "{err}");
+    }
+
+    #[test]
+    fn file_with_hubs() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, "[ports]\nhttps = 8443\n[[linked_hubs]]\nhost_name = \"h\"\nconnection_string = \"x\"\nbogus = 1\n").unwrap();
+        let err = Config::load(Some(&p), std::iter::empty()).unwrap_err();
+        assert!(err.contains("bogus"), "{err}");
+    }
+}

@@ -1,0 +1,265 @@
+//! HTTP/1.1 framing on any async byte stream: request heads parsed with httparse (bounded),
+//! bodies by Content-Length or chunked encoding (bounded), keep-alive and pipelining, and
+//! response writing. Protocol logic lives in the handlers, not here.
+
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest request head (request line plus headers).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    /// Path without the query string, as sent (still percent-encoded).
+    pub path: String,
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// HTTP/1.0 without keep-alive, or `Connection: close`.
+    pub close: bool,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// A query parameter, percent-decoded (`+` as space).
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then(|| percent_encoding::percent_decode_str(&v.replace('+', " ")).decode_utf8_lossy().into_owned())
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn new(status: u16) -> Response {
+        Response { status, headers: Vec::new(), body: Vec::new() }
+    }
+    pub fn json(status: u16, body: String) -> Response {
+        Response { status, headers: vec![("Content-Type".into(), "application/json; charset=utf-8".into())], body: body.into_bytes() }
+    }
+    pub fn header(mut self, k: &str, v: impl Into<String>) -> Response {
+        self.headers.push((k.to_string(), v.into()));
+        self
+    }
+}
+
+/// Why no request could be read. Each maps to what the peer is told (if anything).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadError {
+    /// Clean end of stream between requests.
+    Closed,
+    HeadTooLarge,
+    BodyTooLarge,
+    Malformed(&'static str),
+    Io,
+}
+
+/// Reads one request. `buf` carries bytes already received (pipelining) between calls.
+pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>, max_body: usize) -> Result<Request, ReadError> {
+    let mut chunk = [0u8; 8192];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let method = req.method.unwrap_or("").to_string();
+                let target = req.path.unwrap_or("/");
+                let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                let (path, query) = (path.to_string(), query.to_string());
+                let version = req.version.unwrap_or(1);
+                let hdrs: Vec<(String, String)> = req
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).trim().to_string()))
+                    .collect();
+                buf.drain(..head_len);
+                let find = |n: &str| hdrs.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+                let conn = find("connection").map(|c| c.to_ascii_lowercase());
+                let close = conn.as_deref() == Some("close") || (version == 0 && conn.as_deref() != Some("keep-alive"));
+                let chunked = find("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked"));
+                let body = if chunked {
+                    read_chunked(s, buf, max_body).await?
+                } else if let Some(len) = find("content-length") {
+                    let len: usize = len.parse().map_err(|_| ReadError::Malformed("invalid Content-Length"))?;
+                    if len > max_body {
+                        return Err(ReadError::BodyTooLarge);
+                    }
+                    if find("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue")) && buf.len() < len {
+                        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.map_err(|_| ReadError::Io)?;
+                    }
+                    fill(s, buf, len).await?;
+                    buf.drain(..len).collect()
+                } else {
+                    Vec::new()
+                };
+                return Ok(Request { method, path, query, headers: hdrs, body, close });
+            }
+            Ok(httparse::Status::Partial) => {
+                if buf.len() > MAX_HEAD_BYTES {
+                    return Err(ReadError::HeadTooLarge);
+                }
+            }
+            Err(httparse::Error::TooManyHeaders) => return Err(ReadError::HeadTooLarge),
+            Err(_) => return Err(ReadError::Malformed("invalid request head")),
+        }
+        let n = s.read(&mut chunk).await.map_err(|_| ReadError::Io)?;
+        if n == 0 {
+            return Err(if buf.is_empty() { ReadError::Closed } else { ReadError::Malformed("connection closed mid-request") });
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn fill<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>, want: usize) -> Result<(), ReadError> {
+    let mut chunk = [0u8; 8192];
+    while buf.len() < want {
+        let n = s.read(&mut chunk).await.map_err(|_| ReadError::Io)?;
+        if n == 0 {
+            return Err(ReadError::Malformed("connection closed mid-body"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
+}
+
+async fn read_line<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Result<String, ReadError> {
+    loop {
+        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..i]).into_owned();
+            buf.drain(..i + 2);
+            return Ok(line);
+        }
+        if buf.len() > 1024 {
+            return Err(ReadError::Malformed("chunk header too long"));
+        }
+        let len = buf.len();
+        fill(s, buf, len + 1).await?;
+    }
+}
+
+async fn read_chunked<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>, max_body: usize) -> Result<Vec<u8>, ReadError> {
+    let mut body = Vec::new();
+    loop {
+        let line = read_line(s, buf).await?;
+        let size_text = line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| ReadError::Malformed("invalid chunk size"))?;
+        if body.len().saturating_add(size) > max_body {
+            return Err(ReadError::BodyTooLarge);
+        }
+        if size == 0 {
+            // Trailers, up to the empty line.
+            while !read_line(s, buf).await?.is_empty() {}
+            return Ok(body);
+        }
+        fill(s, buf, size + 2).await?;
+        body.extend_from_slice(&buf[..size]);
+        if &buf[size..size + 2] != b"\r\n" {
+            return Err(ReadError::Malformed("chunk not followed by CRLF"));
+        }
+        buf.drain(..size + 2);
+    }
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        202 => "Accepted",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        412 => "Precondition Failed",
+        413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+pub fn render(resp: &Response, close: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + resp.body.len());
+    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status)).as_bytes());
+    for (k, v) in &resp.headers {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if resp.status != 204 && resp.status != 101 {
+        out.extend_from_slice(format!("Content-Length: {}\r\n", resp.body.len()).as_bytes());
+    }
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&resp.body);
+    out
+}
+
+pub async fn write_response<S: AsyncWrite + Unpin>(s: &mut S, resp: &Response, close: bool) -> std::io::Result<()> {
+    s.write_all(&render(resp, close)).await?;
+    s.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+    use futures::io::Cursor;
+
+    fn read(input: &[u8], max: usize) -> (Result<Request, ReadError>, Vec<u8>) {
+        let mut c = Cursor::new(input.to_vec());
+        let mut buf = Vec::new();
+        let r = block_on(read_request(&mut c, &mut buf, max));
+        (r, buf)
+    }
+
+    #[test]
+    fn content_length_and_pipelining() {
+        let (r, rest) = read(b"PUT /enrollments/a?api-version=2021-10-01 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET / HTTP/1.1\r\n\r\n", 100);
+        let r = r.unwrap();
+        assert_eq!((r.method.as_str(), r.path.as_str(), r.body.as_slice()), ("PUT", "/enrollments/a", &b"{}"[..]));
+        assert_eq!(r.query_param("api-version").as_deref(), Some("2021-10-01"));
+        assert_eq!(rest, b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn chunked_body() {
+        let (r, _) = read(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n", 100);
+        assert_eq!(r.unwrap().body, b"abcde");
+        let (r, _) = read(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n65\r\n", 100);
+        assert_eq!(r.unwrap_err(), ReadError::BodyTooLarge);
+    }
+
+    #[test]
+    fn limits_and_garbage() {
+        assert_eq!(read(b"PUT / HTTP/1.1\r\nContent-Length: 101\r\n\r\n", 100).0.unwrap_err(), ReadError::BodyTooLarge);
+        assert_eq!(read(b"\x16\x03\x01garbage\r\n\r\n", 100).0.unwrap_err(), ReadError::Malformed("invalid request head"));
+        assert_eq!(read(b"", 100).0.unwrap_err(), ReadError::Closed);
+        assert_eq!(read(b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", 100).0.unwrap_err(), ReadError::Malformed("connection closed mid-body"));
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD_BYTES + 10));
+        assert_eq!(read(big.as_bytes(), 100).0.unwrap_err(), ReadError::HeadTooLarge);
+        assert_eq!(read(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 100).0.unwrap_err(), ReadError::Malformed("invalid Content-Length"));
+    }
+}

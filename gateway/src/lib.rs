@@ -1,0 +1,120 @@
+//! The `dps` gateway: configuration, start-up, shards, TLS, HTTP and the service API.
+
+pub mod bootstrap;
+pub mod certs;
+pub mod config;
+pub mod http;
+pub mod server;
+pub mod service;
+pub mod service_api;
+pub mod tls;
+
+use config::Config;
+use serde::Serialize;
+use service::{Policy, Service};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// What `DIR/endpoint.json` holds once every listener is bound.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub id_scope: String,
+    pub host_name: String,
+    pub service_connection_string: String,
+    pub ca_certificate: Option<PathBuf>,
+    pub ports: Ports,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ports {
+    pub https: u16,
+}
+
+pub struct Running {
+    pub endpoint: Endpoint,
+    stop: Arc<AtomicBool>,
+    shards: Vec<glommio::ExecutorJoinHandle<()>>,
+    threads: dps_storage::StoreThreads,
+}
+
+impl Running {
+    /// Stops accepting, lets connections drain, stops the store threads and flushes the store.
+    pub fn shutdown(self) -> Result<(), String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self.shards {
+            let _ = s.join();
+        }
+        self.threads.join().map_err(|e| format!("final store flush failed: {e}"))
+    }
+}
+
+/// Starts the service; returns once every listener is bound and `endpoint.json` is written.
+pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
+    let prepared = bootstrap::prepare(&cfg, data_dir)?;
+    let tls = tls::server_config(&prepared.certs)?;
+    let mut policies = prepared.instance.policies.iter().map(Policy::from_stored).collect::<Result<Vec<_>, _>>()?;
+    for p in &cfg.access_policies {
+        let stored = service::StoredPolicy { key_name: p.key_name.clone(), primary_key: p.primary_key.clone(), secondary_key: p.secondary_key.clone(), rights: p.rights.clone() };
+        if policies.iter().any(|q| q.key_name.eq_ignore_ascii_case(&p.key_name)) {
+            return Err(format!("access policy {} is defined twice", p.key_name));
+        }
+        policies.push(Policy::from_stored(&stored)?);
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if cfg.shards == 0 {
+        cfg.shards = cores;
+    }
+    let store_cfg = dps_storage::StoreServiceConfig { readers: cfg.store.readers, queue: cfg.store.queue, max_group: cfg.store.max_group, linger_us: cfg.store.linger_us };
+    let (store, threads) = dps_storage::StoreService::start(Arc::new(prepared.store), &store_cfg);
+    let svc = Arc::new(Service {
+        id_scope: prepared.instance.id_scope.clone(),
+        host_names: cfg.host_names.clone(),
+        policies,
+        store,
+        limits: cfg.limits.clone(),
+        shards: cfg.shards,
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let ip: std::net::IpAddr = cfg.ports.bind.parse().map_err(|_| format!("ports.bind '{}' is not an IP address", cfg.ports.bind))?;
+    let mut https = SocketAddr::new(ip, cfg.ports.https);
+    let mut shards = Vec::new();
+    let fail = |shards: Vec<glommio::ExecutorJoinHandle<()>>, stop: &AtomicBool, msg: String| {
+        stop.store(true, Ordering::Relaxed);
+        for s in shards {
+            let _ = s.join();
+        }
+        Err(msg)
+    };
+    // Shard 0 binds first, so an ephemeral port (0) becomes one port every shard shares.
+    for id in 0..cfg.shards {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spec = server::ShardSpec { id, cpu: (cfg.shards <= cores).then_some(id), svc: svc.clone(), tls: tls.clone(), https, stop: stop.clone() };
+        match server::spawn_shard(spec, tx) {
+            Ok(h) => shards.push(h),
+            Err(e) => return fail(shards, &stop, e),
+        }
+        match rx.recv() {
+            Ok(Ok(port)) => https.set_port(port),
+            Ok(Err(e)) => return fail(shards, &stop, e),
+            Err(_) => return fail(shards, &stop, format!("shard {id} ended during start-up")),
+        }
+    }
+    let owner = prepared.instance.policies.iter().find(|p| p.key_name == bootstrap::OWNER_POLICY).or(prepared.instance.policies.first());
+    let host = cfg.host_names[0].clone();
+    let endpoint = Endpoint {
+        id_scope: svc.id_scope.clone(),
+        service_connection_string: owner
+            .map(|p| dps_core::model::ConnectionString { host_name: host.clone(), key_name: p.key_name.clone(), key: p.primary_key.clone() }.render())
+            .unwrap_or_default(),
+        host_name: host,
+        ca_certificate: prepared.certs.ca_cert.clone(),
+        ports: Ports { https: https.port() },
+    };
+    let text = serde_json::to_string_pretty(&endpoint).map_err(|e| e.to_string())?;
+    let tmp = data_dir.join("endpoint.json.tmp");
+    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, data_dir.join("endpoint.json"))).map_err(|e| format!("cannot write endpoint.json: {e}"))?;
+    Ok(Running { endpoint, stop, shards, threads })
+}

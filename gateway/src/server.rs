@@ -1,0 +1,157 @@
+//! Shards: one glommio executor per core, each with its own `SO_REUSEPORT` listeners, accept
+//! loop and connections. A connection is owned by the task that accepted it, start to end.
+
+use crate::http::{self, ReadError, Response};
+use crate::service::Service;
+use crate::service_api::ServiceApi;
+use dps_core::error::{ErrorKind, ServiceError};
+use dps_core::time::UtcTime;
+use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Nanoseconds on a monotonic clock since the process started (for rate limits).
+pub fn mono_nanos() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+pub fn utc_now() -> UtcTime {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    UtcTime::from_unix_nanos(d.as_nanos() as i128)
+}
+
+pub struct ShardSpec {
+    pub id: usize,
+    pub cpu: Option<usize>,
+    pub svc: Arc<Service>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub https: SocketAddr,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// What a shard reports once its listeners are bound (or why they could not be).
+pub type Bound = Result<u16, String>;
+
+fn bind_error(what: &str, addr: SocketAddr, e: std::io::Error) -> String {
+    let hint = if addr.port() < 1024 {
+        format!(
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE (sudo setcap cap_net_bind_service=+ep $(which dps)); or choose another port with --{}-port",
+            what.to_ascii_lowercase()
+        )
+    } else {
+        format!("another process may hold it (ss -ltnp 'sport = :{}'); or choose another port with --{}-port", addr.port(), what.to_ascii_lowercase())
+    };
+    format!("cannot bind the {what} port {} on {}: {e}; {hint}", addr.port(), addr.ip())
+}
+
+pub fn spawn_shard(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) -> Result<glommio::ExecutorJoinHandle<()>, String> {
+    let placement = match spec.cpu {
+        Some(c) => Placement::Fixed(c),
+        None => Placement::Unbound,
+    };
+    LocalExecutorBuilder::new(placement)
+        .name(&format!("shard-{}", spec.id))
+        // Network I/O does not use glommio's registered DMA buffers; keep the locked
+        // reservation small so several shards fit under the default memlock limit.
+        .io_memory(256 << 10)
+        .spawn(move || shard_main(spec, bound))
+        .map_err(|e| format!("cannot start shard: {e}"))
+}
+
+async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
+    let listener = match TcpListener::bind(spec.https) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = bound.send(Err(bind_error("HTTPS", spec.https, e.into())));
+            return;
+        }
+    };
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(spec.https.port());
+    let _ = bound.send(Ok(port));
+    let api = Rc::new(ServiceApi::new(spec.svc.clone(), spec.id, mono_nanos()));
+    let conns = Rc::new(Cell::new(0usize));
+    let limits = spec.svc.limits.clone();
+    tracing::info!(shard = spec.id, port, "shard serving");
+    while !spec.stop.load(Ordering::Relaxed) {
+        let accepted = glommio::timer::timeout(Duration::from_millis(200), async { Ok(listener.accept().await) }).await;
+        let stream = match accepted {
+            Err(_) => continue,
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(shard = spec.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if conns.get() >= limits.max_connections_per_shard {
+            drop(stream);
+            continue;
+        }
+        conns.set(conns.get() + 1);
+        let (api, conns, tls, stop, limits) = (api.clone(), conns.clone(), spec.tls.clone(), spec.stop.clone(), limits.clone());
+        glommio::spawn_local(async move {
+            serve_https(stream, api, tls, stop, &limits).await;
+            conns.set(conns.get() - 1);
+        })
+        .detach();
+    }
+    // Drain: connections finish their current request and close; give them a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while conns.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(shard = spec.id, "shard stopped");
+}
+
+async fn serve_https(stream: TcpStream, api: Rc<ServiceApi>, tls: Arc<rustls::ServerConfig>, stop: Arc<AtomicBool>, limits: &crate::config::Limits) {
+    let _ = stream.set_nodelay(true);
+    let acceptor = futures_rustls::TlsAcceptor::from(tls);
+    let handshake = Duration::from_secs(limits.handshake_timeout_secs);
+    let mut s = match glommio::timer::timeout(handshake, async { Ok(acceptor.accept(stream).await) }).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    serve_http(&mut s, &api, &stop, limits).await;
+    let _ = s.close().await;
+}
+
+/// Request/response loop on an established (TLS) stream.
+pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, api: &ServiceApi, stop: &AtomicBool, limits: &crate::config::Limits) {
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    let mut buf = Vec::new();
+    loop {
+        let read = glommio::timer::timeout(idle, async { Ok(http::read_request(s, &mut buf, limits.max_body_bytes).await) }).await;
+        let req = match read {
+            Err(_) => return,
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let err = match e {
+                    ReadError::Closed | ReadError::Io => return,
+                    ReadError::BodyTooLarge => ServiceError::new(ErrorKind::PayloadTooLarge, format!("request body exceeds {} bytes", limits.max_body_bytes)),
+                    ReadError::HeadTooLarge => ServiceError::invalid("request head too large"),
+                    ReadError::Malformed(m) => ServiceError::invalid(format!("malformed HTTP request: {m}")),
+                };
+                let body = dps_core::error::error_body(&err, "", utc_now());
+                let resp = Response::json(err.kind.status(), body).header("x-ms-error-code", err.kind.code().to_string());
+                let _ = http::write_response(s, &resp, true).await;
+                return;
+            }
+        };
+        let resp = api.handle(&req, utc_now(), mono_nanos()).await;
+        let close = req.close || stop.load(Ordering::Relaxed);
+        if http::write_response(s, &resp, close).await.is_err() || close {
+            return;
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! What every shard shares: the instance identity (ID scope, host names, access policies), the
+//! store handle and the limits. Immutable after start-up, so shards read it without locks.
+
+use crate::config::Limits;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use dps_core::rights::Rights;
+use dps_storage::StoreService;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+/// A shared access policy as stored (keys base64, as in connection strings).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredPolicy {
+    pub key_name: String,
+    pub primary_key: String,
+    pub secondary_key: String,
+    pub rights: String,
+}
+
+/// The instance record kept in the store's `meta` table under `service`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceRecord {
+    pub id_scope: String,
+    pub policies: Vec<StoredPolicy>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub key_name: String,
+    pub primary: Vec<u8>,
+    pub secondary: Vec<u8>,
+    pub rights: Rights,
+}
+
+impl Policy {
+    pub fn from_stored(p: &StoredPolicy) -> Result<Policy, String> {
+        let key = |k: &str| B64.decode(k).map_err(|_| format!("policy {}: key is not base64", p.key_name));
+        Ok(Policy {
+            key_name: p.key_name.clone(),
+            primary: key(&p.primary_key)?,
+            secondary: key(&p.secondary_key)?,
+            rights: Rights::parse(&p.rights).ok_or_else(|| format!("policy {}: unknown rights '{}'", p.key_name, p.rights))?,
+        })
+    }
+}
+
+pub struct Service {
+    pub id_scope: String,
+    pub host_names: Vec<String>,
+    pub policies: Vec<Policy>,
+    pub store: StoreService,
+    pub limits: Limits,
+    pub shards: usize,
+}
+
+/// Random bytes from the system source; its failure is unrecoverable.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    #[allow(clippy::expect_used)]
+    SystemRandom::new().fill(&mut b).expect("system random source");
+    b
+}
+
+/// A new base64 symmetric key of the length DPS generates.
+pub fn random_key() -> String {
+    B64.encode(random_bytes::<{ dps_core::validate::GENERATED_KEY_BYTES }>())
+}
+
+pub fn new_etag() -> String {
+    dps_core::ids::etag_from(random_bytes::<16>())
+}
