@@ -67,10 +67,7 @@ pub fn parse(value: &str) -> Result<SasToken, SasError> {
     let signature = B64.decode(sig.as_bytes()).map_err(|_| SasError::Malformed)?;
     let expiry = se.ok_or(SasError::Malformed)?.parse::<i64>().map_err(|_| SasError::Malformed)?;
     let resource = percent_decode_str(sr).decode_utf8().map_err(|_| SasError::Malformed)?.into_owned();
-    let key_name = skn
-        .map(|s| percent_decode_str(s).decode_utf8().map(|c| c.into_owned()))
-        .transpose()
-        .map_err(|_| SasError::Malformed)?;
+    let key_name = skn.map(|s| percent_decode_str(s).decode_utf8().map(|c| c.into_owned())).transpose().map_err(|_| SasError::Malformed)?;
     Ok(SasToken { resource_raw: sr.to_string(), resource, signature, expiry, key_name })
 }
 

@@ -33,7 +33,8 @@ pub enum Route {
 impl Route {
     pub fn parse(method: &str, path: &str) -> Result<Route, ServiceError> {
         let not_found = || ServiceError::new(ErrorKind::RouteNotFound, format!("no operation at {}", crate::ids::printable(path)));
-        let bad_method = || ServiceError::new(ErrorKind::MethodNotAllowed, format!("{method} is not allowed on {}", crate::ids::printable(path)));
+        let bad_method =
+            || ServiceError::new(ErrorKind::MethodNotAllowed, format!("{method} is not allowed on {}", crate::ids::printable(path)));
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let id = |s: &str| -> Result<String, ServiceError> {
             percent_decode_str(s)
@@ -120,7 +121,10 @@ mod tests {
     fn routes() {
         use Collection::*;
         assert_eq!(Route::parse("PUT", "/enrollments/dev%2D1").unwrap(), Route::Put(Enrollments, "dev-1".into()));
-        assert_eq!(Route::parse("POST", "/enrollmentgroups/g/attestationmechanism").unwrap(), Route::AttestationMechanism(Groups, "g".into()));
+        assert_eq!(
+            Route::parse("POST", "/enrollmentgroups/g/attestationmechanism").unwrap(),
+            Route::AttestationMechanism(Groups, "g".into())
+        );
         assert_eq!(Route::parse("POST", "/enrollmentGroups/query").unwrap(), Route::Query(Groups));
         assert_eq!(Route::parse("POST", "/enrollments").unwrap(), Route::Bulk(Enrollments));
         assert_eq!(Route::parse("POST", "/registrations/g1/query").unwrap(), Route::QueryRegistrations("g1".into()));

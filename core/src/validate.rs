@@ -84,12 +84,16 @@ pub fn complete_attestation(
             let x = a.x509.as_mut().ok_or_else(|| ServiceError::invalid("attestation type x509 needs an x509 member"))?;
             let certs = if for_group {
                 if x.client_certificates.is_some() {
-                    return Err(ServiceError::invalid("enrollment groups take signingCertificates or caReferences, not clientCertificates"));
+                    return Err(ServiceError::invalid(
+                        "enrollment groups take signingCertificates or caReferences, not clientCertificates",
+                    ));
                 }
                 x.signing_certificates.as_mut()
             } else {
                 if x.signing_certificates.is_some() {
-                    return Err(ServiceError::invalid("individual enrollments take clientCertificates or caReferences, not signingCertificates"));
+                    return Err(ServiceError::invalid(
+                        "individual enrollments take clientCertificates or caReferences, not signingCertificates",
+                    ));
                 }
                 x.client_certificates.as_mut()
             };
@@ -98,10 +102,14 @@ pub fn complete_attestation(
                     let mut any = false;
                     for (slot, which) in [(c.primary.as_mut(), "primary"), (c.secondary.as_mut(), "secondary")] {
                         if let Some(cert) = slot {
-                            let text = cert.certificate.as_deref().filter(|t| !t.trim().is_empty()).ok_or_else(|| {
-                                ServiceError::invalid(format!("the {which} X.509 certificate has no certificate body"))
-                            })?;
-                            cert.info = Some(crate::x509::certificate_info(text).map_err(|e| ServiceError::invalid(format!("{which} certificate: {e}")))?);
+                            let text =
+                                cert.certificate.as_deref().filter(|t| !t.trim().is_empty()).ok_or_else(|| {
+                                    ServiceError::invalid(format!("the {which} X.509 certificate has no certificate body"))
+                                })?;
+                            cert.info = Some(
+                                crate::x509::certificate_info(text)
+                                    .map_err(|e| ServiceError::invalid(format!("{which} certificate: {e}")))?,
+                            );
                             any = true;
                         }
                     }
@@ -157,7 +165,8 @@ fn check_common(c: &EnrollmentCommon) -> Result<(), ServiceError> {
         return Err(ServiceError::invalid("allocationPolicy custom needs customAllocationDefinition"));
     }
     if c.allocation_policy == Some(AllocationPolicy::Static) {
-        let n = c.iot_hubs.as_ref().map_or(0, Vec::len) + usize::from(c.iot_hub_host_name.is_some() && c.iot_hubs.as_ref().is_none_or(Vec::is_empty));
+        let n = c.iot_hubs.as_ref().map_or(0, Vec::len)
+            + usize::from(c.iot_hub_host_name.is_some() && c.iot_hubs.as_ref().is_none_or(Vec::is_empty));
         if n != 1 {
             return Err(ServiceError::invalid("allocationPolicy static needs exactly one hub in iotHubs"));
         }
@@ -220,7 +229,11 @@ pub fn prepare_group(
         if !p.eq_ignore_ascii_case(&g.enrollment_group_id) {
             return Err(ServiceError::new(
                 ErrorKind::IdMismatch,
-                format!("enrollmentGroupId '{}' in the body differs from '{}' in the path", printable(&g.enrollment_group_id), printable(p)),
+                format!(
+                    "enrollmentGroupId '{}' in the body differs from '{}' in the path",
+                    printable(&g.enrollment_group_id),
+                    printable(p)
+                ),
             ));
         }
     }
@@ -235,9 +248,8 @@ pub fn prepare_group(
 
 /// Checks a linked hub definition; fills `name` from the connection string.
 pub fn prepare_hub(mut h: LinkedHub, path_name: Option<&str>) -> Result<LinkedHub, ServiceError> {
-    let cs = parse_connection_string(&h.connection_string).ok_or_else(|| {
-        ServiceError::invalid("connectionString must hold HostName, SharedAccessKeyName and SharedAccessKey")
-    })?;
+    let cs = parse_connection_string(&h.connection_string)
+        .ok_or_else(|| ServiceError::invalid("connectionString must hold HostName, SharedAccessKeyName and SharedAccessKey"))?;
     if B64.decode(&cs.key).is_err() {
         return Err(ServiceError::invalid("the connection string's SharedAccessKey is not base64"));
     }
@@ -274,8 +286,10 @@ mod tests {
 
     #[test]
     fn read_only_members_are_dropped() {
-        let e = enrollment(r#"{"registrationId":"d1","attestation":{"type":"x509","x509":{"clientCertificates":{"primary":{"certificate":"x","info":{"bogus":1}}}}},
-            "createdDateTimeUtc":"garbage","registrationState":{"x":1}}"#);
+        let e = enrollment(
+            r#"{"registrationId":"d1","attestation":{"type":"x509","x509":{"clientCertificates":{"primary":{"certificate":"x","info":{"bogus":1}}}}},
+            "createdDateTimeUtc":"garbage","registrationState":{"x":1}}"#,
+        );
         assert_eq!(e.common.created_date_time_utc, None);
         assert!(e.registration_state.is_none());
     }
@@ -312,7 +326,8 @@ mod tests {
 
     #[test]
     fn static_needs_one_hub() {
-        let e = enrollment(r#"{"registrationId":"d1","attestation":{"type":"symmetricKey"},"allocationPolicy":"static","iotHubs":["a","b"]}"#);
+        let e =
+            enrollment(r#"{"registrationId":"d1","attestation":{"type":"symmetricKey"},"allocationPolicy":"static","iotHubs":["a","b"]}"#);
         assert!(prepare_enrollment(e, None, None, UtcTime::from_unix_secs(5), &mut keygen()).is_err());
     }
 

@@ -49,17 +49,33 @@ pub struct Prepared {
 pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
     let key = data_key(dir, std::env::var("DPS_DATA_KEY").ok())?;
-    let store = FjallStore::open(&dir.join("store"), key, cfg.store.cache_mb << 20).map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))?;
+    let store = FjallStore::open(&dir.join("store"), key, cfg.store.cache_mb << 20)
+        .map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))?;
     let instance = match store.get(Table::Meta, "service").map_err(|e| e.to_string())? {
         Some(r) => serde_json::from_slice(&r.body).map_err(|e| format!("instance record unreadable: {e}"))?,
         None => {
             let inst = InstanceRecord {
                 id_scope: dps_core::ids::id_scope_from(random_bytes::<4>()),
-                policies: vec![StoredPolicy { key_name: OWNER_POLICY.into(), primary_key: random_key(), secondary_key: random_key(), rights: Rights::ALL.render() }],
+                policies: vec![StoredPolicy {
+                    key_name: OWNER_POLICY.into(),
+                    primary_key: random_key(),
+                    secondary_key: random_key(),
+                    rights: Rights::ALL.render(),
+                }],
             };
             let body = serde_json::to_vec(&inst).map_err(|e| e.to_string())?;
-            let op = Op::Put { table: Table::Meta, key: "service".into(), record: Record { etag: crate::service::new_etag(), class: 0, body }, expect: Expect::Absent, quota: None };
-            store.commit(vec![Txn::one(op)]).map_err(|e| e.to_string())?.remove(0).map_err(|e| format!("cannot initialise the instance: {e:?}"))?;
+            let op = Op::Put {
+                table: Table::Meta,
+                key: "service".into(),
+                record: Record { etag: crate::service::new_etag(), class: 0, body },
+                expect: Expect::Absent,
+                quota: None,
+            };
+            store
+                .commit(vec![Txn::one(op)])
+                .map_err(|e| e.to_string())?
+                .remove(0)
+                .map_err(|e| format!("cannot initialise the instance: {e:?}"))?;
             tracing::info!(id_scope = %inst.id_scope, "initialised a new service instance");
             inst
         }

@@ -44,7 +44,11 @@ pub fn ensure(data_dir: &Path, tls: &Tls, host_names: &[String]) -> Result<CertF
                 _ => Err(format!("tls.{what}_cert and tls.{what}_key must be given together")),
             }
         };
-        return Ok(CertFiles { ca_cert: tls.ca_cert.clone(), ecdsa: pair(&tls.ecdsa_cert, &tls.ecdsa_key, "ecdsa")?, rsa: pair(&tls.rsa_cert, &tls.rsa_key, "rsa")? });
+        return Ok(CertFiles {
+            ca_cert: tls.ca_cert.clone(),
+            ecdsa: pair(&tls.ecdsa_cert, &tls.ecdsa_key, "ecdsa")?,
+            rsa: pair(&tls.rsa_cert, &tls.rsa_key, "rsa")?,
+        });
     }
     let dir = data_dir.join("certs");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

@@ -65,109 +65,128 @@ pub enum ReadError {
     Io,
 }
 
-/// Reads one request. `buf` carries bytes already received (pipelining) between calls.
-pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>, max_body: usize) -> Result<Request, ReadError> {
-    let mut chunk = [0u8; 8192];
+/// Outcome of parsing what has arrived so far.
+#[derive(Debug)]
+pub enum Parsed {
+    /// A whole request, and how many bytes of the buffer it used.
+    Complete(Request, usize),
+    /// More bytes are needed; `expect_continue` when the head asked for `100 Continue`.
+    NeedMore { expect_continue: bool },
+}
+
+/// Parses one request from the front of `buf` without consuming anything, so a read that is
+/// cancelled (idle timeouts, shutdown) never loses bytes. Pure: this is the fuzz target.
+pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Parsed, ReadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => return Err(ReadError::HeadTooLarge),
+        Ok(httparse::Status::Partial) => return Ok(Parsed::NeedMore { expect_continue: false }),
+        Err(httparse::Error::TooManyHeaders) => return Err(ReadError::HeadTooLarge),
+        Err(_) => return Err(ReadError::Malformed("invalid request head")),
+    };
+    if head_len > MAX_HEAD_BYTES {
+        return Err(ReadError::HeadTooLarge);
+    }
+    let method = req.method.unwrap_or("").to_string();
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let version = req.version.unwrap_or(1);
+    let hdrs: Vec<(String, String)> =
+        req.headers.iter().map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).trim().to_string())).collect();
+    let find = |n: &str| hdrs.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.as_str());
+    let conn = find("connection").map(str::to_ascii_lowercase);
+    let close = conn.as_deref() == Some("close") || (version == 0 && conn.as_deref() != Some("keep-alive"));
+    let expect_continue = find("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue"));
+    let rest = &buf[head_len..];
+    let (body, body_len) = if find("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked")) {
+        match parse_chunked(rest, max_body)? {
+            Some(x) => x,
+            None => return Ok(Parsed::NeedMore { expect_continue }),
+        }
+    } else if let Some(len) = find("content-length") {
+        let len: usize = len.parse().map_err(|_| ReadError::Malformed("invalid Content-Length"))?;
+        if len > max_body {
+            return Err(ReadError::BodyTooLarge);
+        }
+        if rest.len() < len {
+            return Ok(Parsed::NeedMore { expect_continue });
+        }
+        (rest[..len].to_vec(), len)
+    } else {
+        (Vec::new(), 0)
+    };
+    let request = Request { method, path: path.to_string(), query: query.to_string(), headers: hdrs, body, close };
+    Ok(Parsed::Complete(request, head_len + body_len))
+}
+
+/// A chunked body at the front of `b`: the decoded body and the bytes it used, or None if
+/// incomplete.
+fn parse_chunked(b: &[u8], max_body: usize) -> Result<Option<(Vec<u8>, usize)>, ReadError> {
+    let mut body = Vec::new();
+    let mut pos = 0;
+    let line_at = |pos: usize| -> Result<Option<(&[u8], usize)>, ReadError> {
+        match b[pos..].windows(2).position(|w| w == b"\r\n") {
+            Some(i) => Ok(Some((&b[pos..pos + i], pos + i + 2))),
+            None if b.len() - pos > 1024 => Err(ReadError::Malformed("chunk header too long")),
+            None => Ok(None),
+        }
+    };
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(buf) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let method = req.method.unwrap_or("").to_string();
-                let target = req.path.unwrap_or("/");
-                let (path, query) = target.split_once('?').unwrap_or((target, ""));
-                let (path, query) = (path.to_string(), query.to_string());
-                let version = req.version.unwrap_or(1);
-                let hdrs: Vec<(String, String)> = req
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).trim().to_string()))
-                    .collect();
-                buf.drain(..head_len);
-                let find = |n: &str| hdrs.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
-                let conn = find("connection").map(|c| c.to_ascii_lowercase());
-                let close = conn.as_deref() == Some("close") || (version == 0 && conn.as_deref() != Some("keep-alive"));
-                let chunked = find("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked"));
-                let body = if chunked {
-                    read_chunked(s, buf, max_body).await?
-                } else if let Some(len) = find("content-length") {
-                    let len: usize = len.parse().map_err(|_| ReadError::Malformed("invalid Content-Length"))?;
-                    if len > max_body {
-                        return Err(ReadError::BodyTooLarge);
-                    }
-                    if find("expect").is_some_and(|e| e.eq_ignore_ascii_case("100-continue")) && buf.len() < len {
-                        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.map_err(|_| ReadError::Io)?;
-                    }
-                    fill(s, buf, len).await?;
-                    buf.drain(..len).collect()
-                } else {
-                    Vec::new()
-                };
-                return Ok(Request { method, path, query, headers: hdrs, body, close });
-            }
-            Ok(httparse::Status::Partial) => {
-                if buf.len() > MAX_HEAD_BYTES {
-                    return Err(ReadError::HeadTooLarge);
+        let Some((line, next)) = line_at(pos)? else { return Ok(None) };
+        let text = std::str::from_utf8(line).map_err(|_| ReadError::Malformed("invalid chunk size"))?;
+        let size = usize::from_str_radix(text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| ReadError::Malformed("invalid chunk size"))?;
+        if body.len().saturating_add(size) > max_body {
+            return Err(ReadError::BodyTooLarge);
+        }
+        pos = next;
+        if size == 0 {
+            // Trailers, up to the empty line.
+            loop {
+                let Some((line, next)) = line_at(pos)? else { return Ok(None) };
+                pos = next;
+                if line.is_empty() {
+                    return Ok(Some((body, pos)));
                 }
             }
-            Err(httparse::Error::TooManyHeaders) => return Err(ReadError::HeadTooLarge),
-            Err(_) => return Err(ReadError::Malformed("invalid request head")),
+        }
+        if b.len() < pos + size + 2 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&b[pos..pos + size]);
+        if &b[pos + size..pos + size + 2] != b"\r\n" {
+            return Err(ReadError::Malformed("chunk not followed by CRLF"));
+        }
+        pos += size + 2;
+    }
+}
+
+/// Reads one request. `buf` carries bytes already received (pipelining) between calls; it is
+/// only consumed once a whole request is there, so cancelling this future loses nothing.
+pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>, max_body: usize) -> Result<Request, ReadError> {
+    let mut chunk = [0u8; 8192];
+    let mut continued = false;
+    loop {
+        match parse_request(buf, max_body)? {
+            Parsed::Complete(req, used) => {
+                buf.drain(..used);
+                return Ok(req);
+            }
+            Parsed::NeedMore { expect_continue } => {
+                if expect_continue && !continued {
+                    continued = true;
+                    s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.map_err(|_| ReadError::Io)?;
+                    s.flush().await.map_err(|_| ReadError::Io)?;
+                }
+            }
         }
         let n = s.read(&mut chunk).await.map_err(|_| ReadError::Io)?;
         if n == 0 {
             return Err(if buf.is_empty() { ReadError::Closed } else { ReadError::Malformed("connection closed mid-request") });
         }
         buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-async fn fill<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>, want: usize) -> Result<(), ReadError> {
-    let mut chunk = [0u8; 8192];
-    while buf.len() < want {
-        let n = s.read(&mut chunk).await.map_err(|_| ReadError::Io)?;
-        if n == 0 {
-            return Err(ReadError::Malformed("connection closed mid-body"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(())
-}
-
-async fn read_line<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Result<String, ReadError> {
-    loop {
-        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
-            let line = String::from_utf8_lossy(&buf[..i]).into_owned();
-            buf.drain(..i + 2);
-            return Ok(line);
-        }
-        if buf.len() > 1024 {
-            return Err(ReadError::Malformed("chunk header too long"));
-        }
-        let len = buf.len();
-        fill(s, buf, len + 1).await?;
-    }
-}
-
-async fn read_chunked<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>, max_body: usize) -> Result<Vec<u8>, ReadError> {
-    let mut body = Vec::new();
-    loop {
-        let line = read_line(s, buf).await?;
-        let size_text = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| ReadError::Malformed("invalid chunk size"))?;
-        if body.len().saturating_add(size) > max_body {
-            return Err(ReadError::BodyTooLarge);
-        }
-        if size == 0 {
-            // Trailers, up to the empty line.
-            while !read_line(s, buf).await?.is_empty() {}
-            return Ok(body);
-        }
-        fill(s, buf, size + 2).await?;
-        body.extend_from_slice(&buf[..size]);
-        if &buf[size..size + 2] != b"\r\n" {
-            return Err(ReadError::Malformed("chunk not followed by CRLF"));
-        }
-        buf.drain(..size + 2);
     }
 }
 
@@ -237,7 +256,8 @@ mod tests {
 
     #[test]
     fn content_length_and_pipelining() {
-        let (r, rest) = read(b"PUT /enrollments/a?api-version=2021-10-01 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET / HTTP/1.1\r\n\r\n", 100);
+        let (r, rest) =
+            read(b"PUT /enrollments/a?api-version=2021-10-01 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET / HTTP/1.1\r\n\r\n", 100);
         let r = r.unwrap();
         assert_eq!((r.method.as_str(), r.path.as_str(), r.body.as_slice()), ("PUT", "/enrollments/a", &b"{}"[..]));
         assert_eq!(r.query_param("api-version").as_deref(), Some("2021-10-01"));
@@ -257,9 +277,15 @@ mod tests {
         assert_eq!(read(b"PUT / HTTP/1.1\r\nContent-Length: 101\r\n\r\n", 100).0.unwrap_err(), ReadError::BodyTooLarge);
         assert_eq!(read(b"\x16\x03\x01garbage\r\n\r\n", 100).0.unwrap_err(), ReadError::Malformed("invalid request head"));
         assert_eq!(read(b"", 100).0.unwrap_err(), ReadError::Closed);
-        assert_eq!(read(b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", 100).0.unwrap_err(), ReadError::Malformed("connection closed mid-body"));
+        assert_eq!(
+            read(b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", 100).0.unwrap_err(),
+            ReadError::Malformed("connection closed mid-request")
+        );
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD_BYTES + 10));
         assert_eq!(read(big.as_bytes(), 100).0.unwrap_err(), ReadError::HeadTooLarge);
-        assert_eq!(read(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 100).0.unwrap_err(), ReadError::Malformed("invalid Content-Length"));
+        assert_eq!(
+            read(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 100).0.unwrap_err(),
+            ReadError::Malformed("invalid Content-Length")
+        );
     }
 }

@@ -57,7 +57,12 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let tls = tls::server_config(&prepared.certs)?;
     let mut policies = prepared.instance.policies.iter().map(Policy::from_stored).collect::<Result<Vec<_>, _>>()?;
     for p in &cfg.access_policies {
-        let stored = service::StoredPolicy { key_name: p.key_name.clone(), primary_key: p.primary_key.clone(), secondary_key: p.secondary_key.clone(), rights: p.rights.clone() };
+        let stored = service::StoredPolicy {
+            key_name: p.key_name.clone(),
+            primary_key: p.primary_key.clone(),
+            secondary_key: p.secondary_key.clone(),
+            rights: p.rights.clone(),
+        };
         if policies.iter().any(|q| q.key_name.eq_ignore_ascii_case(&p.key_name)) {
             return Err(format!("access policy {} is defined twice", p.key_name));
         }
@@ -67,7 +72,12 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     if cfg.shards == 0 {
         cfg.shards = cores;
     }
-    let store_cfg = dps_storage::StoreServiceConfig { readers: cfg.store.readers, queue: cfg.store.queue, max_group: cfg.store.max_group, linger_us: cfg.store.linger_us };
+    let store_cfg = dps_storage::StoreServiceConfig {
+        readers: cfg.store.readers,
+        queue: cfg.store.queue,
+        max_group: cfg.store.max_group,
+        linger_us: cfg.store.linger_us,
+    };
     let (store, threads) = dps_storage::StoreService::start(Arc::new(prepared.store), &store_cfg);
     let svc = Arc::new(Service {
         id_scope: prepared.instance.id_scope.clone(),
@@ -91,7 +101,14 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     // Shard 0 binds first, so an ephemeral port (0) becomes one port every shard shares.
     for id in 0..cfg.shards {
         let (tx, rx) = std::sync::mpsc::channel();
-        let spec = server::ShardSpec { id, cpu: (cfg.shards <= cores).then_some(id), svc: svc.clone(), tls: tls.clone(), https, stop: stop.clone() };
+        let spec = server::ShardSpec {
+            id,
+            cpu: (cfg.shards <= cores).then_some(id),
+            svc: svc.clone(),
+            tls: tls.clone(),
+            https,
+            stop: stop.clone(),
+        };
         match server::spawn_shard(spec, tx) {
             Ok(h) => shards.push(h),
             Err(e) => return fail(shards, &stop, e),
@@ -107,7 +124,10 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let endpoint = Endpoint {
         id_scope: svc.id_scope.clone(),
         service_connection_string: owner
-            .map(|p| dps_core::model::ConnectionString { host_name: host.clone(), key_name: p.key_name.clone(), key: p.primary_key.clone() }.render())
+            .map(|p| {
+                dps_core::model::ConnectionString { host_name: host.clone(), key_name: p.key_name.clone(), key: p.primary_key.clone() }
+                    .render()
+            })
             .unwrap_or_default(),
         host_name: host,
         ca_certificate: prepared.certs.ca_cert.clone(),
@@ -115,6 +135,8 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     };
     let text = serde_json::to_string_pretty(&endpoint).map_err(|e| e.to_string())?;
     let tmp = data_dir.join("endpoint.json.tmp");
-    std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, data_dir.join("endpoint.json"))).map_err(|e| format!("cannot write endpoint.json: {e}"))?;
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, data_dir.join("endpoint.json")))
+        .map_err(|e| format!("cannot write endpoint.json: {e}"))?;
     Ok(Running { endpoint, stop, shards, threads })
 }

@@ -37,7 +37,10 @@ enum Command {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DPS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DPS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let Cli { command: Command::Serve { data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards } } = Cli::parse();

@@ -46,7 +46,11 @@ fn bind_error(what: &str, addr: SocketAddr, e: std::io::Error) -> String {
             what.to_ascii_lowercase()
         )
     } else {
-        format!("another process may hold it (ss -ltnp 'sport = :{}'); or choose another port with --{}-port", addr.port(), what.to_ascii_lowercase())
+        format!(
+            "another process may hold it (ss -ltnp 'sport = :{}'); or choose another port with --{}-port",
+            addr.port(),
+            what.to_ascii_lowercase()
+        )
     };
     format!("cannot bind the {what} port {} on {}: {e}; {hint}", addr.port(), addr.ip())
 }
@@ -110,7 +114,13 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     tracing::info!(shard = spec.id, "shard stopped");
 }
 
-async fn serve_https(stream: TcpStream, api: Rc<ServiceApi>, tls: Arc<rustls::ServerConfig>, stop: Arc<AtomicBool>, limits: &crate::config::Limits) {
+async fn serve_https(
+    stream: TcpStream,
+    api: Rc<ServiceApi>,
+    tls: Arc<rustls::ServerConfig>,
+    stop: Arc<AtomicBool>,
+    limits: &crate::config::Limits,
+) {
     let _ = stream.set_nodelay(true);
     let acceptor = futures_rustls::TlsAcceptor::from(tls);
     let handshake = Duration::from_secs(limits.handshake_timeout_secs);
@@ -131,14 +141,31 @@ pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, api: &Serv
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let mut buf = Vec::new();
     loop {
-        let read = glommio::timer::timeout(idle, async { Ok(http::read_request(s, &mut buf, limits.max_body_bytes).await) }).await;
+        // Wait for the next request in short slices, so an idle keep-alive connection notices
+        // shutdown; reading is cancellation-safe (http::read_request consumes nothing early).
+        let deadline = Instant::now() + idle;
+        let read = loop {
+            if stop.load(Ordering::Relaxed) && buf.is_empty() {
+                return;
+            }
+            match glommio::timer::timeout(Duration::from_millis(250), async {
+                Ok(http::read_request(s, &mut buf, limits.max_body_bytes).await)
+            })
+            .await
+            {
+                Ok(r) => break r,
+                Err(_) if Instant::now() >= deadline => return,
+                Err(_) => continue,
+            }
+        };
         let req = match read {
-            Err(_) => return,
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+            Ok(r) => r,
+            Err(e) => {
                 let err = match e {
                     ReadError::Closed | ReadError::Io => return,
-                    ReadError::BodyTooLarge => ServiceError::new(ErrorKind::PayloadTooLarge, format!("request body exceeds {} bytes", limits.max_body_bytes)),
+                    ReadError::BodyTooLarge => {
+                        ServiceError::new(ErrorKind::PayloadTooLarge, format!("request body exceeds {} bytes", limits.max_body_bytes))
+                    }
                     ReadError::HeadTooLarge => ServiceError::invalid("request head too large"),
                     ReadError::Malformed(m) => ServiceError::invalid(format!("malformed HTTP request: {m}")),
                 };

@@ -39,7 +39,9 @@ impl From<ServiceError> for Fail {
 impl From<StoreCallError> for Fail {
     fn from(e: StoreCallError) -> Fail {
         match e {
-            StoreCallError::Busy => Fail { err: ServiceError::new(ErrorKind::Unavailable, "the store is overloaded; retry later"), retry_after: Some(1) },
+            StoreCallError::Busy => {
+                Fail { err: ServiceError::new(ErrorKind::Unavailable, "the store is overloaded; retry later"), retry_after: Some(1) }
+            }
             StoreCallError::Failed(m) => {
                 tracing::error!(error = %m, "store failure");
                 ServiceError::new(ErrorKind::Internal, "the store failed; the operation was not applied").into()
@@ -78,9 +80,18 @@ fn not_found(table: Table, id: &str) -> ServiceError {
 fn txn_error(e: TxnError, table: Table, id: &str) -> ServiceError {
     match e {
         TxnError::NotFound => not_found(table, id),
-        TxnError::Conflict => ServiceError::new(ErrorKind::Conflict, format!("'{}' already exists; send If-Match with its etag (or *) to update it", printable(id))),
-        TxnError::PreconditionFailed => ServiceError::new(ErrorKind::PreconditionFailed, format!("the etag in If-Match does not match the current etag of '{}'", printable(id))),
-        TxnError::QuotaExceeded => ServiceError::new(ErrorKind::QuotaExceeded, format!("creating '{}' would exceed the configured quota for {}", printable(id), table.name())),
+        TxnError::Conflict => ServiceError::new(
+            ErrorKind::Conflict,
+            format!("'{}' already exists; send If-Match with its etag (or *) to update it", printable(id)),
+        ),
+        TxnError::PreconditionFailed => ServiceError::new(
+            ErrorKind::PreconditionFailed,
+            format!("the etag in If-Match does not match the current etag of '{}'", printable(id)),
+        ),
+        TxnError::QuotaExceeded => ServiceError::new(
+            ErrorKind::QuotaExceeded,
+            format!("creating '{}' would exceed the configured quota for {}", printable(id), table.name()),
+        ),
     }
 }
 
@@ -151,7 +162,8 @@ impl ServiceApi {
             Ok(r) => r,
             Err(f) => {
                 tracing::info!(target: "service_operations", tracking_id = %tracking, method = %req.method, path = %printable(&req.path), status = f.err.kind.status(), error_code = f.err.kind.code(), "{}", f.err.message);
-                let mut r = Response::json(f.err.kind.status(), error_body(&f.err, &tracking, now)).header("x-ms-error-code", f.err.kind.code().to_string());
+                let mut r = Response::json(f.err.kind.status(), error_body(&f.err, &tracking, now))
+                    .header("x-ms-error-code", f.err.kind.code().to_string());
                 if let Some(s) = f.retry_after {
                     r = r.header("Retry-After", s.to_string());
                 }
@@ -168,14 +180,20 @@ impl ServiceApi {
         if !rights.contains(route.required_right()) {
             return Err(ServiceError::new(
                 ErrorKind::Forbidden,
-                format!("the access policy lacks the {} right this operation needs", dps_core::rights::Rights::name_of(route.required_right())),
+                format!(
+                    "the access policy lacks the {} right this operation needs",
+                    dps_core::rights::Rights::name_of(route.required_right())
+                ),
             )
             .into());
         }
         check_api_version(req.query_param("api-version").as_deref())?;
         if let Some(bucket) = self.ops.borrow_mut().as_mut() {
             if let Err(wait) = bucket.try_take(mono) {
-                return Err(Fail { err: ServiceError::new(ErrorKind::Throttled, "service operation rate limit exceeded"), retry_after: Some(wait) });
+                return Err(Fail {
+                    err: ServiceError::new(ErrorKind::Throttled, "service operation rate limit exceeded"),
+                    retry_after: Some(wait),
+                });
             }
         }
         match route {
@@ -212,7 +230,8 @@ impl ServiceApi {
             return Err(unauthorized(reason));
         }
         let name = token.key_name.as_deref().ok_or_else(|| unauthorized("token names no policy (skn)"))?;
-        let policy = self.svc.policies.iter().find(|p| p.key_name.eq_ignore_ascii_case(name)).ok_or_else(|| unauthorized("unknown policy"))?;
+        let policy =
+            self.svc.policies.iter().find(|p| p.key_name.eq_ignore_ascii_case(name)).ok_or_else(|| unauthorized("unknown policy"))?;
         if !(token.signed_with(&policy.primary) || token.signed_with(&policy.secondary)) {
             return Err(unauthorized("signature does not match"));
         }
@@ -386,7 +405,10 @@ impl ServiceApi {
             return Err(ServiceError::invalid("a bulk operation needs at least one item"));
         }
         if n > self.svc.limits.max_bulk_items {
-            return Err(ServiceError::new(ErrorKind::TooManyBulkItems, format!("a bulk operation takes at most {} items; this one has {n}", self.svc.limits.max_bulk_items)));
+            return Err(ServiceError::new(
+                ErrorKind::TooManyBulkItems,
+                format!("a bulk operation takes at most {} items; this one has {n}", self.svc.limits.max_bulk_items),
+            ));
         }
         Ok(())
     }
@@ -424,7 +446,9 @@ impl ServiceApi {
         Ok(match mode {
             BulkMode::Create => Expect::Absent,
             BulkMode::Update => Expect::Any,
-            BulkMode::UpdateIfMatchETag => Expect::Etag(etag.cloned().ok_or_else(|| ServiceError::invalid("updateIfMatchETag needs the item's etag"))?),
+            BulkMode::UpdateIfMatchETag => {
+                Expect::Etag(etag.cloned().ok_or_else(|| ServiceError::invalid("updateIfMatchETag needs the item's etag"))?)
+            }
             BulkMode::Delete => etag.cloned().map(Expect::Etag).unwrap_or(Expect::Present),
         })
     }
@@ -461,7 +485,10 @@ impl ServiceApi {
                 Err(e) => return Ok(Err(e)),
             };
             return Ok(Ok(Txn {
-                ops: vec![Op::Delete { table: Table::Enrollments, key: key.clone(), expect }, Op::Delete { table: Table::Registrations, key, expect: Expect::Any }],
+                ops: vec![
+                    Op::Delete { table: Table::Enrollments, key: key.clone(), expect },
+                    Op::Delete { table: Table::Registrations, key, expect: Expect::Any },
+                ],
             }));
         }
         let e: IndividualEnrollment = match input_from_value(v) {
@@ -472,7 +499,8 @@ impl ServiceApi {
             Ok(x) => x,
             Err(err) => return Ok(Err(err)),
         };
-        let previous = if mode == BulkMode::Create { None } else { self.read::<IndividualEnrollment>(Table::Enrollments, &id).await?.map(|(_, p)| p) };
+        let previous =
+            if mode == BulkMode::Create { None } else { self.read::<IndividualEnrollment>(Table::Enrollments, &id).await?.map(|(_, p)| p) };
         let mut e = match prepare_enrollment(e, None, previous.as_ref(), now, &mut random_key) {
             Ok(e) => e,
             Err(err) => return Ok(Err(err)),
@@ -480,7 +508,13 @@ impl ServiceApi {
         let etag = new_etag();
         e.common.etag = Some(etag.clone());
         let body = serde_json::to_vec(&e).map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?;
-        Ok(Ok(Txn::one(Op::Put { table: Table::Enrollments, key, record: Record { etag, class: 0, body }, expect, quota: Some(self.svc.limits.max_enrollments) })))
+        Ok(Ok(Txn::one(Op::Put {
+            table: Table::Enrollments,
+            key,
+            record: Record { etag, class: 0, body },
+            expect,
+            quota: Some(self.svc.limits.max_enrollments),
+        })))
     }
 
     async fn bulk_groups(&self, req: &Request, now: UtcTime) -> Handled {
@@ -513,7 +547,8 @@ impl ServiceApi {
             Ok(x) => x,
             Err(err) => return Ok(Err(err)),
         };
-        let previous = if mode == BulkMode::Create { None } else { self.read::<EnrollmentGroup>(Table::Groups, &id).await?.map(|(_, p)| p) };
+        let previous =
+            if mode == BulkMode::Create { None } else { self.read::<EnrollmentGroup>(Table::Groups, &id).await?.map(|(_, p)| p) };
         let mut g = match prepare_group(g, None, previous.as_ref(), now, &mut random_key) {
             Ok(g) => g,
             Err(err) => return Ok(Err(err)),
@@ -527,12 +562,14 @@ impl ServiceApi {
     }
 
     async fn get_registration(&self, id: &str) -> Handled {
-        let (rec, r) = self.read::<DeviceRegistrationState>(Table::Registrations, id).await?.ok_or_else(|| not_found(Table::Registrations, id))?;
+        let (rec, r) =
+            self.read::<DeviceRegistrationState>(Table::Registrations, id).await?.ok_or_else(|| not_found(Table::Registrations, id))?;
         Ok(json(200, &registration_view(r)).header("ETag", rec.etag))
     }
 
     async fn delete_registration(&self, id: &str, req: &Request) -> Handled {
-        let (rec, r) = self.read::<DeviceRegistrationState>(Table::Registrations, id).await?.ok_or_else(|| not_found(Table::Registrations, id))?;
+        let (rec, r) =
+            self.read::<DeviceRegistrationState>(Table::Registrations, id).await?.ok_or_else(|| not_found(Table::Registrations, id))?;
         let key = id_key(id);
         // Without If-Match, delete the version just read, so its group index entry goes with it.
         let expect = Expect::Etag(if_match(req).unwrap_or(rec.etag));
@@ -558,7 +595,10 @@ impl ServiceApi {
             let reg_key = k[prefix.len()..].to_string();
             if let Some(r) = self.svc.store.get(Table::Registrations, &reg_key).await? {
                 let state: DeviceRegistrationState = parse_stored(&r)?;
-                items.push(serde_json::to_value(registration_view(state)).map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?);
+                items.push(
+                    serde_json::to_value(registration_view(state))
+                        .map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?,
+                );
             }
             last = Some(reg_key);
         }
@@ -582,7 +622,13 @@ impl ServiceApi {
     async fn put_hub(&self, name: &str, req: &Request) -> Handled {
         let h = prepare_hub(parse_json(&req.body)?, Some(name))?;
         let body = serde_json::to_vec(&h).map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?;
-        let op = Op::Put { table: Table::Hubs, key: id_key(&h.name), record: Record { etag: new_etag(), class: 0, body }, expect: Expect::Any, quota: Some(self.svc.limits.max_linked_hubs) };
+        let op = Op::Put {
+            table: Table::Hubs,
+            key: id_key(&h.name),
+            record: Record { etag: new_etag(), class: 0, body },
+            expect: Expect::Any,
+            quota: Some(self.svc.limits.max_linked_hubs),
+        };
         self.svc.store.commit(Txn::one(op)).await?.map_err(|e| txn_error(e, Table::Hubs, name))?;
         Ok(json(200, &h.redacted()))
     }

@@ -62,10 +62,7 @@ impl DataKey {
         let rest = rest.get(elen as usize..)?;
         let nonce: [u8; NONCE_LEN] = rest.get(..NONCE_LEN)?.try_into().ok()?;
         let mut sealed = rest.get(NONCE_LEN..)?.to_vec();
-        let body = self
-            .key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(Self::aad(table, key)), &mut sealed)
-            .ok()?;
+        let body = self.key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(Self::aad(table, key)), &mut sealed).ok()?;
         Some(Record { etag: String::from_utf8(etag.to_vec()).ok()?, class, body: body.to_vec() })
     }
 

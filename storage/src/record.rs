@@ -14,15 +14,8 @@ pub enum Table {
 }
 
 impl Table {
-    pub const ALL: [Table; 7] = [
-        Table::Enrollments,
-        Table::Groups,
-        Table::Registrations,
-        Table::RegistrationsByGroup,
-        Table::Hubs,
-        Table::Meta,
-        Table::Operations,
-    ];
+    pub const ALL: [Table; 7] =
+        [Table::Enrollments, Table::Groups, Table::Registrations, Table::RegistrationsByGroup, Table::Hubs, Table::Meta, Table::Operations];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -7,7 +7,7 @@ use crate::record::{Table, Txn, TxnResult};
 use crate::{Record, Store, StoreError};
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use futures::channel::oneshot;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -74,11 +74,14 @@ pub struct StoreService {
 pub struct StoreThreads {
     handles: Vec<JoinHandle<()>>,
     store: Arc<dyn Store>,
+    closing: Arc<AtomicBool>,
 }
 
 impl StoreThreads {
-    /// Waits for the threads (after every [`StoreService`] handle is dropped) and flushes.
+    /// Stops the threads once their queues are empty (queued writes are still committed and
+    /// acknowledged), waits for them and flushes. Handles still held then get `Closed`.
     pub fn join(self) -> Result<(), StoreError> {
+        self.closing.store(true, Ordering::Relaxed);
         for h in self.handles {
             let _ = h.join();
         }
@@ -91,16 +94,18 @@ impl StoreService {
         let (rtx, rrx) = bounded::<Read>(cfg.queue);
         let (wtx, wrx) = bounded::<Write>(cfg.queue);
         let stats = Arc::new(CommitStats::default());
+        let closing = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         for i in 0..cfg.readers.max(1) {
-            let (s, rx) = (store.clone(), rrx.clone());
-            handles.push(spawn(format!("store-read-{i}"), move || reader(s, rx)));
+            let (s, rx, c) = (store.clone(), rrx.clone(), closing.clone());
+            handles.push(spawn(format!("store-read-{i}"), move || reader(s, rx, c)));
         }
         {
-            let (s, st, max, linger) = (store.clone(), stats.clone(), cfg.max_group.max(1), Duration::from_micros(cfg.linger_us));
-            handles.push(spawn("store-write".into(), move || writer(s, wrx, st, max, linger)));
+            let (s, st, max, linger, c) =
+                (store.clone(), stats.clone(), cfg.max_group.max(1), Duration::from_micros(cfg.linger_us), closing.clone());
+            handles.push(spawn("store-write".into(), move || writer(s, wrx, st, max, linger, c)));
         }
-        (StoreService { store: store.clone(), reads: rtx, writes: wtx, stats }, StoreThreads { handles, store })
+        (StoreService { store: store.clone(), reads: rtx, writes: wtx, stats }, StoreThreads { handles, store, closing })
     }
 
     fn send<T, M>(tx: &Sender<M>, make: impl FnOnce(Reply<T>) -> M) -> Result<oneshot::Receiver<Result<T, ServiceError>>, ServiceError> {
@@ -160,9 +165,21 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     std::thread::Builder::new().name(name).spawn(f).expect("spawn store thread")
 }
 
-fn reader(store: Arc<dyn Store>, rx: Receiver<Read>) {
+/// The next request, or None once closing with an empty queue (or every sender is gone).
+fn next<T>(rx: &Receiver<T>, closing: &AtomicBool) -> Option<T> {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(m) => return Some(m),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) if closing.load(Ordering::Relaxed) => return None,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+fn reader(store: Arc<dyn Store>, rx: Receiver<Read>, closing: Arc<AtomicBool>) {
     let fail = |e: StoreError| ServiceError::Failed(e.to_string());
-    for req in rx {
+    while let Some(req) = next(&rx, &closing) {
         match req {
             Read::Get(t, k, reply) => {
                 let _ = reply.send(store.get(t, &k).map_err(fail));
@@ -174,8 +191,15 @@ fn reader(store: Arc<dyn Store>, rx: Receiver<Read>) {
     }
 }
 
-fn writer(store: Arc<dyn Store>, rx: Receiver<Write>, stats: Arc<CommitStats>, max_group: usize, linger: Duration) {
-    while let Ok(first) = rx.recv() {
+fn writer(
+    store: Arc<dyn Store>,
+    rx: Receiver<Write>,
+    stats: Arc<CommitStats>,
+    max_group: usize,
+    linger: Duration,
+    closing: Arc<AtomicBool>,
+) {
+    while let Some(first) = next(&rx, &closing) {
         let mut group = vec![first];
         let deadline = Instant::now() + linger;
         while group.len() < max_group {

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 //! Kills a writer process with SIGKILL in the middle of a stream of writes and checks that every
 //! acknowledged write is present and intact after restart.
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 use dps_storage::{DataKey, Expect, FjallStore, Op, Record, Store, Table, Txn, TxnError};
 use std::path::Path;
 

@@ -18,7 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Txn::one(Op::Put {
                     table: Table::Enrollments,
                     key: format!("dev{i:08}"),
-                    record: Record { etag: format!("\"{i}\""), class: 0, body: format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(200)).into_bytes() },
+                    record: Record {
+                        etag: format!("\"{i}\""),
+                        class: 0,
+                        body: format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(200)).into_bytes(),
+                    },
                     expect: Expect::Absent,
                     quota: None,
                 })

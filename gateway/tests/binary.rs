@@ -1,0 +1,156 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+//! The `dps` binary as an operator runs it: endpoint.json, clean shutdown on SIGTERM, a clear
+//! error for a port that cannot be bound, and garbage on the wire that must not hurt a shard.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn wait_for_endpoint(dir: &std::path::Path) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(t) = std::fs::read_to_string(dir.join("endpoint.json")) {
+            return serde_json::from_str(&t).unwrap();
+        }
+        assert!(Instant::now() < deadline, "endpoint.json never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serves_then_exits_zero_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dps"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--https-port", "0", "--shards", "2"])
+        .env("DPS_PORTS__BIND", "127.0.0.1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ep = wait_for_endpoint(dir.path());
+    assert!(ep["idScope"].as_str().unwrap().starts_with("0ne"));
+    assert_eq!(ep["idScope"].as_str().unwrap().len(), 11);
+    assert!(ep["serviceConnectionString"].as_str().unwrap().contains("SharedAccessKeyName=provisioningserviceowner"));
+    let port = ep["ports"]["https"].as_u64().unwrap();
+    assert!(port > 0);
+    // The data key is private to the owner.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(dir.path().join("data.key")).unwrap().permissions().mode() & 0o777, 0o600);
+
+    send_signal(child.id(), "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "dps did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(out.contains("ID scope:") && out.contains(ep["idScope"].as_str().unwrap()), "{out}");
+}
+
+fn send_signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill").arg(sig).arg(pid.to_string()).status().unwrap().success());
+}
+
+#[test]
+fn busy_port_error_names_the_port_and_the_fix() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dps"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--https-port", &port.to_string()])
+        .env("DPS_PORTS__BIND", "127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("HTTPS port {port}")) && err.contains("--https-port"), "{err}");
+}
+
+#[test]
+fn unknown_config_key_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("dps.toml");
+    std::fs::write(&cfg, "[limits]\nmax_bulk_itemz = 5\n").unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_dps")).args(["serve", "--data-dir"]).arg(dir.path()).arg("--config").arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_bulk_itemz"));
+}
+
+#[test]
+fn garbage_and_half_open_connections_do_not_hurt_the_shards() {
+    let mut cfg = test_config();
+    cfg.limits.handshake_timeout_secs = 1;
+    let s = TestServer::start(cfg);
+    let addr = format!("127.0.0.1:{}", s.ep.ports.https);
+    // Plain-text garbage instead of a TLS ClientHello, and connections that say nothing.
+    let mut idle = Vec::new();
+    for i in 0..20 {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        if i % 2 == 0 {
+            let _ = c.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage");
+        }
+        idle.push(c);
+    }
+    // Garbage inside TLS: an invalid request head gets a 400 and the connection closes.
+    let config = rustls_client(&s);
+    let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(&addr).unwrap());
+    tls.write_all(b"\x01\x02 not http at all\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    let _ = tls.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    // Everyone else is still served.
+    for i in 0..10 {
+        assert_eq!(s.send("GET", &format!("/enrollments/x{i}"), None).status().as_u16(), 404);
+    }
+    // Half-open connections are dropped after the handshake timeout.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut closed = 0;
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 256];
+        // A TLS alert may come first; closed means end of stream or a reset, not a timeout.
+        loop {
+            match c.read(&mut b) {
+                Ok(0) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+                Err(_) => {
+                    closed += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(closed, 20);
+}
+
+fn rustls_client(s: &TestServer) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(s.ep.ca_certificate.as_ref().unwrap()).unwrap();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}

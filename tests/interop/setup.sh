@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs the official Azure SDKs the interop tests drive: npm packages into
+# tests/interop/node_modules, PyPI packages into tests/interop/.venv. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+npm install --no-audit --no-fund --loglevel=error
