@@ -192,13 +192,22 @@ fn main() -> Result<(), BoxError> {
     let imported_per_s = a.enrollments as f64 / import_time.as_secs_f64();
     let reads_per_s = a.reads as f64 / read_time.as_secs_f64();
     let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
-    println!("service API benchmark: {} enrollments, bulk batch {}, concurrency {}, {} shards", a.enrollments, a.batch, a.concurrency, a.shards);
+    println!(
+        "service API benchmark: {} enrollments, bulk batch {}, concurrency {}, {} shards",
+        a.enrollments, a.batch, a.concurrency, a.shards
+    );
     println!("| measurement | value |");
     println!("|---|---|");
     println!("| bulk import time | {:.1} s |", import_time.as_secs_f64());
     println!("| bulk import rate | {imported_per_s:.0} enrollments/s |");
     println!("| point reads | {reads_per_s:.0} reads/s ({} reads) |", a.reads);
-    println!("| read latency p50 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} ms |", q(0.5), q(0.99), q(0.999), hist.max() as f64 / 1000.0);
+    println!(
+        "| read latency p50 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} ms |",
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        hist.max() as f64 / 1000.0
+    );
     println!("| bytes on disk | {:.1} MiB |", disk as f64 / (1 << 20) as f64);
     println!("| restart: listeners bound | {:.2} s |", listening.as_secs_f64());
     println!("| restart: first read served | {:.2} s |", serving.as_secs_f64());

@@ -24,7 +24,10 @@ pub fn require_setup() -> Result<(), String> {
     let d = interop_dir();
     for p in ["node_modules/azure-iot-provisioning-service", ".venv/bin/python"] {
         if !d.join(p).exists() {
-            return Err(format!("{} is missing: run `bash tests/interop/setup.sh` first (installs the official SDKs from npm and PyPI)", d.join(p).display()));
+            return Err(format!(
+                "{} is missing: run `bash tests/interop/setup.sh` first (installs the official SDKs from npm and PyPI)",
+                d.join(p).display()
+            ));
         }
     }
     Ok(())
