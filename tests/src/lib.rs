@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Holds the lock on the well-known ports for as long as it lives.
-pub struct PortsLock(File);
+pub struct PortsLock {
+    _file: File,
+}
 
 pub fn lock_well_known_ports() -> Result<PortsLock, String> {
     let f = File::create(std::env::temp_dir().join("dps-interop-ports.lock")).map_err(|e| e.to_string())?;
     f.lock().map_err(|e| e.to_string())?;
-    Ok(PortsLock(f))
+    Ok(PortsLock { _file: f })
 }
 
 /// `tests/interop`, where the SDK packages are installed by `tests/interop/setup.sh`.
