@@ -2,10 +2,13 @@
 //! DPS error codes, SAS tokens, attestation input validation and the service API's routing rules.
 //! No runtime, no sockets, no clock reads: callers pass `now` in.
 
+pub mod allocation;
+pub mod device;
 pub mod error;
 pub mod ids;
 pub mod model;
 pub mod rate;
+pub mod registration;
 pub mod rights;
 pub mod sas;
 pub mod service_route;

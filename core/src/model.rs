@@ -288,6 +288,19 @@ pub struct DeviceRegistrationState {
     /// member, never serialised to clients).
     #[serde(default, rename = "_enrollmentGroupId", skip_serializing_if = "Option::is_none")]
     pub enrollment_group_id: Option<String>,
+    /// The operation that produced this state, so status polls can be answered from any shard
+    /// or node (not a DPS member, never serialised to clients).
+    #[serde(default, rename = "_operationId", skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<String>,
+}
+
+impl DeviceRegistrationState {
+    /// The view clients see: internal members removed.
+    pub fn public(mut self) -> DeviceRegistrationState {
+        self.enrollment_group_id = None;
+        self.operation_id = None;
+        self
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -105,6 +105,17 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     /// Seconds allowed for a TLS handshake.
     pub handshake_timeout_secs: u64,
+    /// Registration states kept (DPS quota).
+    pub max_registrations: u64,
+    /// Device registrations per minute for the whole service (0 = unlimited, the default).
+    pub registrations_per_minute: u64,
+    /// Operation status polls a device may make per `poll_window_secs` (DPS: 5 per 10 s).
+    pub polls_per_device: u64,
+    pub poll_window_secs: u64,
+    /// Largest MQTT packet, bytes (DPS: 96 KB).
+    pub max_mqtt_packet_bytes: usize,
+    /// `retry-after` seconds sent with `assigning` answers and throttling.
+    pub retry_after_secs: u64,
 }
 
 impl Default for Limits {
@@ -122,6 +133,12 @@ impl Default for Limits {
             max_connections_per_shard: 50_000,
             idle_timeout_secs: 60,
             handshake_timeout_secs: 10,
+            max_registrations: 1_000_000,
+            registrations_per_minute: 0,
+            polls_per_device: 5,
+            poll_window_secs: 10,
+            max_mqtt_packet_bytes: 96 * 1024,
+            retry_after_secs: 1,
         }
     }
 }

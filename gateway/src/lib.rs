@@ -4,6 +4,8 @@ pub mod bootstrap;
 pub mod certs;
 pub mod config;
 pub mod http;
+pub mod mqtt;
+pub mod provisioning;
 pub mod server;
 pub mod service;
 pub mod service_api;
@@ -30,6 +32,7 @@ pub struct Endpoint {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Ports {
+    pub mqtt: u16,
     pub https: u16,
 }
 
@@ -90,6 +93,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let ip: std::net::IpAddr = cfg.ports.bind.parse().map_err(|_| format!("ports.bind '{}' is not an IP address", cfg.ports.bind))?;
     let mut https = SocketAddr::new(ip, cfg.ports.https);
+    let mut mqtt = SocketAddr::new(ip, cfg.ports.mqtt);
     let mut shards = Vec::new();
     let fail = |shards: Vec<glommio::ExecutorJoinHandle<()>>, stop: &AtomicBool, msg: String| {
         stop.store(true, Ordering::Relaxed);
@@ -107,6 +111,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             svc: svc.clone(),
             tls: tls.clone(),
             https,
+            mqtt,
             stop: stop.clone(),
         };
         match server::spawn_shard(spec, tx) {
@@ -114,7 +119,10 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             Err(e) => return fail(shards, &stop, e),
         }
         match rx.recv() {
-            Ok(Ok(port)) => https.set_port(port),
+            Ok(Ok(ports)) => {
+                https.set_port(ports.https);
+                mqtt.set_port(ports.mqtt);
+            }
             Ok(Err(e)) => return fail(shards, &stop, e),
             Err(_) => return fail(shards, &stop, format!("shard {id} ended during start-up")),
         }
@@ -131,7 +139,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             .unwrap_or_default(),
         host_name: host,
         ca_certificate: prepared.certs.ca_cert.clone(),
-        ports: Ports { https: https.port() },
+        ports: Ports { mqtt: mqtt.port(), https: https.port() },
     };
     let text = serde_json::to_string_pretty(&endpoint).map_err(|e| e.to_string())?;
     let tmp = data_dir.join("endpoint.json.tmp");

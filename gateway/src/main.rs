@@ -80,6 +80,7 @@ fn main() {
     if let Some(ca) = &e.ca_certificate {
         println!("  CA certificate:             {}", ca.display());
     }
+    println!("  MQTT port (devices):        {}", e.ports.mqtt);
     println!("  HTTPS port (service API):   {}", e.ports.https);
     println!("  Details in {}", dir.join("endpoint.json").display());
     let mut signals = signals;

@@ -2,6 +2,7 @@
 //! loop and connections. A connection is owned by the task that accepted it, start to end.
 
 use crate::http::{self, ReadError, Response};
+use crate::provisioning::Provisioning;
 use crate::service::Service;
 use crate::service_api::ServiceApi;
 use dps_core::error::{ErrorKind, ServiceError};
@@ -33,24 +34,26 @@ pub struct ShardSpec {
     pub svc: Arc<Service>,
     pub tls: Arc<rustls::ServerConfig>,
     pub https: SocketAddr,
+    pub mqtt: SocketAddr,
     pub stop: Arc<AtomicBool>,
 }
 
+/// The ports a shard bound.
+#[derive(Debug, Clone, Copy)]
+pub struct BoundPorts {
+    pub https: u16,
+    pub mqtt: u16,
+}
+
 /// What a shard reports once its listeners are bound (or why they could not be).
-pub type Bound = Result<u16, String>;
+pub type Bound = Result<BoundPorts, String>;
 
 fn bind_error(what: &str, addr: SocketAddr, e: std::io::Error) -> String {
+    let flag = what.to_ascii_lowercase();
     let hint = if addr.port() < 1024 {
-        format!(
-            "ports below 1024 need root or CAP_NET_BIND_SERVICE (sudo setcap cap_net_bind_service=+ep $(which dps)); or choose another port with --{}-port",
-            what.to_ascii_lowercase()
-        )
+        format!("ports below 1024 need root or CAP_NET_BIND_SERVICE (sudo setcap cap_net_bind_service=+ep $(which dps)); or choose another port with --{flag}-port")
     } else {
-        format!(
-            "another process may hold it (ss -ltnp 'sport = :{}'); or choose another port with --{}-port",
-            addr.port(),
-            what.to_ascii_lowercase()
-        )
+        format!("another process may hold it (ss -ltnp 'sport = :{}'); or choose another port with --{flag}-port", addr.port())
     };
     format!("cannot bind the {what} port {} on {}: {e}; {hint}", addr.port(), addr.ip())
 }
@@ -69,61 +72,87 @@ pub fn spawn_shard(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) -> Re
         .map_err(|e| format!("cannot start shard: {e}"))
 }
 
+/// Everything a shard's connection tasks share.
+struct Shard {
+    id: usize,
+    api: ServiceApi,
+    prov: Provisioning,
+    tls: Arc<rustls::ServerConfig>,
+    stop: Arc<AtomicBool>,
+    limits: crate::config::Limits,
+    conns: Cell<usize>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Listener {
+    Https,
+    Mqtt,
+}
+
 async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
-    let listener = match TcpListener::bind(spec.https) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = bound.send(Err(bind_error("HTTPS", spec.https, e.into())));
+    let bind = |what: &str, addr: SocketAddr| TcpListener::bind(addr).map_err(|e| bind_error(what, addr, e.into()));
+    let (https, mqtt) = match (bind("HTTPS", spec.https), bind("MQTT", spec.mqtt)) {
+        (Ok(h), Ok(m)) => (h, m),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = bound.send(Err(e));
             return;
         }
     };
-    let port = listener.local_addr().map(|a| a.port()).unwrap_or(spec.https.port());
-    let _ = bound.send(Ok(port));
-    let api = Rc::new(ServiceApi::new(spec.svc.clone(), spec.id, mono_nanos()));
-    let conns = Rc::new(Cell::new(0usize));
-    let limits = spec.svc.limits.clone();
-    tracing::info!(shard = spec.id, port, "shard serving");
-    while !spec.stop.load(Ordering::Relaxed) {
-        let accepted = glommio::timer::timeout(Duration::from_millis(200), async { Ok(listener.accept().await) }).await;
-        let stream = match accepted {
-            Err(_) => continue,
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::warn!(shard = spec.id, error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        if conns.get() >= limits.max_connections_per_shard {
-            drop(stream);
-            continue;
-        }
-        conns.set(conns.get() + 1);
-        let (api, conns, tls, stop, limits) = (api.clone(), conns.clone(), spec.tls.clone(), spec.stop.clone(), limits.clone());
-        glommio::spawn_local(async move {
-            serve_https(stream, api, tls, stop, &limits).await;
-            conns.set(conns.get() - 1);
-        })
-        .detach();
-    }
+    let port = |l: &TcpListener, fallback: u16| l.local_addr().map(|a| a.port()).unwrap_or(fallback);
+    let ports = BoundPorts { https: port(&https, spec.https.port()), mqtt: port(&mqtt, spec.mqtt.port()) };
+    let _ = bound.send(Ok(ports));
+    let shard = Rc::new(Shard {
+        id: spec.id,
+        api: ServiceApi::new(spec.svc.clone(), spec.id, mono_nanos()),
+        prov: Provisioning::new(spec.svc.clone(), spec.id, mono_nanos()),
+        tls: spec.tls.clone(),
+        stop: spec.stop.clone(),
+        limits: spec.svc.limits.clone(),
+        conns: Cell::new(0),
+    });
+    tracing::info!(shard = spec.id, https = ports.https, mqtt = ports.mqtt, "shard serving");
+    let a = glommio::spawn_local(accept_loop(https, Listener::Https, shard.clone()));
+    let b = glommio::spawn_local(accept_loop(mqtt, Listener::Mqtt, shard.clone()));
+    a.await;
+    b.await;
     // Drain: connections finish their current request and close; give them a few seconds.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while conns.get() > 0 && Instant::now() < deadline {
+    while shard.conns.get() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!(shard = spec.id, "shard stopped");
 }
 
-async fn serve_https(
-    stream: TcpStream,
-    api: Rc<ServiceApi>,
-    tls: Arc<rustls::ServerConfig>,
-    stop: Arc<AtomicBool>,
-    limits: &crate::config::Limits,
-) {
+async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
+    while !shard.stop.load(Ordering::Relaxed) {
+        let accepted = glommio::timer::timeout(Duration::from_millis(200), async { Ok(listener.accept().await) }).await;
+        let stream = match accepted {
+            Err(_) => continue,
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if shard.conns.get() >= shard.limits.max_connections_per_shard {
+            drop(stream);
+            continue;
+        }
+        shard.conns.set(shard.conns.get() + 1);
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            serve_tls(stream, kind, &shard).await;
+            shard.conns.set(shard.conns.get() - 1);
+        })
+        .detach();
+    }
+}
+
+async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
     let _ = stream.set_nodelay(true);
-    let acceptor = futures_rustls::TlsAcceptor::from(tls);
-    let handshake = Duration::from_secs(limits.handshake_timeout_secs);
+    let acceptor = futures_rustls::TlsAcceptor::from(shard.tls.clone());
+    let handshake = Duration::from_secs(shard.limits.handshake_timeout_secs);
     let mut s = match glommio::timer::timeout(handshake, async { Ok(acceptor.accept(stream).await) }).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -132,7 +161,13 @@ async fn serve_https(
         }
         Err(_) => return,
     };
-    serve_http(&mut s, &api, &stop, limits).await;
+    match kind {
+        Listener::Https => serve_http(&mut s, &shard.api, &shard.stop, &shard.limits).await,
+        Listener::Mqtt => {
+            let end = crate::mqtt::serve_mqtt(&mut s, &shard.prov, &shard.stop, &shard.limits).await;
+            tracing::debug!(shard = shard.id, ?end, "MQTT connection ended");
+        }
+    }
     let _ = s.close().await;
 }
 

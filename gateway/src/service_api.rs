@@ -126,9 +126,8 @@ fn group_view(mut g: EnrollmentGroup) -> EnrollmentGroup {
     g
 }
 
-fn registration_view(mut r: DeviceRegistrationState) -> DeviceRegistrationState {
-    r.enrollment_group_id = None;
-    r
+fn registration_view(r: DeviceRegistrationState) -> DeviceRegistrationState {
+    r.public()
 }
 
 /// The etag the caller names in If-Match, if any.

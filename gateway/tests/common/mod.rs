@@ -9,6 +9,8 @@ use dps_gateway::{Endpoint, Running};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde_json::Value;
 
+pub mod mqtt_client;
+
 pub const API: &str = "api-version=2021-10-01";
 
 pub struct TestServer {
@@ -23,6 +25,7 @@ pub struct TestServer {
 pub fn test_config() -> Config {
     let mut c = Config::default();
     c.ports.https = 0;
+    c.ports.mqtt = 0;
     c.ports.bind = "127.0.0.1".into();
     c.shards = 2;
     c

@@ -1,0 +1,208 @@
+//! Device attestation with symmetric keys and the registration decision: which enrollment
+//! admits the device and what registration state results (spec service-api.md §6).
+
+use crate::allocation::{allocate, AllocationError};
+use crate::model::*;
+use crate::sas::{derive_device_key, SasToken};
+use crate::time::UtcTime;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::Value;
+
+/// DPS code for "no IoT hub available for assignment" (spec device-protocol.md, C SDK).
+pub const NO_HUB_ERROR: i32 = 400208;
+/// Our code for an allocation policy we cannot serve.
+pub const UNSUPPORTED_POLICY_ERROR: i32 = 400209;
+
+/// The resource a device token must be for.
+pub fn device_resource(id_scope: &str, registration_id: &str) -> String {
+    format!("{id_scope}/registrations/{registration_id}")
+}
+
+/// True when the token was signed with one of the base64 keys.
+pub fn signed_with_any(token: &SasToken, keys: [Option<&str>; 2]) -> bool {
+    keys.into_iter().flatten().filter_map(|k| B64.decode(k).ok()).any(|k| token.signed_with(&k))
+}
+
+/// True when the token was signed with a device key derived from the group's keys.
+pub fn signed_with_group(token: &SasToken, group: &EnrollmentGroup, registration_id: &str) -> bool {
+    let Some(k) = &group.common.attestation.symmetric_key else { return false };
+    [k.primary_key.as_deref(), k.secondary_key.as_deref()].into_iter().flatten().filter_map(|gk| B64.decode(gk).ok()).any(|gk| {
+        let derived = derive_device_key(&gk, registration_id);
+        B64.decode(derived).is_ok_and(|d| token.signed_with(&d))
+    })
+}
+
+/// The enrollment that admitted a device.
+#[derive(Debug, Clone, Copy)]
+pub enum Matched<'a> {
+    Individual(&'a IndividualEnrollment),
+    Group(&'a EnrollmentGroup),
+}
+
+impl<'a> Matched<'a> {
+    pub fn common(&self) -> &'a EnrollmentCommon {
+        match self {
+            Matched::Individual(e) => &e.common,
+            Matched::Group(g) => &g.common,
+        }
+    }
+    pub fn group_id(&self) -> Option<&'a str> {
+        match self {
+            Matched::Individual(_) => None,
+            Matched::Group(g) => Some(&g.enrollment_group_id),
+        }
+    }
+}
+
+pub struct Decision<'a> {
+    pub matched: Matched<'a>,
+    pub linked: &'a [LinkedHub],
+    pub previous: Option<&'a DeviceRegistrationState>,
+    pub registration_id: &'a str,
+    pub payload: Option<Value>,
+    pub now: UtcTime,
+    pub etag: String,
+    pub latency: &'a dyn Fn(&str) -> Option<u64>,
+}
+
+/// The registration state a registration ends in. Hubs are `registry-only` for now: the
+/// assignment is recorded, no identity is created on a hub, so the state is final at once.
+pub fn decide(d: Decision<'_>) -> DeviceRegistrationState {
+    let common = d.matched.common();
+    let prev = d.previous;
+    let device_id = match d.matched {
+        Matched::Individual(e) => e.device_id.clone().unwrap_or_else(|| d.registration_id.to_string()),
+        Matched::Group(_) => d.registration_id.to_string(),
+    };
+    let mut state = DeviceRegistrationState {
+        registration_id: d.registration_id.to_string(),
+        created_date_time_utc: Some(prev.and_then(|p| p.created_date_time_utc).unwrap_or(d.now)),
+        assigned_hub: prev.and_then(|p| p.assigned_hub.clone()),
+        device_id: prev.and_then(|p| p.device_id.clone()),
+        status: RegistrationStatus::Assigned,
+        substatus: None,
+        error_code: None,
+        error_message: None,
+        last_updated_date_time_utc: Some(d.now),
+        etag: Some(d.etag),
+        payload: None,
+        enrollment_group_id: d.matched.group_id().map(str::to_string),
+        operation_id: None,
+    };
+    if !common.is_enabled() {
+        state.status = RegistrationStatus::Disabled;
+        return state;
+    }
+    let was_assigned = prev.filter(|p| p.status == RegistrationStatus::Assigned).and_then(|p| p.assigned_hub.as_deref());
+    let policy = common.reprovision_policy.clone().unwrap_or(ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: true });
+    let hub = match was_assigned {
+        Some(h) if !policy.update_hub_assignment => Ok(h.to_string()),
+        _ => allocate(
+            common.allocation_policy.unwrap_or(AllocationPolicy::Hashed),
+            d.linked,
+            common.iot_hubs.as_deref(),
+            common.iot_hub_host_name.as_deref(),
+            d.registration_id,
+            d.latency,
+        ),
+    };
+    match hub {
+        Ok(hub) => {
+            state.substatus = Some(match was_assigned {
+                None => Substatus::InitialAssignment,
+                Some(old) if old.eq_ignore_ascii_case(&hub) => prev.and_then(|p| p.substatus).unwrap_or(Substatus::InitialAssignment),
+                Some(_) if policy.migrate_device_data => Substatus::DeviceDataMigrated,
+                Some(_) => Substatus::DeviceDataReset,
+            });
+            state.assigned_hub = Some(hub);
+            state.device_id = Some(device_id);
+            state.payload = d.payload;
+        }
+        Err(e) => {
+            let (code, msg) = match e {
+                AllocationError::NoHub(m) => (NO_HUB_ERROR, m),
+                AllocationError::Unsupported(m) => (UNSUPPORTED_POLICY_ERROR, m),
+            };
+            state.status = RegistrationStatus::Failed;
+            state.error_code = Some(code);
+            state.error_message = Some(msg);
+        }
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sas;
+
+    fn hub(name: &str) -> LinkedHub {
+        LinkedHub {
+            name: name.into(),
+            connection_string: String::new(),
+            location: None,
+            allocation_weight: None,
+            apply_allocation_policy: None,
+        }
+    }
+
+    fn enrollment(j: serde_json::Value) -> IndividualEnrollment {
+        serde_json::from_value(j).unwrap()
+    }
+
+    fn run<'a>(m: Matched<'a>, hubs: &'a [LinkedHub], prev: Option<&'a DeviceRegistrationState>) -> DeviceRegistrationState {
+        decide(Decision {
+            matched: m,
+            linked: hubs,
+            previous: prev,
+            registration_id: "dev1",
+            payload: None,
+            now: UtcTime::from_unix_secs(10),
+            etag: "\"e\"".into(),
+            latency: &|_| None,
+        })
+    }
+
+    #[test]
+    fn assigns_then_keeps_or_moves_by_policy() {
+        let e = enrollment(serde_json::json!({"registrationId":"dev1","attestation":{"type":"symmetricKey"},"iotHubs":["a"]}));
+        let hubs = vec![hub("a"), hub("b")];
+        let s = run(Matched::Individual(&e), &hubs, None);
+        assert_eq!((s.status, s.assigned_hub.as_deref(), s.device_id.as_deref()), (RegistrationStatus::Assigned, Some("a"), Some("dev1")));
+        assert_eq!(s.substatus, Some(Substatus::InitialAssignment));
+
+        let moved = enrollment(serde_json::json!({"registrationId":"dev1","attestation":{"type":"symmetricKey"},"iotHubs":["b"],
+            "reprovisionPolicy":{"updateHubAssignment":true,"migrateDeviceData":false}}));
+        let s2 = run(Matched::Individual(&moved), &hubs, Some(&s));
+        assert_eq!((s2.assigned_hub.as_deref(), s2.substatus), (Some("b"), Some(Substatus::DeviceDataReset)));
+        assert_eq!(s2.created_date_time_utc, s.created_date_time_utc);
+
+        let never = enrollment(serde_json::json!({"registrationId":"dev1","attestation":{"type":"symmetricKey"},"iotHubs":["b"],
+            "reprovisionPolicy":{"updateHubAssignment":false,"migrateDeviceData":false}}));
+        assert_eq!(run(Matched::Individual(&never), &hubs, Some(&s)).assigned_hub.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn disabled_and_failed() {
+        let d =
+            enrollment(serde_json::json!({"registrationId":"dev1","attestation":{"type":"symmetricKey"},"provisioningStatus":"disabled"}));
+        assert_eq!(run(Matched::Individual(&d), &[hub("a")], None).status, RegistrationStatus::Disabled);
+        let e = enrollment(serde_json::json!({"registrationId":"dev1","attestation":{"type":"symmetricKey"}}));
+        let s = run(Matched::Individual(&e), &[], None);
+        assert_eq!((s.status, s.error_code), (RegistrationStatus::Failed, Some(NO_HUB_ERROR)));
+    }
+
+    #[test]
+    fn group_device_keys() {
+        let g: EnrollmentGroup = serde_json::from_value(serde_json::json!({"enrollmentGroupId":"g","attestation":{"type":"symmetricKey",
+            "symmetricKey":{"primaryKey":"Z3JvdXAta2V5LWdyb3VwLWtleQ==","secondaryKey":"c2Vjb25kYXJ5LWtleS1zZWNvbmRhcnk="}}}))
+        .unwrap();
+        let derived = B64.decode(derive_device_key(&B64.decode("c2Vjb25kYXJ5LWtleS1zZWNvbmRhcnk=").unwrap(), "dev1")).unwrap();
+        let t = sas::parse(&sas::build(&device_resource("0ne1", "dev1"), &derived, 99, Some("registration"))).unwrap();
+        assert!(signed_with_group(&t, &g, "dev1"));
+        assert!(!signed_with_group(&t, &g, "dev2"));
+        let wrong = sas::parse(&sas::build(&device_resource("0ne1", "dev1"), b"other", 99, Some("registration"))).unwrap();
+        assert!(!signed_with_group(&wrong, &g, "dev1"));
+    }
+}

@@ -1,0 +1,180 @@
+//! DPS over MQTT 3.1.1 (spec device-protocol.md §3), on any byte stream (TLS on the MQTT port,
+//! or a WebSocket on the HTTPS port). Framing by mqttbytes, size-capped before a packet is
+//! buffered; registration logic in [`Provisioning`].
+
+use crate::provisioning::{DeviceAuth, Provisioning};
+use crate::server::{mono_nanos, utc_now};
+use bytes::BytesMut;
+use dps_core::device::{parse_request_topic, parse_username, response_topic, TopicRequest, RESPONSE_FILTER};
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use mqttbytes::v4::{self, ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck};
+use mqttbytes::QoS;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How a connection ended (for logs and tests).
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    Closed,
+    Disconnect,
+    Timeout,
+    Malformed(String),
+    TooLarge,
+    Refused(&'static str),
+    ProtocolViolation(&'static str),
+    Shutdown,
+}
+
+struct Conn<'a, S> {
+    s: &'a mut S,
+    buf: BytesMut,
+    max: usize,
+    next_pkid: u16,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
+    /// Next packet, waiting at most `timeout` for it; checks `stop` every 250 ms.
+    async fn next(&mut self, timeout: Duration, stop: &AtomicBool) -> Result<Packet, End> {
+        let deadline = Instant::now() + timeout;
+        let mut chunk = [0u8; 4096];
+        loop {
+            match v4::read(&mut self.buf, self.max) {
+                Ok(p) => return Ok(p),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(mqttbytes::Error::PayloadSizeLimitExceeded(_)) => return Err(End::TooLarge),
+                Err(e) => return Err(End::Malformed(format!("{e:?}"))),
+            }
+            // Reading into `chunk` is cancellation-safe: nothing is consumed until it returns.
+            let n = loop {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(End::Shutdown);
+                }
+                if Instant::now() >= deadline {
+                    return Err(End::Timeout);
+                }
+                match glommio::timer::timeout(Duration::from_millis(250), async { Ok(self.s.read(&mut chunk).await) }).await {
+                    Ok(r) => break r.map_err(|_| End::Closed)?,
+                    Err(_) => continue,
+                }
+            };
+            if n == 0 {
+                return Err(End::Closed);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn send(&mut self, write: impl FnOnce(&mut BytesMut) -> Result<usize, mqttbytes::Error>) -> Result<(), End> {
+        let mut out = BytesMut::with_capacity(256);
+        write(&mut out).map_err(|e| End::Malformed(format!("encode: {e:?}")))?;
+        self.s.write_all(&out).await.map_err(|_| End::Closed)?;
+        self.s.flush().await.map_err(|_| End::Closed)
+    }
+
+    fn pkid(&mut self) -> u16 {
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+        self.next_pkid
+    }
+}
+
+/// Serves one MQTT connection to its end.
+pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    prov: &Provisioning,
+    stop: &AtomicBool,
+    limits: &crate::config::Limits,
+) -> End {
+    let mut c = Conn { s, buf: BytesMut::with_capacity(4096), max: limits.max_mqtt_packet_bytes, next_pkid: 0 };
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    let connect = match c.next(idle, stop).await {
+        Ok(Packet::Connect(connect)) => connect,
+        Ok(_) => return End::ProtocolViolation("first packet is not CONNECT"),
+        Err(e) => return e,
+    };
+    let refuse = |code| move |b: &mut BytesMut| ConnAck::new(code, false).write(b);
+    let Some(login) = connect.login else {
+        // No username: X.509 devices connect like this; X.509 attestation is not served yet.
+        let _ = c.send(refuse(ConnectReturnCode::NotAuthorized)).await;
+        return End::Refused("no username (X.509 attestation is not supported yet)");
+    };
+    let Some(user) = parse_username(&login.username) else {
+        let _ = c.send(refuse(ConnectReturnCode::BadUserNamePassword)).await;
+        return End::Refused("username is not {idScope}/registrations/{registrationId}/...");
+    };
+    // Every SDK uses the registration id as the client id.
+    if user.registration_id != connect.client_id {
+        let _ = c.send(refuse(ConnectReturnCode::BadClientId)).await;
+        return End::Refused("client id differs from the registration id");
+    }
+    // An unusable credential is refused at CONNACK; a well-formed token is checked against the
+    // enrollment list when the device registers, and failures answer 401 on the response topic
+    // (spec device-protocol.md §3.3).
+    if dps_core::sas::parse(&login.password).is_err() {
+        let _ = c.send(refuse(ConnectReturnCode::NotAuthorized)).await;
+        return End::Refused("password is not a SAS token");
+    }
+    // Session present is always 0: DPS sessions are not persistent and C# aborts otherwise.
+    if let Err(e) = c.send(|b| ConnAck::new(ConnectReturnCode::Success, false).write(b)).await {
+        return e;
+    }
+    let keep_alive = match connect.keep_alive {
+        0 => idle,
+        k => Duration::from_millis(u64::from(k) * 1500),
+    };
+    let auth = || DeviceAuth { id_scope: &user.id_scope, registration_id: &user.registration_id, token: Some(&login.password) };
+    loop {
+        let packet = match c.next(keep_alive, stop).await {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
+        let sent = match packet {
+            Packet::Subscribe(sub) => {
+                let codes = sub
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        if f.path == RESPONSE_FILTER {
+                            SubscribeReasonCode::Success(QoS::AtLeastOnce)
+                        } else {
+                            SubscribeReasonCode::Failure
+                        }
+                    })
+                    .collect();
+                c.send(|b| SubAck::new(sub.pkid, codes).write(b)).await
+            }
+            Packet::Publish(p) => {
+                if p.qos == QoS::ExactlyOnce {
+                    return End::ProtocolViolation("QoS 2 publish");
+                }
+                let Some(req) = parse_request_topic(&p.topic) else {
+                    return End::ProtocolViolation("publish to a topic DPS does not serve");
+                };
+                if p.qos == QoS::AtLeastOnce {
+                    // C# needs the PUBACK before the response (spec device-protocol.md §3.6).
+                    if let Err(e) = c.send(|b| PubAck::new(p.pkid).write(b)).await {
+                        return e;
+                    }
+                }
+                let (rid, reply) = match req {
+                    TopicRequest::Register { rid } => (rid, prov.register(auth(), &p.payload, utc_now(), mono_nanos()).await),
+                    TopicRequest::OperationStatus { rid, operation_id } => {
+                        (rid, prov.operation_status(auth(), &operation_id, utc_now(), mono_nanos()).await)
+                    }
+                };
+                let mut out =
+                    Publish::new(response_topic(reply.status, &rid, reply.retry_after), QoS::AtLeastOnce, reply.body.into_bytes());
+                out.pkid = c.pkid();
+                c.send(|b| out.write(b)).await
+            }
+            Packet::PubAck(_) => Ok(()),
+            Packet::PingReq => c.send(|b| PingResp.write(b)).await,
+            Packet::Unsubscribe(u) => c.send(|b| UnsubAck::new(u.pkid).write(b)).await,
+            Packet::Disconnect => return End::Disconnect,
+            Packet::Connect(_) => return End::ProtocolViolation("second CONNECT"),
+            _ => return End::ProtocolViolation("packet a client does not send"),
+        };
+        if let Err(e) = sent {
+            return e;
+        }
+    }
+}

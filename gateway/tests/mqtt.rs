@@ -1,0 +1,238 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+//! Device provisioning over MQTT/TLS against an in-process gateway: the protocol to the byte,
+//! attestation with individual and group symmetric keys, allocation, registration state, limits
+//! and bad input.
+
+mod common;
+use common::mqtt_client::{device_token, MqttClient};
+use common::*;
+use serde_json::json;
+
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const GROUP_KEY: &str = "Z3JvdXAta2V5LWdyb3VwLWtleS1ncm91cC1rZXktIQ==";
+
+fn hub(name: &str) -> dps_gateway::config::HubConfig {
+    dps_gateway::config::HubConfig {
+        host_name: name.into(),
+        connection_string: format!("HostName={name};SharedAccessKeyName=iothubowner;SharedAccessKey=aHViLWtleQ=="),
+        allocation_weight: None,
+        apply_allocation_policy: None,
+        location: None,
+    }
+}
+
+fn server_with_hubs(hubs: &[&str]) -> TestServer {
+    let mut cfg = test_config();
+    cfg.limits.service_operations_per_minute = 0;
+    cfg.linked_hubs = hubs.iter().map(|h| hub(h)).collect();
+    TestServer::start(cfg)
+}
+
+fn enroll(s: &TestServer, id: &str, extra: serde_json::Value) {
+    let mut e =
+        json!({"registrationId": id, "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}});
+    for (k, v) in extra.as_object().unwrap() {
+        e[k] = v.clone();
+    }
+    let (st, v) = status_json(s.send("PUT", &format!("/enrollments/{id}"), Some(e)));
+    assert_eq!(st, 200, "{v}");
+}
+
+fn group_key_for(id: &str) -> String {
+    use base64::Engine;
+    let g = base64::engine::general_purpose::STANDARD.decode(GROUP_KEY).unwrap();
+    dps_core::sas::derive_device_key(&g, id)
+}
+
+fn connect(s: &TestServer, id: &str, key: &str) -> MqttClient {
+    let mut c = MqttClient::open(s.ep.ports.mqtt, s.ep.ca_certificate.as_ref().unwrap());
+    assert_eq!(c.connect(&s.ep.id_scope, id, id, &device_token(&s.ep.id_scope, id, key)), 0);
+    c.subscribe();
+    c
+}
+
+#[test]
+fn individual_enrollment_is_assigned_and_recorded() {
+    let s = server_with_hubs(&["hub-a.example"]);
+    enroll(&s, "mqtt-dev-1", json!({"deviceId": "custom-device-id", "initialTwin": {"tags": {"a": 1}}}));
+    let mut c = connect(&s, "mqtt-dev-1", KEY);
+    let (status, topic, body) = c.register("abc%2D1", br#"{"payload": {"model": "x1"}, "registrationId": "mqtt-dev-1"}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(topic, "$dps/registrations/res/200/?$rid=abc%2D1", "rid echoed byte for byte");
+    assert_eq!(body["status"], "assigned");
+    let st = &body["registrationState"];
+    assert_eq!(st["assignedHub"], "hub-a.example");
+    assert_eq!(st["deviceId"], "custom-device-id");
+    assert_eq!(st["substatus"], "initialAssignment");
+    assert_eq!(st["registrationId"], "mqtt-dev-1");
+    assert_eq!(st["payload"]["model"], "x1");
+    assert!(st.get("_operationId").is_none() && st.get("_enrollmentGroupId").is_none());
+    let op = body["operationId"].as_str().unwrap().to_string();
+
+    // The operation resolves on a poll (over a new connection, possibly another shard).
+    drop(c);
+    let mut c = connect(&s, "mqtt-dev-1", KEY);
+    let (status, _, polled) = c.poll("2", &op);
+    assert_eq!(status, 200);
+    assert_eq!(polled["operationId"], op.as_str());
+    assert_eq!(polled["registrationState"]["assignedHub"], "hub-a.example");
+    let (status, _, err) = c.poll("3", "1.0000000000000000.6e6f6e65");
+    assert_eq!((status, err["errorCode"].as_u64()), (404, Some(404202)));
+
+    // Recorded durably and visible through the service API.
+    let (st, reg) = status_json(s.send("GET", "/registrations/mqtt-dev-1", None));
+    assert_eq!(st, 200);
+    assert_eq!(reg["status"], "assigned");
+    assert_eq!(reg["assignedHub"], "hub-a.example");
+    let (_, e) = status_json(s.send("GET", "/enrollments/mqtt-dev-1", None));
+    assert_eq!(e["registrationState"]["deviceId"], "custom-device-id");
+}
+
+#[test]
+fn group_enrollment_with_derived_keys_and_precedence() {
+    let s = server_with_hubs(&["hub-a.example", "hub-b.example"]);
+    let g = json!({"enrollmentGroupId": "grp", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}}});
+    assert_eq!(s.send("PUT", "/enrollmentGroups/grp", Some(g)).status().as_u16(), 200);
+    for i in 0..6 {
+        let id = format!("grp-dev-{i}");
+        let mut c = connect(&s, &id, &group_key_for(&id));
+        let (status, _, body) = c.register("1", b"");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "assigned");
+        assert_eq!(body["registrationState"]["symmetricKey"]["enrollmentGroupId"], "grp");
+        assert!(body["registrationState"]["assignedHub"].as_str().unwrap().starts_with("hub-"));
+        // Hashed allocation is stable for a registration id.
+        let (_, _, again) = c.register("2", b"");
+        assert_eq!(again["registrationState"]["assignedHub"], body["registrationState"]["assignedHub"]);
+    }
+    let (_, regs) = status_json(s.send("POST", "/registrations/grp/query", None));
+    assert_eq!(regs.as_array().unwrap().len(), 6);
+
+    // The group key itself (not derived) is refused.
+    let mut c = connect(&s, "grp-dev-x", GROUP_KEY);
+    let (status, _, err) = c.register("1", b"");
+    assert_eq!((status, err["errorCode"].as_u64()), (401, Some(401002)));
+
+    // A disabled individual enrollment blocks a device its group would admit.
+    enroll(&s, "grp-dev-0", json!({"provisioningStatus": "disabled"}));
+    let mut c = connect(&s, "grp-dev-0", KEY);
+    let (status, _, body) = c.register("1", b"");
+    assert_eq!((status, body["status"].as_str()), (200, Some("disabled")));
+    // ... and its group key no longer gets it in.
+    let mut c = connect(&s, "grp-dev-0", &group_key_for("grp-dev-0"));
+    assert_eq!(c.register("1", b"").0, 401);
+}
+
+#[test]
+fn refusals_on_the_response_topic() {
+    let s = server_with_hubs(&["hub-a.example"]);
+    enroll(&s, "dev-ok", json!({}));
+    let wrong = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXkhIQ==";
+    let mut c = connect(&s, "dev-ok", wrong);
+    let (status, _, err) = c.register("1", b"");
+    assert_eq!((status, err["errorCode"].as_u64()), (401, Some(401002)));
+    assert!(err["trackingId"].is_string());
+    // Unknown registration id.
+    let mut c = connect(&s, "nobody", KEY);
+    assert_eq!(c.register("1", b"").0, 401);
+    // Unknown ID scope.
+    let mut c = MqttClient::open(s.ep.ports.mqtt, s.ep.ca_certificate.as_ref().unwrap());
+    assert_eq!(c.connect("0ne00000000", "dev-ok", "dev-ok", &device_token("0ne00000000", "dev-ok", KEY)), 0);
+    c.subscribe();
+    assert_eq!(c.register("1", b"").0, 401);
+    // An expired token.
+    let mut c = MqttClient::open(s.ep.ports.mqtt, s.ep.ca_certificate.as_ref().unwrap());
+    let expired = {
+        use base64::Engine;
+        let k = base64::engine::general_purpose::STANDARD.decode(KEY).unwrap();
+        dps_core::sas::build(&format!("{}/registrations/dev-ok", s.ep.id_scope), &k, 1000, Some("registration"))
+    };
+    assert_eq!(c.connect(&s.ep.id_scope, "dev-ok", "dev-ok", &expired), 0);
+    c.subscribe();
+    assert_eq!(c.register("1", b"").0, 401);
+    // A registration id in the body that is not the device's.
+    let mut c = connect(&s, "dev-ok", KEY);
+    assert_eq!(c.register("1", br#"{"registrationId":"someone-else"}"#).0, 400);
+    assert_eq!(c.register("2", b"{not json").0, 400);
+    // A registration the service API disables is seen by the very next register.
+    let (_, cur) = status_json(s.send("GET", "/enrollments/dev-ok", None));
+    let mut upd = cur.clone();
+    upd["provisioningStatus"] = json!("disabled");
+    upd["attestation"] = json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}});
+    let r = s.req("PUT", "/enrollments/dev-ok").header("If-Match", cur["etag"].as_str().unwrap()).body(upd.to_string()).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(c.register("3", b"").2["status"], "disabled");
+}
+
+#[test]
+fn no_linked_hub_fails_with_400208() {
+    let s = server_with_hubs(&[]);
+    enroll(&s, "lonely", json!({}));
+    let mut c = connect(&s, "lonely", KEY);
+    let (status, _, body) = c.register("1", b"");
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "failed");
+    assert_eq!(body["registrationState"]["errorCode"], 400208);
+}
+
+#[test]
+fn polling_limit_answers_429_with_retry_after() {
+    let s = server_with_hubs(&["hub-a.example"]);
+    enroll(&s, "poller", json!({}));
+    let mut c = connect(&s, "poller", KEY);
+    let (_, _, body) = c.register("1", b"");
+    let op = body["operationId"].as_str().unwrap().to_string();
+    let mut statuses = Vec::new();
+    let mut topic429 = String::new();
+    for i in 0..7 {
+        let (st, topic, _) = c.poll(&i.to_string(), &op);
+        if st == 429 {
+            topic429 = topic;
+        }
+        statuses.push(st);
+    }
+    assert_eq!(&statuses[..5], &[200; 5]);
+    assert_eq!(statuses[5], 429);
+    let retry: u64 = topic429.split("retry-after=").nth(1).unwrap().parse().unwrap();
+    assert!((1..=10).contains(&retry));
+}
+
+#[test]
+fn bad_connects_and_bad_packets() {
+    let s = server_with_hubs(&["hub-a.example"]);
+    enroll(&s, "dev-ok", json!({}));
+    let ca = s.ep.ca_certificate.clone().unwrap();
+    let port = s.ep.ports.mqtt;
+    let token = device_token(&s.ep.id_scope, "dev-ok", KEY);
+    // Client id differs from the registration id: CONNACK 2.
+    assert_eq!(MqttClient::open(port, &ca).connect(&s.ep.id_scope, "dev-ok", "other", &token), 2);
+    // A password that is not a SAS token: CONNACK 5.
+    assert_eq!(MqttClient::open(port, &ca).connect(&s.ep.id_scope, "dev-ok", "dev-ok", "hunter2"), 5);
+    // Garbage instead of CONNECT: closed.
+    let mut c = MqttClient::open(port, &ca);
+    c.write_raw(b"\xff\xff\xff\xff\xff garbage");
+    assert!(c.closed());
+    // A packet over 96 KB: closed before it is buffered.
+    let mut c = connect(&s, "dev-ok", KEY);
+    c.write_raw(&[0x32, 0xff, 0xff, 0xff, 0x7f]);
+    assert!(c.closed());
+    // Publish to a topic DPS does not serve: closed.
+    let mut c = connect(&s, "dev-ok", KEY);
+    let mut p = mqttbytes::v4::Publish::new("devices/dev-ok/messages/events/", mqttbytes::QoS::AtMostOnce, b"x".to_vec());
+    p.pkid = 0;
+    let mut out = bytes::BytesMut::new();
+    p.write(&mut out).unwrap();
+    c.write_raw(&out);
+    assert!(c.closed());
+    // QoS 2: closed.
+    let mut c = connect(&s, "dev-ok", KEY);
+    let mut p = mqttbytes::v4::Publish::new("$dps/registrations/PUT/iotdps-register/?$rid=1", mqttbytes::QoS::ExactlyOnce, b" ".to_vec());
+    p.pkid = 9;
+    let mut out = bytes::BytesMut::new();
+    p.write(&mut out).unwrap();
+    c.write_raw(&out);
+    assert!(c.closed());
+    // Everyone else is still served.
+    let mut c = connect(&s, "dev-ok", KEY);
+    assert_eq!(c.register("1", b"").0, 200);
+}
