@@ -15,4 +15,5 @@ pub mod service_route;
 pub mod time;
 pub mod tpm;
 pub mod validate;
+pub mod websocket;
 pub mod x509;

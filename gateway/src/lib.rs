@@ -9,7 +9,9 @@ pub mod provisioning;
 pub mod server;
 pub mod service;
 pub mod service_api;
+pub mod stream;
 pub mod tls;
+pub mod ws;
 
 use config::Config;
 use serde::Serialize;

@@ -4,9 +4,9 @@
 
 use crate::provisioning::{DeviceAuth, Provisioning};
 use crate::server::{mono_nanos, utc_now};
+use crate::stream::ByteStream;
 use bytes::BytesMut;
 use dps_core::device::{parse_request_topic, parse_username, response_topic, TopicRequest, RESPONSE_FILTER};
-use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use mqttbytes::v4::{self, ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck};
 use mqttbytes::QoS;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +32,7 @@ struct Conn<'a, S> {
     next_pkid: u16,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
+impl<S: ByteStream> Conn<'_, S> {
     /// Next packet, waiting at most `timeout` for it; checks `stop` every 250 ms.
     async fn next(&mut self, timeout: Duration, stop: &AtomicBool) -> Result<Packet, End> {
         let deadline = Instant::now() + timeout;
@@ -52,7 +52,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 if Instant::now() >= deadline {
                     return Err(End::Timeout);
                 }
-                match glommio::timer::timeout(Duration::from_millis(250), async { Ok(self.s.read(&mut chunk).await) }).await {
+                match glommio::timer::timeout(Duration::from_millis(250), async { Ok(self.s.read_some(&mut chunk).await) }).await {
                     Ok(r) => break r.map_err(|_| End::Closed)?,
                     Err(_) => continue,
                 }
@@ -67,8 +67,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     async fn send(&mut self, write: impl FnOnce(&mut BytesMut) -> Result<usize, mqttbytes::Error>) -> Result<(), End> {
         let mut out = BytesMut::with_capacity(256);
         write(&mut out).map_err(|e| End::Malformed(format!("encode: {e:?}")))?;
-        self.s.write_all(&out).await.map_err(|_| End::Closed)?;
-        self.s.flush().await.map_err(|_| End::Closed)
+        self.s.send(&out).await.map_err(|_| End::Closed)
     }
 
     fn pkid(&mut self) -> u16 {
@@ -78,12 +77,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
 }
 
 /// Serves one MQTT connection to its end.
-pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    prov: &Provisioning,
-    stop: &AtomicBool,
-    limits: &crate::config::Limits,
-) -> End {
+pub async fn serve_mqtt<S: ByteStream>(s: &mut S, prov: &Provisioning, stop: &AtomicBool, limits: &crate::config::Limits) -> End {
     let mut c = Conn { s, buf: BytesMut::with_capacity(4096), max: limits.max_mqtt_packet_bytes, next_pkid: 0 };
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let connect = match c.next(idle, stop).await {

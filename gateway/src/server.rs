@@ -162,7 +162,11 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
         Err(_) => return,
     };
     match kind {
-        Listener::Https => serve_http(&mut s, &shard.api, &shard.stop, &shard.limits).await,
+        Listener::Https => {
+            if let Some((req, leftover)) = serve_http(&mut s, &shard.api, &shard.stop, &shard.limits).await {
+                serve_websocket(&mut s, req, leftover, shard).await;
+            }
+        }
         Listener::Mqtt => {
             let end = crate::mqtt::serve_mqtt(&mut s, &shard.prov, &shard.stop, &shard.limits).await;
             tracing::debug!(shard = shard.id, ?end, "MQTT connection ended");
@@ -171,8 +175,33 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
     let _ = s.close().await;
 }
 
-/// Request/response loop on an established (TLS) stream.
-pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, api: &ServiceApi, stop: &AtomicBool, limits: &crate::config::Limits) {
+/// Answers a WebSocket upgrade and runs the device protocol it asks for.
+async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: http::Request, leftover: Vec<u8>, shard: &Shard) {
+    match crate::ws::handshake(&req, &[crate::ws::MQTT]) {
+        Ok((resp, _protocol)) => {
+            if http::write_response(s, &resp, false).await.is_err() {
+                return;
+            }
+            let mut ws = crate::ws::WsStream::new(s, leftover, shard.limits.max_mqtt_packet_bytes + 16);
+            let end = crate::mqtt::serve_mqtt(&mut ws, &shard.prov, &shard.stop, &shard.limits).await;
+            tracing::debug!(shard = shard.id, ?end, "MQTT over WebSocket ended");
+        }
+        Err(why) => {
+            let err = ServiceError::invalid(format!("WebSocket upgrade refused: {why}"));
+            let resp = Response::json(400, dps_core::error::error_body(&err, "", utc_now()));
+            let _ = http::write_response(s, &resp, true).await;
+        }
+    }
+}
+
+/// Request/response loop on an established (TLS) stream. Returns a WebSocket upgrade request
+/// (and the bytes that followed it) for the caller to serve.
+pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    api: &ServiceApi,
+    stop: &AtomicBool,
+    limits: &crate::config::Limits,
+) -> Option<(http::Request, Vec<u8>)> {
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let mut buf = Vec::new();
     loop {
@@ -181,7 +210,7 @@ pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, api: &Serv
         let deadline = Instant::now() + idle;
         let read = loop {
             if stop.load(Ordering::Relaxed) && buf.is_empty() {
-                return;
+                return None;
             }
             match glommio::timer::timeout(Duration::from_millis(250), async {
                 Ok(http::read_request(s, &mut buf, limits.max_body_bytes).await)
@@ -189,7 +218,7 @@ pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, api: &Serv
             .await
             {
                 Ok(r) => break r,
-                Err(_) if Instant::now() >= deadline => return,
+                Err(_) if Instant::now() >= deadline => return None,
                 Err(_) => continue,
             }
         };
@@ -197,7 +226,7 @@ pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, api: &Serv
             Ok(r) => r,
             Err(e) => {
                 let err = match e {
-                    ReadError::Closed | ReadError::Io => return,
+                    ReadError::Closed | ReadError::Io => return None,
                     ReadError::BodyTooLarge => {
                         ServiceError::new(ErrorKind::PayloadTooLarge, format!("request body exceeds {} bytes", limits.max_body_bytes))
                     }
@@ -207,13 +236,16 @@ pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, api: &Serv
                 let body = dps_core::error::error_body(&err, "", utc_now());
                 let resp = Response::json(err.kind.status(), body).header("x-ms-error-code", err.kind.code().to_string());
                 let _ = http::write_response(s, &resp, true).await;
-                return;
+                return None;
             }
         };
+        if crate::ws::is_upgrade(&req) {
+            return Some((req, std::mem::take(&mut buf)));
+        }
         let resp = api.handle(&req, utc_now(), mono_nanos()).await;
         let close = req.close || stop.load(Ordering::Relaxed);
         if http::write_response(s, &resp, close).await.is_err() || close {
-            return;
+            return None;
         }
     }
 }

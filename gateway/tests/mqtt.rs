@@ -236,3 +236,114 @@ fn bad_connects_and_bad_packets() {
     let mut c = connect(&s, "dev-ok", KEY);
     assert_eq!(c.register("1", b"").0, 200);
 }
+
+#[test]
+fn mqtt_over_websocket_on_the_https_port() {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let s = server_with_hubs(&["hub-a.example"]);
+    enroll(&s, "ws-dev", json!({}));
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.https)).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let conn = rustls::ClientConnection::new(
+        common::mqtt_client::tls_config(s.ep.ca_certificate.as_ref().unwrap()),
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // The C SDK offers the subprotocol in upper case; it must be echoed as offered.
+    let key = base64::engine::general_purpose::STANDARD.encode([7u8; 16]);
+    let req = format!(
+        "GET /$iothub/websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: MQTT\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tls.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("Sec-WebSocket-Protocol: MQTT\r\n"), "{head}");
+    assert!(head.contains(&format!("Sec-WebSocket-Accept: {}", dps_core::websocket::accept_key(&key))), "{head}");
+
+    // MQTT packets inside masked binary frames, split across frames to check reassembly.
+    let mask = [9u8, 8, 7, 6];
+    let frame = |payload: &[u8]| {
+        let mut f = vec![0x82u8];
+        assert!(payload.len() < 126);
+        f.push(0x80 | payload.len() as u8);
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    };
+    let mut connect = mqttbytes::v4::Connect::new("ws-dev");
+    connect.login = Some(mqttbytes::v4::Login::new(
+        format!("{}/registrations/ws-dev/api-version=2019-03-31", s.ep.id_scope),
+        device_token(&s.ep.id_scope, "ws-dev", KEY),
+    ));
+    let mut out = bytes::BytesMut::new();
+    connect.write(&mut out).unwrap();
+    let mut sub = mqttbytes::v4::Subscribe::new("$dps/registrations/res/#", mqttbytes::QoS::AtLeastOnce);
+    sub.pkid = 1;
+    sub.write(&mut out).unwrap();
+    let mut publish =
+        mqttbytes::v4::Publish::new("$dps/registrations/PUT/iotdps-register/?$rid=1", mqttbytes::QoS::AtMostOnce, b" ".to_vec());
+    publish.pkid = 0;
+    publish.write(&mut out).unwrap();
+    for chunk in out.chunks(100) {
+        tls.write_all(&frame(chunk)).unwrap();
+    }
+    // A ping in between is answered with a pong.
+    tls.write_all(&[0x89, 0x80, 1, 2, 3, 4]).unwrap();
+    tls.flush().unwrap();
+    // Read server frames until the response PUBLISH arrives.
+    let mut mqtt = bytes::BytesMut::new();
+    let mut pong = false;
+    let mut done = false;
+    while !(done && pong) {
+        let mut h = [0u8; 2];
+        tls.read_exact(&mut h).unwrap();
+        assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                tls.read_exact(&mut l).unwrap();
+                u16::from_be_bytes(l) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        tls.read_exact(&mut payload).unwrap();
+        match h[0] & 0x0f {
+            0x0a => pong = true,
+            0x02 => mqtt.extend_from_slice(&payload),
+            other => panic!("unexpected opcode {other}"),
+        }
+        while let Ok(p) = mqttbytes::v4::read(&mut mqtt, 1 << 20) {
+            if let mqttbytes::v4::Packet::Publish(p) = p {
+                assert_eq!(p.topic, "$dps/registrations/res/200/?$rid=1");
+                let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                assert_eq!(body["registrationState"]["assignedHub"], "hub-a.example");
+                done = true;
+            }
+        }
+    }
+}
+
+#[test]
+fn websocket_upgrade_without_a_supported_subprotocol_is_refused() {
+    let s = server_with_hubs(&[]);
+    let r = s
+        .client
+        .get(format!("https://localhost:{}/$iothub/websocket", s.ep.ports.https))
+        .header("Upgrade", "websocket")
+        .header("Connection", "Upgrade")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Protocol", "chat")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+}

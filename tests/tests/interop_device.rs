@@ -1,5 +1,5 @@
 //! Interop: the official Python device SDK (`azure-iot-device`) provisions individual and group
-//! enrollment devices over MQTT against a real gateway on the ports the SDK hard-codes.
+//! enrollment devices over MQTT and MQTT over WebSockets against a real gateway on the ports the SDK hard-codes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use dps_tests::*;
@@ -28,9 +28,9 @@ fn official_python_device_sdk_provisions_devices() {
         .env("DPS_SCOPE", &ep.id_scope)
         .env("DPS_CA", ep.ca_certificate.as_ref().unwrap())
         .env("DPS_HUB", "hub-a.example")
-        .env("DPS_TRANSPORTS", "mqtt")
+        .env("DPS_TRANSPORTS", "mqtt,websockets")
         .env("REQUESTS_CA_BUNDLE", ep.ca_certificate.as_ref().unwrap()));
     running.shutdown().unwrap();
     assert!(python.status.success(), "Python device SDK interop failed");
-    assert!(String::from_utf8_lossy(&python.stdout).contains("3 passed"), "all Python device tests ran");
+    assert!(String::from_utf8_lossy(&python.stdout).contains("6 passed"), "all Python device tests ran");
 }
