@@ -76,7 +76,7 @@ impl<S: ByteStream> ByteStream for WsStream<'_, S> {
                         Opcode::Pong => {}
                         Opcode::Close => {
                             self.closed = true;
-                            let _ = self.inner.send(&encode_frame(Opcode::Close, &frame.payload.get(..2).unwrap_or(&[]).to_vec())).await;
+                            let _ = self.inner.send(&encode_frame(Opcode::Close, frame.payload.get(..2).unwrap_or(&[]))).await;
                         }
                         Opcode::Text => {
                             self.closed = true;
