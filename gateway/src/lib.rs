@@ -85,6 +85,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     };
     let (store, threads) = dps_storage::StoreService::start(Arc::new(prepared.store), &store_cfg);
     let svc = Arc::new(Service {
+        config_generation: std::sync::atomic::AtomicU64::new(0),
         id_scope: prepared.instance.id_scope.clone(),
         host_names: cfg.host_names.clone(),
         policies,

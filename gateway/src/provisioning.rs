@@ -17,7 +17,15 @@ use dps_core::time::UtcTime;
 use dps_storage::{Expect, Op, Record, StoreCallError, Table, Txn};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
+
+/// Enrollment groups and linked hubs as of one config generation.
+struct Config {
+    generation: u64,
+    groups: Vec<EnrollmentGroup>,
+    hubs: Vec<LinkedHub>,
+}
 
 /// A device answer: status (HTTP status, or the MQTT response topic's status), JSON body and,
 /// for throttling, when to retry.
@@ -60,6 +68,9 @@ impl From<StoreCallError> for Refusal {
 /// the polling limits of the devices that talk to it.
 pub struct Provisioning {
     svc: Arc<Service>,
+    /// This shard's copy of the enrollment groups and linked hubs (few, read by every
+    /// registration), valid while the service's config generation is unchanged.
+    cache: RefCell<Option<Rc<Config>>>,
     registrations: RefCell<Option<TokenBucket>>,
     polls: RefCell<HashMap<String, TokenBucket>>,
     shard: usize,
@@ -79,7 +90,13 @@ impl Provisioning {
             let share = (per_min as f64 / svc.shards.max(1) as f64).max(1.0);
             TokenBucket::new(share, 60.0, share, now_nanos)
         });
-        Provisioning { svc, registrations: RefCell::new(registrations), polls: RefCell::new(HashMap::new()), shard }
+        Provisioning {
+            svc,
+            cache: RefCell::new(None),
+            registrations: RefCell::new(registrations),
+            polls: RefCell::new(HashMap::new()),
+            shard,
+        }
     }
 
     fn reply(&self, r: Result<(u16, String), Refusal>, now: UtcTime, what: &str, registration_id: &str) -> DeviceReply {
@@ -132,12 +149,13 @@ impl Provisioning {
         }
         let store = &self.svc.store;
         let key = id_key(a.registration_id);
+        // One trip to the store for the device's own records; groups and hubs come from the
+        // shard's cache.
+        let mut found = store.get_many(vec![(Table::Enrollments, key.clone()), (Table::Registrations, key.clone())]).await?.into_iter();
+        let individual: Option<IndividualEnrollment> = found.next().flatten().map(|r| parse(&r)).transpose()?;
+        let previous: Option<DeviceRegistrationState> = found.next().flatten().map(|r| parse(&r)).transpose()?;
+        let config = self.config().await?;
         // An individual enrollment for the id takes precedence over any group, even when disabled.
-        let individual: Option<IndividualEnrollment> = match store.get(Table::Enrollments, &key).await? {
-            Some(r) => Some(parse(&r)?),
-            None => None,
-        };
-        let groups: Vec<EnrollmentGroup>;
         let matched = match &individual {
             Some(e) => {
                 let keys = e.common.attestation.symmetric_key.as_ref().map(|k| [k.primary_key.as_deref(), k.secondary_key.as_deref()]);
@@ -148,13 +166,8 @@ impl Provisioning {
                 }
             }
             None => {
-                groups = store
-                    .scan(Table::Groups, "", None, usize::MAX)
-                    .await?
-                    .iter()
-                    .map(|(_, r)| parse::<EnrollmentGroup>(r))
-                    .collect::<Result<_, _>>()?;
-                let g = groups
+                let g = config
+                    .groups
                     .iter()
                     .filter(|g| g.common.attestation.kind == AttestationType::SymmetricKey)
                     .find(|g| signed_with_group(&token, g, a.registration_id))
@@ -164,16 +177,11 @@ impl Provisioning {
                 Matched::Group(g)
             }
         };
-        let linked: Vec<LinkedHub> =
-            store.scan(Table::Hubs, "", None, usize::MAX).await?.iter().map(|(_, r)| parse(r)).collect::<Result<_, _>>()?;
-        let previous: Option<DeviceRegistrationState> = match store.get(Table::Registrations, &key).await? {
-            Some(r) => Some(parse(&r)?),
-            None => None,
-        };
+        let linked = &config.hubs;
         let etag = new_etag();
         let mut state = decide(Decision {
             matched,
-            linked: &linked,
+            linked,
             previous: previous.as_ref(),
             registration_id: a.registration_id,
             payload: reg.payload,
@@ -212,6 +220,20 @@ impl Provisioning {
         // answered 200 with it: every SDK treats a 200 with a terminal status as done, which
         // saves the fixed 2 s the Python SDK waits after a 202.
         Ok((200, render_status(&op, state)))
+    }
+
+    /// The shard's groups and hubs, reloaded when the service API changed them.
+    async fn config(&self) -> Result<Rc<Config>, Refusal> {
+        let generation = self.svc.generation();
+        if let Some(c) = self.cache.borrow().as_ref().filter(|c| c.generation == generation) {
+            return Ok(c.clone());
+        }
+        let store = &self.svc.store;
+        let groups = store.scan(Table::Groups, "", None, usize::MAX).await?.iter().map(|(_, r)| parse(r)).collect::<Result<_, _>>()?;
+        let hubs = store.scan(Table::Hubs, "", None, usize::MAX).await?.iter().map(|(_, r)| parse(r)).collect::<Result<_, _>>()?;
+        let c = Rc::new(Config { generation, groups, hubs });
+        *self.cache.borrow_mut() = Some(c.clone());
+        Ok(c)
     }
 
     /// Handles an operation status poll.

@@ -48,12 +48,24 @@ impl Policy {
 }
 
 pub struct Service {
+    /// Bumped after every committed change to enrollment groups or linked hubs, so shards know
+    /// their cached copies are stale before the change is acknowledged to the operator.
+    pub config_generation: std::sync::atomic::AtomicU64,
     pub id_scope: String,
     pub host_names: Vec<String>,
     pub policies: Vec<Policy>,
     pub store: StoreService,
     pub limits: Limits,
     pub shards: usize,
+}
+
+impl Service {
+    pub fn generation(&self) -> u64 {
+        self.config_generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+    pub fn bump_generation(&self) {
+        self.config_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Random bytes from the system source; its failure is unrecoverable.

@@ -307,6 +307,7 @@ impl ServiceApi {
         };
         let result = self.svc.store.commit(Txn::one(Op::Put { table, key, record, expect, quota: Some(quota) })).await?;
         result.map_err(|e| txn_error(e, table, id))?;
+        self.changed(table);
         let view = view.map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?;
         Ok(json(200, &view).header("ETag", etag))
     }
@@ -327,7 +328,15 @@ impl ServiceApi {
             }
         }
         self.svc.store.commit(Txn { ops }).await?.map_err(|e| txn_error(e, table, id))?;
+        self.changed(table);
         Ok(Response::new(204))
+    }
+
+    /// Lets every shard know its cached groups and hubs are stale.
+    fn changed(&self, table: Table) {
+        if matches!(table, Table::Groups | Table::Hubs) {
+            self.svc.bump_generation();
+        }
     }
 
     async fn attestation(&self, c: Collection, id: &str) -> Handled {
@@ -433,6 +442,7 @@ impl ServiceApi {
             }
         }
         let results: Vec<TxnResult> = self.svc.store.commit_many(txns).await?;
+        self.changed(table);
         for (id, r) in ids.iter().zip(results) {
             if let Err(e) = r {
                 errors.push(item_error(id, &txn_error(e, table, id)));
@@ -629,12 +639,14 @@ impl ServiceApi {
             quota: Some(self.svc.limits.max_linked_hubs),
         };
         self.svc.store.commit(Txn::one(op)).await?.map_err(|e| txn_error(e, Table::Hubs, name))?;
+        self.changed(Table::Hubs);
         Ok(json(200, &h.redacted()))
     }
 
     async fn delete_hub(&self, name: &str) -> Handled {
         let op = Op::Delete { table: Table::Hubs, key: id_key(name), expect: Expect::Present };
         self.svc.store.commit(Txn::one(op)).await?.map_err(|e| txn_error(e, Table::Hubs, name))?;
+        self.changed(Table::Hubs);
         Ok(Response::new(204))
     }
 }

@@ -347,3 +347,24 @@ fn websocket_upgrade_without_a_supported_subprotocol_is_refused() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
 }
+
+#[test]
+fn group_and_hub_changes_are_seen_by_the_very_next_registration() {
+    let s = server_with_hubs(&[]);
+    let id = "late-dev";
+    let mut c = connect(&s, id, &group_key_for(id));
+    // Both shards cache "no groups, no hubs" after these.
+    for rid in 0..4 {
+        assert_eq!(c.register(&rid.to_string(), b"").0, 401);
+    }
+    let g = json!({"enrollmentGroupId": "late", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}}});
+    assert_eq!(s.send("PUT", "/enrollmentGroups/late", Some(g)).status().as_u16(), 200);
+    let (st, _, body) = c.register("5", b"");
+    assert_eq!((st, body["status"].as_str()), (200, Some("failed")), "admitted now, but no hub yet");
+    let hub = json!({"connectionString": "HostName=hub-late.example;SharedAccessKeyName=o;SharedAccessKey=aHViLWtleQ=="});
+    assert_eq!(s.send("PUT", "/linkedHubs/hub-late.example", Some(hub)).status().as_u16(), 200);
+    let (_, _, body) = c.register("6", b"");
+    assert_eq!(body["registrationState"]["assignedHub"], "hub-late.example");
+    assert_eq!(s.send("DELETE", "/enrollmentGroups/late", None).status().as_u16(), 204);
+    assert_eq!(c.register("7", b"").0, 401);
+}

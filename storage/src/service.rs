@@ -46,6 +46,7 @@ type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;
 
 enum Read {
     Get(Table, String, Reply<Option<Record>>),
+    GetMany(Vec<(Table, String)>, Reply<Vec<Option<Record>>>),
     Scan(Table, String, Option<String>, usize, Reply<Vec<(String, Record)>>),
 }
 
@@ -126,6 +127,12 @@ impl StoreService {
         Self::wait(rx).await
     }
 
+    /// Several point reads in one trip to a reader thread.
+    pub async fn get_many(&self, keys: Vec<(Table, String)>) -> Result<Vec<Option<Record>>, ServiceError> {
+        let rx = Self::send(&self.reads, |r| Read::GetMany(keys, r))?;
+        Self::wait(rx).await
+    }
+
     pub async fn scan(&self, table: Table, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Record)>, ServiceError> {
         let rx = Self::send(&self.reads, |r| Read::Scan(table, prefix.to_string(), after.map(str::to_string), limit, r))?;
         Self::wait(rx).await
@@ -183,6 +190,10 @@ fn reader(store: Arc<dyn Store>, rx: Receiver<Read>, closing: Arc<AtomicBool>) {
         match req {
             Read::Get(t, k, reply) => {
                 let _ = reply.send(store.get(t, &k).map_err(fail));
+            }
+            Read::GetMany(keys, reply) => {
+                let r: Result<Vec<_>, _> = keys.iter().map(|(t, k)| store.get(*t, k)).collect();
+                let _ = reply.send(r.map_err(fail));
             }
             Read::Scan(t, p, after, limit, reply) => {
                 let _ = reply.send(store.scan(t, &p, after.as_deref(), limit).map_err(fail));
