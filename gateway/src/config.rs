@@ -116,6 +116,10 @@ pub struct Limits {
     pub max_mqtt_packet_bytes: usize,
     /// `retry-after` seconds sent with `assigning` answers and throttling.
     pub retry_after_secs: u64,
+    /// How often the connect time to each linked hub is measured for geoLatency (0 = never).
+    pub hub_latency_refresh_secs: u64,
+    /// Port the hub latency probe connects to (IoT Hub: 443).
+    pub hub_latency_port: u16,
 }
 
 impl Default for Limits {
@@ -139,6 +143,8 @@ impl Default for Limits {
             poll_window_secs: 10,
             max_mqtt_packet_bytes: 96 * 1024,
             retry_after_secs: 1,
+            hub_latency_refresh_secs: 60,
+            hub_latency_port: 443,
         }
     }
 }

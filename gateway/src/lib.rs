@@ -4,6 +4,7 @@ pub mod bootstrap;
 pub mod certs;
 pub mod config;
 pub mod http;
+pub mod latency;
 pub mod mqtt;
 pub mod provisioning;
 pub mod server;
@@ -42,6 +43,7 @@ pub struct Running {
     pub endpoint: Endpoint,
     stop: Arc<AtomicBool>,
     shards: Vec<glommio::ExecutorJoinHandle<()>>,
+    latency: Option<std::thread::JoinHandle<()>>,
     threads: dps_storage::StoreThreads,
 }
 
@@ -52,6 +54,9 @@ impl Running {
         for s in self.shards {
             let _ = s.join();
         }
+        // The latency thread sees `stop` within 100 ms; a DNS lookup in flight must not hold
+        // up shutdown, so it is not waited for.
+        drop(self.latency);
         self.threads.join().map_err(|e| format!("final store flush failed: {e}"))
     }
 }
@@ -86,6 +91,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let (store, threads) = dps_storage::StoreService::start(Arc::new(prepared.store), &store_cfg);
     let svc = Arc::new(Service {
         config_generation: std::sync::atomic::AtomicU64::new(0),
+        hub_latency: Default::default(),
         id_scope: prepared.instance.id_scope.clone(),
         host_names: cfg.host_names.clone(),
         policies,
@@ -149,5 +155,12 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     std::fs::write(&tmp, text)
         .and_then(|_| std::fs::rename(&tmp, data_dir.join("endpoint.json")))
         .map_err(|e| format!("cannot write endpoint.json: {e}"))?;
-    Ok(Running { endpoint, stop, shards, threads })
+    let latency = match cfg.limits.hub_latency_refresh_secs {
+        0 => None,
+        secs => Some(
+            latency::spawn(svc.clone(), cfg.limits.hub_latency_port, std::time::Duration::from_secs(secs), stop.clone())
+                .map_err(|e| format!("cannot start the hub latency thread: {e}"))?,
+        ),
+    };
+    Ok(Running { endpoint, stop, shards, latency, threads })
 }

@@ -25,6 +25,8 @@ struct Config {
     generation: u64,
     groups: Vec<EnrollmentGroup>,
     hubs: Vec<LinkedHub>,
+    /// Connect time to each hub (µs) by lower-case name, for geoLatency.
+    latency: HashMap<String, u64>,
 }
 
 /// A device answer: status (HTTP status, or the MQTT response topic's status), JSON body and,
@@ -187,7 +189,7 @@ impl Provisioning {
             payload: reg.payload,
             now,
             etag: etag.clone(),
-            latency: &|_| None,
+            latency: &|hub: &str| config.latency.get(&hub.to_ascii_lowercase()).copied(),
         });
         let op = operation_id(u64::from_be_bytes(random_bytes::<8>()), &key);
         state.operation_id = Some(op.clone());
@@ -231,7 +233,8 @@ impl Provisioning {
         let store = &self.svc.store;
         let groups = store.scan(Table::Groups, "", None, usize::MAX).await?.iter().map(|(_, r)| parse(r)).collect::<Result<_, _>>()?;
         let hubs = store.scan(Table::Hubs, "", None, usize::MAX).await?.iter().map(|(_, r)| parse(r)).collect::<Result<_, _>>()?;
-        let c = Rc::new(Config { generation, groups, hubs });
+        let latency = self.svc.hub_latency.read().map(|m| m.clone()).unwrap_or_default();
+        let c = Rc::new(Config { generation, groups, hubs, latency });
         *self.cache.borrow_mut() = Some(c.clone());
         Ok(c)
     }

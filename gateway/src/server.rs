@@ -175,6 +175,22 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
     let _ = s.close().await;
 }
 
+/// Reads and discards what the client is still sending (e.g. the rest of an oversized body),
+/// for at most 2 s and 4 MiB, so it can read the error answer instead of seeing a reset.
+async fn linger<S: AsyncRead + Unpin>(s: &mut S) {
+    use futures::io::AsyncReadExt;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut left = 4usize << 20;
+    let mut chunk = [0u8; 16384];
+    while left > 0 {
+        let Some(remaining) = deadline.checked_duration_since(Instant::now()) else { return };
+        match glommio::timer::timeout(remaining, async { Ok(s.read(&mut chunk).await) }).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
+        }
+    }
+}
+
 /// Answers a WebSocket upgrade and runs the device protocol it asks for.
 async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: http::Request, leftover: Vec<u8>, shard: &Shard) {
     match crate::ws::handshake(&req, &[crate::ws::MQTT]) {
@@ -235,7 +251,9 @@ pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 let body = dps_core::error::error_body(&err, "", utc_now());
                 let resp = Response::json(err.kind.status(), body).header("x-ms-error-code", err.kind.code().to_string());
-                let _ = http::write_response(s, &resp, true).await;
+                if http::write_response(s, &resp, true).await.is_ok() {
+                    linger(s).await;
+                }
                 return None;
             }
         };

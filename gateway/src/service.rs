@@ -51,6 +51,9 @@ pub struct Service {
     /// Bumped after every committed change to enrollment groups or linked hubs, so shards know
     /// their cached copies are stale before the change is acknowledged to the operator.
     pub config_generation: std::sync::atomic::AtomicU64,
+    /// Measured connect time (µs) to each linked hub by lower-case name (see `latency`); read by
+    /// shards only when they refresh their config snapshot.
+    pub hub_latency: std::sync::RwLock<std::collections::HashMap<String, u64>>,
     pub id_scope: String,
     pub host_names: Vec<String>,
     pub policies: Vec<Policy>,

@@ -368,3 +368,34 @@ fn group_and_hub_changes_are_seen_by_the_very_next_registration() {
     assert_eq!(s.send("DELETE", "/enrollmentGroups/late", None).status().as_u16(), 204);
     assert_eq!(c.register("7", b"").0, 401);
 }
+
+#[test]
+fn geo_latency_sends_devices_to_the_measured_hub() {
+    // "localhost" answers on the probe port; the other hub cannot be resolved, so it has no
+    // measurement and ranks last.
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = test_config();
+    cfg.limits.service_operations_per_minute = 0;
+    cfg.limits.hub_latency_port = probe.local_addr().unwrap().port();
+    cfg.limits.hub_latency_refresh_secs = 1;
+    cfg.linked_hubs = vec![hub("localhost"), hub("unreachable.invalid")];
+    let s = TestServer::start(cfg);
+    let g = json!({"enrollmentGroupId": "geo", "allocationPolicy": "geoLatency",
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}}});
+    assert_eq!(s.send("PUT", "/enrollmentGroups/geo", Some(g)).status().as_u16(), 200);
+    // Wait for the first measurement round.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut c = connect(&s, "geo-probe", &group_key_for("geo-probe"));
+        if c.register("1", b"").2["registrationState"]["assignedHub"] == "localhost" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no latency measurement arrived");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    for i in 0..20 {
+        let id = format!("geo-dev-{i}");
+        let mut c = connect(&s, &id, &group_key_for(&id));
+        assert_eq!(c.register("1", b"").2["registrationState"]["assignedHub"], "localhost", "{id}");
+    }
+}
