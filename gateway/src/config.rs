@@ -114,8 +114,6 @@ pub struct Limits {
     pub poll_window_secs: u64,
     /// Largest MQTT packet, bytes (DPS: 96 KB).
     pub max_mqtt_packet_bytes: usize,
-    /// `retry-after` seconds sent with `assigning` answers and throttling.
-    pub retry_after_secs: u64,
     /// How often the connect time to each linked hub is measured for geoLatency (0 = never).
     pub hub_latency_refresh_secs: u64,
     /// Port the hub latency probe connects to (IoT Hub: 443).
@@ -142,7 +140,6 @@ impl Default for Limits {
             polls_per_device: 5,
             poll_window_secs: 10,
             max_mqtt_packet_bytes: 96 * 1024,
-            retry_after_secs: 1,
             hub_latency_refresh_secs: 60,
             hub_latency_port: 443,
         }
