@@ -118,6 +118,8 @@ pub struct Limits {
     pub hub_latency_refresh_secs: u64,
     /// Port the hub latency probe connects to (IoT Hub: 443).
     pub hub_latency_port: u16,
+    /// Individual enrollments (and absences) each shard's cache partition holds.
+    pub enrollment_cache_entries: usize,
 }
 
 impl Default for Limits {
@@ -142,6 +144,7 @@ impl Default for Limits {
             max_mqtt_packet_bytes: 96 * 1024,
             hub_latency_refresh_secs: 60,
             hub_latency_port: 443,
+            enrollment_cache_entries: 200_000,
         }
     }
 }

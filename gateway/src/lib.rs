@@ -3,6 +3,7 @@
 pub mod bootstrap;
 pub mod certs;
 pub mod config;
+pub mod enrollment_cache;
 pub mod http;
 pub mod latency;
 pub mod mqtt;
@@ -54,9 +55,11 @@ impl Running {
         for s in self.shards {
             let _ = s.join();
         }
-        // The latency thread sees `stop` within 100 ms; a DNS lookup in flight must not hold
-        // up shutdown, so it is not waited for.
-        drop(self.latency);
+        // The latency thread sees `stop` within 100 ms (or when a probe in flight ends); it
+        // holds the store, which must be closed before this returns.
+        if let Some(l) = self.latency {
+            let _ = l.join();
+        }
         self.threads.join().map_err(|e| format!("final store flush failed: {e}"))
     }
 }
@@ -104,7 +107,12 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let mut https = SocketAddr::new(ip, cfg.ports.https);
     let mut mqtt = SocketAddr::new(ip, cfg.ports.mqtt);
     let mut shards = Vec::new();
+    // The enrollment cache's channel mesh; shards join it once every shard is bound (`go`), so
+    // a shard that fails to bind cannot leave the others waiting for it.
+    let mesh = (cfg.shards > 1).then(|| glommio::channels::channel_mesh::MeshBuilder::full(cfg.shards, 1024));
+    let go = Arc::new(std::sync::atomic::AtomicU8::new(server::WAIT));
     let fail = |shards: Vec<glommio::ExecutorJoinHandle<()>>, stop: &AtomicBool, msg: String| {
+        go.store(server::ABORT, Ordering::Release);
         stop.store(true, Ordering::Relaxed);
         for s in shards {
             let _ = s.join();
@@ -122,6 +130,8 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             https,
             mqtt,
             stop: stop.clone(),
+            mesh: mesh.clone(),
+            go: go.clone(),
         };
         match server::spawn_shard(spec, tx) {
             Ok(h) => shards.push(h),
@@ -136,6 +146,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             Err(_) => return fail(shards, &stop, format!("shard {id} ended during start-up")),
         }
     }
+    go.store(server::GO, Ordering::Release);
     let owner = prepared.instance.policies.iter().find(|p| p.key_name == bootstrap::OWNER_POLICY).or(prepared.instance.policies.first());
     let host = cfg.host_names[0].clone();
     let endpoint = Endpoint {

@@ -2,6 +2,7 @@
 //! against the enrollment list, allocate a hub, store the registration state durably, and
 //! answer with a `RegistrationOperationStatus` (spec device-protocol.md §2.3, §6).
 
+use crate::enrollment_cache::EnrollmentCache;
 use crate::service::{new_etag, random_bytes, Service};
 use crate::service_api::by_group_key;
 use dps_core::device::{
@@ -70,6 +71,7 @@ impl From<StoreCallError> for Refusal {
 /// the polling limits of the devices that talk to it.
 pub struct Provisioning {
     svc: Arc<Service>,
+    enrollments: Rc<EnrollmentCache>,
     /// This shard's copy of the enrollment groups and linked hubs (few, read by every
     /// registration), valid while the service's config generation is unchanged.
     cache: RefCell<Option<Rc<Config>>>,
@@ -86,7 +88,7 @@ pub struct DeviceAuth<'a> {
 }
 
 impl Provisioning {
-    pub fn new(svc: Arc<Service>, shard: usize, now_nanos: u64) -> Provisioning {
+    pub fn new(svc: Arc<Service>, enrollments: Rc<EnrollmentCache>, shard: usize, now_nanos: u64) -> Provisioning {
         let per_min = svc.limits.registrations_per_minute;
         let registrations = (per_min > 0).then(|| {
             let share = (per_min as f64 / svc.shards.max(1) as f64).max(1.0);
@@ -94,6 +96,7 @@ impl Provisioning {
         });
         Provisioning {
             svc,
+            enrollments,
             cache: RefCell::new(None),
             registrations: RefCell::new(registrations),
             polls: RefCell::new(HashMap::new()),
@@ -151,11 +154,11 @@ impl Provisioning {
         }
         let store = &self.svc.store;
         let key = id_key(a.registration_id);
-        // One trip to the store for the device's own records; groups and hubs come from the
-        // shard's cache.
-        let mut found = store.get_many(vec![(Table::Enrollments, key.clone()), (Table::Registrations, key.clone())]).await?.into_iter();
-        let individual: Option<IndividualEnrollment> = found.next().flatten().map(|r| parse(&r)).transpose()?;
-        let previous: Option<DeviceRegistrationState> = found.next().flatten().map(|r| parse(&r)).transpose()?;
+        // The enrollment comes from its owner's cache partition, groups and hubs from this
+        // shard's snapshot; only the registration state is read from the store.
+        let (enrollment, registration) = futures::join!(self.enrollments.get(&key), store.get(Table::Registrations, &key));
+        let individual: Option<IndividualEnrollment> = enrollment?.map(|r| parse(&r)).transpose()?;
+        let previous: Option<DeviceRegistrationState> = registration?.map(|r| parse(&r)).transpose()?;
         let config = self.config().await?;
         // An individual enrollment for the id takes precedence over any group, even when disabled.
         let matched = match &individual {
@@ -269,7 +272,7 @@ impl Provisioning {
     async fn still_admitted(&self, token: &sas::SasToken, registration_id: &str, group: Option<&str>) -> Result<(), Refusal> {
         let store = &self.svc.store;
         let ok = match group {
-            None => match store.get(Table::Enrollments, &id_key(registration_id)).await? {
+            None => match self.enrollments.get(&id_key(registration_id)).await? {
                 Some(r) => {
                     let e: IndividualEnrollment = parse(&r)?;
                     e.common

@@ -1,6 +1,7 @@
 //! Shards: one glommio executor per core, each with its own `SO_REUSEPORT` listeners, accept
 //! loop and connections. A connection is owned by the task that accepted it, start to end.
 
+use crate::enrollment_cache::{EnrollmentCache, Msg};
 use crate::http::{self, ReadError, Response};
 use crate::provisioning::Provisioning;
 use crate::service::Service;
@@ -8,12 +9,13 @@ use crate::service_api::ServiceApi;
 use dps_core::error::{ErrorKind, ServiceError};
 use dps_core::time::UtcTime;
 use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -36,7 +38,14 @@ pub struct ShardSpec {
     pub https: SocketAddr,
     pub mqtt: SocketAddr,
     pub stop: Arc<AtomicBool>,
+    pub mesh: Option<MeshBuilder<Msg, Full>>,
+    /// `WAIT` until every shard is bound, then `GO` (or `ABORT` when one failed).
+    pub go: Arc<AtomicU8>,
 }
+
+pub const WAIT: u8 = 0;
+pub const GO: u8 = 1;
+pub const ABORT: u8 = 2;
 
 /// The ports a shard bound.
 #[derive(Debug, Clone, Copy)]
@@ -101,10 +110,28 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     let port = |l: &TcpListener, fallback: u16| l.local_addr().map(|a| a.port()).unwrap_or(fallback);
     let ports = BoundPorts { https: port(&https, spec.https.port()), mqtt: port(&mqtt, spec.mqtt.port()) };
     let _ = bound.send(Ok(ports));
+    loop {
+        match spec.go.load(Ordering::Acquire) {
+            GO => break,
+            ABORT => return,
+            _ => glommio::timer::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    let mesh = match spec.mesh {
+        Some(m) => match m.join().await {
+            Ok(j) => Some(j),
+            Err(_) => {
+                tracing::error!(shard = spec.id, "cannot join the shard channel mesh");
+                return;
+            }
+        },
+        None => None,
+    };
+    let cache = EnrollmentCache::start(spec.svc.store.clone(), mesh, spec.svc.limits.enrollment_cache_entries);
     let shard = Rc::new(Shard {
         id: spec.id,
-        api: ServiceApi::new(spec.svc.clone(), spec.id, mono_nanos()),
-        prov: Provisioning::new(spec.svc.clone(), spec.id, mono_nanos()),
+        api: ServiceApi::new(spec.svc.clone(), cache.clone(), spec.id, mono_nanos()),
+        prov: Provisioning::new(spec.svc.clone(), cache, spec.id, mono_nanos()),
         tls: spec.tls.clone(),
         stop: spec.stop.clone(),
         limits: spec.svc.limits.clone(),

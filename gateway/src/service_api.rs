@@ -2,6 +2,7 @@
 //! the linked-hub extension (spec service-api.md §1). Routing, validation and wire shapes come
 //! from `dps-core`; this module authenticates, talks to the store and renders responses.
 
+use crate::enrollment_cache::EnrollmentCache;
 use crate::http::{Request, Response};
 use crate::service::{new_etag, random_key, Service};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -18,6 +19,7 @@ use dps_storage::{Expect, Op, Record, StoreCallError, Table, Txn, TxnError, TxnR
 use serde::Serialize;
 use serde_json::Value;
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// Record classes, so the store can count enrollment groups per attestation type for quotas.
@@ -56,6 +58,7 @@ type Handled = Result<Response, Fail>;
 /// One shard's instance of the API (its own rate bucket and tracking-id sequence).
 pub struct ServiceApi {
     svc: Arc<Service>,
+    cache: Rc<EnrollmentCache>,
     ops: RefCell<Option<TokenBucket>>,
     shard: usize,
     seq: Cell<u64>,
@@ -136,7 +139,7 @@ fn if_match(req: &Request) -> Option<String> {
 }
 
 impl ServiceApi {
-    pub fn new(svc: Arc<Service>, shard: usize, now_nanos: u64) -> ServiceApi {
+    pub fn new(svc: Arc<Service>, cache: Rc<EnrollmentCache>, shard: usize, now_nanos: u64) -> ServiceApi {
         let per_min = svc.limits.service_operations_per_minute;
         // Each shard enforces its share of the service-wide rate; connections spread evenly
         // over SO_REUSEPORT listeners, so the sum is the configured rate.
@@ -145,7 +148,7 @@ impl ServiceApi {
             TokenBucket::new(share, 60.0, share, now_nanos)
         });
         let boot = u32::from_be_bytes(crate::service::random_bytes::<4>());
-        ServiceApi { svc, ops: RefCell::new(ops), shard, seq: Cell::new(0), boot }
+        ServiceApi { svc, cache, ops: RefCell::new(ops), shard, seq: Cell::new(0), boot }
     }
 
     fn tracking_id(&self) -> String {
@@ -305,9 +308,9 @@ impl ServiceApi {
             // No If-Match means create-only (spec service-api.md §1.6).
             None => Expect::Absent,
         };
-        let result = self.svc.store.commit(Txn::one(Op::Put { table, key, record, expect, quota: Some(quota) })).await?;
+        let result = self.svc.store.commit(Txn::one(Op::Put { table, key: key.clone(), record, expect, quota: Some(quota) })).await?;
         result.map_err(|e| txn_error(e, table, id))?;
-        self.changed(table);
+        self.changed(table, vec![key]).await;
         let view = view.map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?;
         Ok(json(200, &view).header("ETag", etag))
     }
@@ -328,14 +331,17 @@ impl ServiceApi {
             }
         }
         self.svc.store.commit(Txn { ops }).await?.map_err(|e| txn_error(e, table, id))?;
-        self.changed(table);
+        self.changed(table, vec![key]).await;
         Ok(Response::new(204))
     }
 
-    /// Lets every shard know its cached groups and hubs are stale.
-    fn changed(&self, table: Table) {
-        if matches!(table, Table::Groups | Table::Hubs) {
-            self.svc.bump_generation();
+    /// Makes the shards' caches forget what changed, before the change is acknowledged:
+    /// enrollments in their owners' partitions, groups and hubs through the config generation.
+    async fn changed(&self, table: Table, keys: Vec<String>) {
+        match table {
+            Table::Enrollments => self.cache.invalidate(keys).await,
+            Table::Groups | Table::Hubs => self.svc.bump_generation(),
+            _ => {}
         }
     }
 
@@ -442,7 +448,7 @@ impl ServiceApi {
             }
         }
         let results: Vec<TxnResult> = self.svc.store.commit_many(txns).await?;
-        self.changed(table);
+        self.changed(table, ids.iter().map(|id| id_key(id)).collect()).await;
         for (id, r) in ids.iter().zip(results) {
             if let Err(e) = r {
                 errors.push(item_error(id, &txn_error(e, table, id)));
@@ -639,14 +645,14 @@ impl ServiceApi {
             quota: Some(self.svc.limits.max_linked_hubs),
         };
         self.svc.store.commit(Txn::one(op)).await?.map_err(|e| txn_error(e, Table::Hubs, name))?;
-        self.changed(Table::Hubs);
+        self.changed(Table::Hubs, Vec::new()).await;
         Ok(json(200, &h.redacted()))
     }
 
     async fn delete_hub(&self, name: &str) -> Handled {
         let op = Op::Delete { table: Table::Hubs, key: id_key(name), expect: Expect::Present };
         self.svc.store.commit(Txn::one(op)).await?.map_err(|e| txn_error(e, Table::Hubs, name))?;
-        self.changed(Table::Hubs);
+        self.changed(Table::Hubs, Vec::new()).await;
         Ok(Response::new(204))
     }
 }

@@ -399,3 +399,36 @@ fn geo_latency_sends_devices_to_the_measured_hub() {
         assert_eq!(c.register("1", b"").2["registrationState"]["assignedHub"], "localhost", "{id}");
     }
 }
+
+#[test]
+fn enrollment_changes_reach_every_shard_partition() {
+    let s = server_with_hubs(&["hub-a.example"]);
+    let new_key = "bmV3LWtleS1uZXcta2V5LW5ldy1rZXktbmV3LWtleSE=";
+    for i in 0..8 {
+        enroll(&s, &format!("part-{i}"), json!({}));
+    }
+    // Warm every partition through connections that land on both shards.
+    for i in 0..8 {
+        for _ in 0..3 {
+            assert_eq!(connect(&s, &format!("part-{i}"), KEY).register("1", b"").0, 200);
+        }
+    }
+    // Re-key every enrollment with updateIfMatchETag-free bulk update; then old keys fail and
+    // new ones work, on whichever shard the device lands.
+    let items: Vec<_> = (0..8)
+        .map(|i| json!({"registrationId": format!("part-{i}"), "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": new_key, "secondaryKey": new_key}}}))
+        .collect();
+    let (st, v) = status_json(s.send("POST", "/enrollments", Some(json!({"mode": "update", "enrollments": items}))));
+    assert_eq!((st, v["isSuccessful"].as_bool()), (200, Some(true)));
+    for i in 0..8 {
+        for _ in 0..3 {
+            assert_eq!(connect(&s, &format!("part-{i}"), KEY).register("1", b"").0, 401, "old key of part-{i}");
+            assert_eq!(connect(&s, &format!("part-{i}"), new_key).register("1", b"").0, 200, "new key of part-{i}");
+        }
+    }
+    // Deleting an enrollment is seen at once too.
+    assert_eq!(s.send("DELETE", "/enrollments/part-3", None).status().as_u16(), 204);
+    for _ in 0..3 {
+        assert_eq!(connect(&s, "part-3", new_key).register("1", b"").0, 401);
+    }
+}

@@ -66,7 +66,9 @@ pub struct CommitStats {
 /// A cloneable handle; every method returns a future that any executor can await.
 #[derive(Clone)]
 pub struct StoreService {
-    store: Arc<dyn Store>,
+    /// Weak: the store belongs to its threads, so a handle that outlives them (a task that was
+    /// never dropped) cannot keep the database open and locked.
+    store: std::sync::Weak<dyn Store>,
     reads: Sender<Read>,
     writes: Sender<Write>,
     pub stats: Arc<CommitStats>,
@@ -80,7 +82,8 @@ pub struct StoreThreads {
 
 impl StoreThreads {
     /// Stops the threads once their queues are empty (queued writes are still committed and
-    /// acknowledged), waits for them and flushes. Handles still held then get `Closed`.
+    /// acknowledged), waits for them, flushes and closes the store. Handles still held then get
+    /// `Closed`.
     pub fn join(self) -> Result<(), StoreError> {
         self.closing.store(true, Ordering::Relaxed);
         for h in self.handles {
@@ -106,7 +109,7 @@ impl StoreService {
                 (store.clone(), stats.clone(), cfg.max_group.max(1), Duration::from_micros(cfg.linger_us), closing.clone());
             handles.push(spawn("store-write".into(), move || writer(s, wrx, st, max, linger, c)));
         }
-        (StoreService { store: store.clone(), reads: rtx, writes: wtx, stats }, StoreThreads { handles, store, closing })
+        (StoreService { store: Arc::downgrade(&store), reads: rtx, writes: wtx, stats }, StoreThreads { handles, store, closing })
     }
 
     fn send<T, M>(tx: &Sender<M>, make: impl FnOnce(Reply<T>) -> M) -> Result<oneshot::Receiver<Result<T, ServiceError>>, ServiceError> {
@@ -158,7 +161,7 @@ impl StoreService {
     }
 
     pub fn count(&self, table: Table, class: u8) -> u64 {
-        self.store.count(table, class)
+        self.store.upgrade().map_or(0, |s| s.count(table, class))
     }
 
     pub fn queued_writes(&self) -> usize {
