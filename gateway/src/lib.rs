@@ -3,6 +3,7 @@
 pub mod bootstrap;
 pub mod certs;
 pub mod config;
+pub mod device_http;
 pub mod enrollment_cache;
 pub mod http;
 pub mod latency;

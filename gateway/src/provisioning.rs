@@ -227,6 +227,24 @@ impl Provisioning {
         Ok((200, render_status(&op, state)))
     }
 
+    /// Handles a registration status lookup (HTTP `POST /{idScope}/registrations/{id}`).
+    pub async fn lookup(&self, a: DeviceAuth<'_>, now: UtcTime) -> DeviceReply {
+        let r = self.lookup_inner(&a, now).await;
+        self.reply(r, now, "lookup", a.registration_id)
+    }
+
+    async fn lookup_inner(&self, a: &DeviceAuth<'_>, now: UtcTime) -> Result<(u16, String), Refusal> {
+        let token = self.check_token(a, now)?;
+        let state: DeviceRegistrationState = match self.svc.store.get(Table::Registrations, &id_key(a.registration_id)).await? {
+            Some(r) => parse(&r)?,
+            None => return Err(refuse(ErrorKind::RegistrationNotFound, "registration not found", "no registration state")),
+        };
+        self.still_admitted(&token, a.registration_id, state.enrollment_group_id.as_deref()).await?;
+        let symmetric_key = Some(SymmetricKeyResult { enrollment_group_id: state.enrollment_group_id.clone() });
+        let result = DeviceRegistrationResult { state: state.public(), symmetric_key };
+        Ok((200, serde_json::to_string(&result).unwrap_or_else(|_| "{}".into())))
+    }
+
     /// The shard's groups and hubs, reloaded when the service API changed them.
     async fn config(&self) -> Result<Rc<Config>, Refusal> {
         let generation = self.svc.generation();

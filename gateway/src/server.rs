@@ -190,7 +190,7 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
     };
     match kind {
         Listener::Https => {
-            if let Some((req, leftover)) = serve_http(&mut s, &shard.api, &shard.stop, &shard.limits).await {
+            if let Some((req, leftover)) = serve_http(&mut s, &shard.api, &shard.prov, &shard.stop, &shard.limits).await {
                 serve_websocket(&mut s, req, leftover, shard).await;
             }
         }
@@ -242,6 +242,7 @@ async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: http
 pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     api: &ServiceApi,
+    prov: &Provisioning,
     stop: &AtomicBool,
     limits: &crate::config::Limits,
 ) -> Option<(http::Request, Vec<u8>)> {
@@ -287,7 +288,10 @@ pub async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
         if crate::ws::is_upgrade(&req) {
             return Some((req, std::mem::take(&mut buf)));
         }
-        let resp = api.handle(&req, utc_now(), mono_nanos()).await;
+        let resp = match crate::device_http::handle(prov, &req, utc_now(), mono_nanos()).await {
+            Some(r) => r,
+            None => api.handle(&req, utc_now(), mono_nanos()).await,
+        };
         let close = req.close || stop.load(Ordering::Relaxed);
         if http::write_response(s, &resp, close).await.is_err() || close {
             return None;
