@@ -1,12 +1,13 @@
-//! Interop: the official Python device SDK (`azure-iot-device`) provisions individual and group
-//! enrollment devices over MQTT and MQTT over WebSockets against a real gateway on the ports the SDK hard-codes.
+//! Interop: the official Python device SDK (`azure-iot-device`, MQTT and MQTT over WebSockets)
+//! and Node device SDK (`azure-iot-provisioning-device` with its MQTT, MQTT-over-WebSockets and
+//! HTTP transports) provision individual and group enrollment devices against a real gateway on the ports the SDK hard-codes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use dps_tests::*;
 use std::process::Command;
 
 #[test]
-fn official_python_device_sdk_provisions_devices() {
+fn official_device_sdks_provision_devices() {
     require_setup().unwrap();
     let _ports = lock_well_known_ports().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -30,7 +31,16 @@ fn official_python_device_sdk_provisions_devices() {
         .env("DPS_HUB", "hub-a.example")
         .env("DPS_TRANSPORTS", "mqtt,websockets")
         .env("REQUESTS_CA_BUNDLE", ep.ca_certificate.as_ref().unwrap()));
+    let node = run(Command::new("node")
+        .arg("device_node.test.js")
+        .current_dir(interop_dir())
+        .env("DPS_CS", &ep.service_connection_string)
+        .env("DPS_SCOPE", &ep.id_scope)
+        .env("DPS_HUB", "hub-a.example")
+        .env("NODE_EXTRA_CA_CERTS", ep.ca_certificate.as_ref().unwrap()));
     running.shutdown().unwrap();
+    assert!(node.status.success(), "Node device SDK interop failed");
+    assert!(String::from_utf8_lossy(&node.stdout).contains("# pass 9"), "all Node device tests ran");
     assert!(python.status.success(), "Python device SDK interop failed");
     assert!(String::from_utf8_lossy(&python.stdout).contains("6 passed"), "all Python device tests ran");
 }

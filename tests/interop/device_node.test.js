@@ -1,0 +1,58 @@
+// The official Node device SDK (azure-iot-provisioning-device with its -mqtt and -http
+// transports and azure-iot-security-symmetric-key) provisions devices against our server;
+// enrollments are made with the official Node service SDK. Run by
+// tests/tests/interop_device.rs with DPS_CS, DPS_SCOPE, DPS_HUB and NODE_EXTRA_CA_CERTS set.
+'use strict';
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const crypto = require('node:crypto');
+const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
+const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
+const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
+const { Http } = require('azure-iot-provisioning-device-http');
+const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
+
+const service = ProvisioningServiceClient.fromConnectionString(process.env.DPS_CS);
+const scope = process.env.DPS_SCOPE;
+const hub = process.env.DPS_HUB;
+const body = (r) => (r && r.responseBody !== undefined ? r.responseBody : r);
+const transports = { mqtt: () => new Mqtt(), mqttws: () => new MqttWs(), http: () => new Http() };
+
+function register(transport, registrationId, key) {
+  const client = ProvisioningDeviceClient.create('localhost', scope, transports[transport](), new SymmetricKeySecurityClient(registrationId, key));
+  return new Promise((resolve, reject) => client.register((err, result) => (err ? reject(err) : resolve(result))));
+}
+
+for (const transport of Object.keys(transports)) {
+  test(`${transport}: individual enrollment is assigned`, async () => {
+    const id = `node-ind-${transport}`;
+    await service.createOrUpdateIndividualEnrollment({ registrationId: id, attestation: { type: 'symmetricKey' } });
+    const keys = body(await service.getIndividualEnrollmentAttestationMechanism(id));
+    const started = Date.now();
+    const result = await register(transport, id, keys.symmetricKey.primaryKey);
+    console.log(`# register() over ${transport} took ${Date.now() - started} ms`);
+    assert.equal(result.status, 'assigned');
+    assert.equal(result.assignedHub, hub);
+    assert.equal(result.deviceId, id);
+  });
+
+  test(`${transport}: group enrollment device is assigned`, async () => {
+    const gid = `node-group-${transport}`;
+    await service.createOrUpdateEnrollmentGroup({ enrollmentGroupId: gid, attestation: { type: 'symmetricKey' } });
+    const groupKey = body(await service.getEnrollmentGroupAttestationMechanism(gid)).symmetricKey.primaryKey;
+    const id = `node-group-dev-${transport}`;
+    const deviceKey = crypto.createHmac('sha256', Buffer.from(groupKey, 'base64')).update(id).digest('base64');
+    const result = await register(transport, id, deviceKey);
+    assert.equal(result.status, 'assigned');
+    assert.equal(result.assignedHub, hub);
+  });
+
+  test(`${transport}: a wrong key is refused`, async () => {
+    const id = `node-wrong-${transport}`;
+    await service.createOrUpdateIndividualEnrollment({ registrationId: id, attestation: { type: 'symmetricKey' } });
+    await assert.rejects(register(transport, id, Buffer.alloc(32, 9).toString('base64')), (err) => {
+      assert.match(String(err.name) + String(err.message) + JSON.stringify(err.result || {}), /Unauthorized|401/);
+      return true;
+    });
+  });
+}
