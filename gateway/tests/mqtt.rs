@@ -432,3 +432,39 @@ fn enrollment_changes_reach_every_shard_partition() {
         assert_eq!(connect(&s, "part-3", new_key).register("1", b"").0, 401);
     }
 }
+
+#[test]
+fn registration_rate_limit_answers_429() {
+    let mut cfg = test_config();
+    cfg.shards = 1;
+    cfg.limits.service_operations_per_minute = 0;
+    cfg.limits.registrations_per_minute = 3;
+    cfg.linked_hubs = vec![hub("hub-a.example")];
+    let s = TestServer::start(cfg);
+    enroll(&s, "rated", json!({}));
+    let mut c = connect(&s, "rated", KEY);
+    let statuses: Vec<u16> = (0..5).map(|i| c.register(&i.to_string(), b"").0).collect();
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    let (_, topic, body) = c.register("9", b"");
+    assert!(topic.contains("&retry-after="), "{topic}");
+    assert_eq!(body["errorCode"], 429001);
+}
+
+#[test]
+fn silent_mqtt_connections_are_closed() {
+    let mut cfg = test_config();
+    cfg.limits.handshake_timeout_secs = 1;
+    cfg.limits.idle_timeout_secs = 1;
+    let s = TestServer::start(cfg);
+    // No TLS handshake at all.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.mqtt)).unwrap();
+    raw.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 16];
+    use std::io::Read;
+    assert!(matches!(raw.read(&mut b), Ok(0) | Err(_)));
+    // TLS but no CONNECT: closed after the idle timeout.
+    let mut c = MqttClient::open(s.ep.ports.mqtt, s.ep.ca_certificate.as_ref().unwrap());
+    let t = std::time::Instant::now();
+    assert!(c.closed());
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+}
