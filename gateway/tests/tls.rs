@@ -1,0 +1,74 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+//! TLS: the server picks its ECDSA or RSA certificate by what the client offers, serves TLS 1.2
+//! and 1.3, and can use an operator's own certificate files.
+
+mod common;
+use common::*;
+use rustls::crypto::ring as provider;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+fn roots(ca: &std::path::Path) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    roots
+}
+
+/// Handshakes with only the given TLS 1.2 suite and returns the server's leaf key algorithm.
+fn handshake_with(port: u16, ca: &std::path::Path, suite: rustls::SupportedCipherSuite) -> String {
+    let mut p = provider::default_provider();
+    p.cipher_suites = vec![suite];
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(p))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots(ca))
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    tls.write_all(b"GET /enrollments/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    let _ = tls.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    let leaf = tls.conn.peer_certificates().unwrap()[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    cert.public_key().algorithm.algorithm.to_id_string()
+}
+
+const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const RSA_ENCRYPTION: &str = "1.2.840.113549.1.1.1";
+
+#[test]
+fn certificate_follows_the_client_offer() {
+    let s = TestServer::start(test_config());
+    let ca = s.ep.ca_certificate.clone().unwrap();
+    let port = s.ep.ports.https;
+    use provider::cipher_suite::*;
+    assert_eq!(handshake_with(port, &ca, TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256), RSA_ENCRYPTION);
+    assert_eq!(handshake_with(port, &ca, TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384), RSA_ENCRYPTION);
+    assert_eq!(handshake_with(port, &ca, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256), EC_PUBLIC_KEY);
+    // TLS 1.3 (reqwest's default) gets the ECDSA certificate.
+    assert_eq!(s.send("GET", "/enrollments/x", None).status().as_u16(), 404);
+}
+
+#[test]
+fn operator_certificates_from_the_config() {
+    // Certificates made by one instance, given to another through [tls].
+    let first = TestServer::start(test_config());
+    let certs = first.dir.path().join("certs");
+    let mut cfg = test_config();
+    cfg.tls.ecdsa_cert = Some(certs.join("server-ecdsa.pem"));
+    cfg.tls.ecdsa_key = Some(certs.join("server-ecdsa.key"));
+    cfg.tls.ca_cert = Some(certs.join("ca.pem"));
+    let second = TestServer::start(cfg);
+    assert_eq!(second.ep.ca_certificate.as_deref(), Some(certs.join("ca.pem").as_path()));
+    assert!(!second.dir.path().join("certs").exists(), "no development CA generated");
+    assert_eq!(second.send("GET", "/enrollments/x", None).status().as_u16(), 404);
+    // A key without its certificate is refused at start-up with the key's name.
+    let mut bad = test_config();
+    bad.tls.ecdsa_cert = Some(certs.join("server-ecdsa.pem"));
+    let err = dps_gateway::start(bad, tempfile::tempdir().unwrap().path()).err().unwrap();
+    assert!(err.contains("ecdsa_key"), "{err}");
+}
