@@ -468,3 +468,37 @@ fn silent_mqtt_connections_are_closed() {
     assert!(c.closed());
     assert!(t.elapsed() < std::time::Duration::from_secs(5));
 }
+
+#[test]
+fn a_flood_of_requests_is_answered_in_order_and_others_are_served() {
+    let s = server_with_hubs(&["hub-a.example"]);
+    enroll(&s, "flooder", json!({}));
+    enroll(&s, "bystander", json!({}));
+    let mut c = connect(&s, "flooder", KEY);
+    let mut out = bytes::BytesMut::new();
+    for i in 1..=200u16 {
+        let mut p = mqttbytes::v4::Publish::new(
+            format!("$dps/registrations/PUT/iotdps-register/?$rid={i}"),
+            mqttbytes::QoS::AtLeastOnce,
+            b" ".to_vec(),
+        );
+        p.pkid = i;
+        p.write(&mut out).unwrap();
+    }
+    c.write_raw(&out);
+    let mut responses = 0;
+    let mut acks = 0;
+    while responses < 200 {
+        match c.read() {
+            Some(mqttbytes::v4::Packet::PubAck(_)) => acks += 1,
+            Some(mqttbytes::v4::Packet::Publish(p)) => {
+                responses += 1;
+                assert_eq!(p.topic, format!("$dps/registrations/res/200/?$rid={responses}"), "answers in request order");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acks, 200);
+    let mut other = connect(&s, "bystander", KEY);
+    assert_eq!(other.register("1", b"").0, 200);
+}
