@@ -43,6 +43,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 fn config(shards: usize, batch: usize) -> dps_gateway::config::Config {
     let mut c = dps_gateway::config::Config::default();
     c.ports.https = 0;
+    c.ports.mqtt = 0;
+    c.ports.admin = 0;
     c.ports.bind = "127.0.0.1".into();
     c.shards = shards;
     c.limits.max_bulk_items = batch;

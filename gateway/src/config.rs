@@ -61,11 +61,15 @@ pub struct Ports {
     pub https: u16,
     /// Address the listeners bind to.
     pub bind: String,
+    /// Admin (Prometheus `/metrics`) port, plain HTTP on `admin_bind`; 0 picks a free port.
+    pub admin: u16,
+    /// Address of the admin listener: loopback unless an operator opens it up.
+    pub admin_bind: String,
 }
 
 impl Default for Ports {
     fn default() -> Self {
-        Ports { mqtt: 8883, amqp: 5671, https: 443, bind: "0.0.0.0".to_string() }
+        Ports { mqtt: 8883, amqp: 5671, https: 443, bind: "0.0.0.0".to_string(), admin: 9464, admin_bind: "127.0.0.1".to_string() }
     }
 }
 

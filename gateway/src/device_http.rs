@@ -44,7 +44,7 @@ fn to_response(reply: DeviceReply) -> Response {
 /// Answers a device API request, or None when the path is not one.
 pub async fn handle(prov: &Provisioning, req: &Request, now: UtcTime, mono: u64) -> Option<Response> {
     let (scope, registration_id, route) = route(req)?;
-    let auth = DeviceAuth { id_scope: &scope, registration_id: &registration_id, token: req.header("authorization") };
+    let auth = DeviceAuth { id_scope: &scope, registration_id: &registration_id, token: req.header("authorization"), protocol: "https" };
     Some(match route {
         DeviceRoute::Register => {
             let reply = prov.register(auth, &req.body, now, mono).await;

@@ -4,6 +4,7 @@
 //! the owning partition before they are acknowledged, so the very next registration sees them.
 //! Absence is cached too (group devices have no individual enrollment).
 
+use crate::metrics::Metrics;
 use dps_storage::{Record, StoreCallError, StoreService, Table};
 use futures::channel::oneshot;
 use glommio::channels::channel_mesh::{Receivers, Senders};
@@ -13,13 +14,18 @@ use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 
 type Lookup = Result<Option<Record>, String>;
+/// One shard's metric series.
+type Series = Vec<(String, i64)>;
 
-/// Messages between shards.
+/// Messages between shards: cache traffic, and metrics scrapes (the mesh is the only way
+/// shards talk).
 pub enum Msg {
     Lookup { key: String, from: usize, req: u64 },
     Found { req: u64, value: Lookup },
     Invalidate { keys: Vec<String>, from: usize, req: u64 },
     Invalidated { req: u64 },
+    Scrape { from: usize, req: u64 },
+    Scraped { req: u64, series: Series },
 }
 
 pub struct EnrollmentCache {
@@ -34,6 +40,8 @@ pub struct EnrollmentCache {
     next_req: Cell<u64>,
     found: RefCell<HashMap<u64, oneshot::Sender<Lookup>>>,
     invalidated: RefCell<HashMap<u64, oneshot::Sender<()>>>,
+    scraped: RefCell<HashMap<u64, oneshot::Sender<Series>>>,
+    metrics: Rc<Metrics>,
 }
 
 /// The partition (mesh peer) that owns a registration key. SipHash with fixed keys, so every
@@ -51,7 +59,12 @@ fn failed(e: StoreCallError) -> String {
 
 impl EnrollmentCache {
     /// `mesh`: this shard's senders and receivers (None with a single shard).
-    pub fn start(store: StoreService, mesh: Option<(Senders<Msg>, Receivers<Msg>)>, max_entries: usize) -> Rc<EnrollmentCache> {
+    pub fn start(
+        store: StoreService,
+        mesh: Option<(Senders<Msg>, Receivers<Msg>)>,
+        max_entries: usize,
+        metrics: Rc<Metrics>,
+    ) -> Rc<EnrollmentCache> {
         let (me, peers, senders, receivers) = match mesh {
             Some((s, r)) => (s.peer_id(), s.nr_consumers(), Some(s), Some(r)),
             None => (0, 1, None, None),
@@ -67,6 +80,8 @@ impl EnrollmentCache {
             next_req: Cell::new(0),
             found: RefCell::new(HashMap::new()),
             invalidated: RefCell::new(HashMap::new()),
+            scraped: RefCell::new(HashMap::new()),
+            metrics,
         });
         if let Some(mut r) = receivers {
             for (_, stream) in r.streams() {
@@ -94,6 +109,7 @@ impl EnrollmentCache {
         let Some(senders) = self.senders.as_ref().filter(|_| owner != self.me) else {
             return self.local_get(key).await;
         };
+        self.metrics.inc("dps_cross_shard_lookups_total", &[("shard", &self.me.to_string())]);
         let req = self.req_id();
         let (tx, rx) = oneshot::channel();
         self.found.borrow_mut().insert(req, tx);
@@ -156,8 +172,41 @@ impl EnrollmentCache {
         }
     }
 
+    /// Every shard's metrics: this one's and, over the mesh, the others'.
+    pub async fn scrape_all(&self) -> Vec<Series> {
+        let mut all = vec![self.metrics.snapshot()];
+        let Some(senders) = &self.senders else { return all };
+        for peer in (0..self.peers).filter(|p| *p != self.me) {
+            let req = self.req_id();
+            let (tx, rx) = oneshot::channel();
+            self.scraped.borrow_mut().insert(req, tx);
+            if senders.send_to(peer, Msg::Scrape { from: self.me, req }).await.is_ok() {
+                if let Ok(series) = rx.await {
+                    all.push(series);
+                }
+            } else {
+                self.scraped.borrow_mut().remove(&req);
+            }
+        }
+        all
+    }
+
     fn handle(self: Rc<Self>, m: Msg) {
         match m {
+            Msg::Scrape { from, req } => {
+                let series = self.metrics.snapshot();
+                glommio::spawn_local(async move {
+                    if let Some(s) = &self.senders {
+                        let _ = s.send_to(from, Msg::Scraped { req, series }).await;
+                    }
+                })
+                .detach();
+            }
+            Msg::Scraped { req, series } => {
+                if let Some(tx) = self.scraped.borrow_mut().remove(&req) {
+                    let _ = tx.send(series);
+                }
+            }
             Msg::Lookup { key, from, req } => {
                 glommio::spawn_local(async move {
                     let value = self.local_get(&key).await.map_err(failed);

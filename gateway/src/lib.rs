@@ -7,6 +7,7 @@ pub mod device_http;
 pub mod enrollment_cache;
 pub mod http;
 pub mod latency;
+pub mod metrics;
 pub mod mqtt;
 pub mod provisioning;
 pub mod server;
@@ -39,6 +40,8 @@ pub struct Endpoint {
 pub struct Ports {
     pub mqtt: u16,
     pub https: u16,
+    /// Prometheus metrics (plain HTTP, loopback by default).
+    pub admin: u16,
 }
 
 pub struct Running {
@@ -107,6 +110,9 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let ip: std::net::IpAddr = cfg.ports.bind.parse().map_err(|_| format!("ports.bind '{}' is not an IP address", cfg.ports.bind))?;
     let mut https = SocketAddr::new(ip, cfg.ports.https);
     let mut mqtt = SocketAddr::new(ip, cfg.ports.mqtt);
+    let admin_ip: std::net::IpAddr =
+        cfg.ports.admin_bind.parse().map_err(|_| format!("ports.admin_bind '{}' is not an IP address", cfg.ports.admin_bind))?;
+    let mut admin = SocketAddr::new(admin_ip, cfg.ports.admin);
     let mut shards = Vec::new();
     // The enrollment cache's channel mesh; shards join it once every shard is bound (`go`), so
     // a shard that fails to bind cannot leave the others waiting for it.
@@ -130,6 +136,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             tls: tls.clone(),
             https,
             mqtt,
+            admin: (id == 0).then_some(admin),
             stop: stop.clone(),
             mesh: mesh.clone(),
             go: go.clone(),
@@ -142,6 +149,9 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             Ok(Ok(ports)) => {
                 https.set_port(ports.https);
                 mqtt.set_port(ports.mqtt);
+                if let Some(a) = ports.admin {
+                    admin.set_port(a);
+                }
             }
             Ok(Err(e)) => return fail(shards, &stop, e),
             Err(_) => return fail(shards, &stop, format!("shard {id} ended during start-up")),
@@ -160,7 +170,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             .unwrap_or_default(),
         host_name: host,
         ca_certificate: prepared.certs.ca_cert.clone(),
-        ports: Ports { mqtt: mqtt.port(), https: https.port() },
+        ports: Ports { mqtt: mqtt.port(), https: https.port(), admin: admin.port() },
     };
     let text = serde_json::to_string_pretty(&endpoint).map_err(|e| e.to_string())?;
     let tmp = data_dir.join("endpoint.json.tmp");

@@ -82,6 +82,7 @@ fn main() {
     }
     println!("  MQTT port (devices):        {}", e.ports.mqtt);
     println!("  HTTPS port (service API):   {}", e.ports.https);
+    println!("  Metrics:                    http://127.0.0.1:{}/metrics", e.ports.admin);
     println!("  Details in {}", dir.join("endpoint.json").display());
     let mut signals = signals;
     if let Some(sig) = signals.forever().next() {

@@ -77,7 +77,13 @@ impl<S: ByteStream> Conn<'_, S> {
 }
 
 /// Serves one MQTT connection to its end.
-pub async fn serve_mqtt<S: ByteStream>(s: &mut S, prov: &Provisioning, stop: &AtomicBool, limits: &crate::config::Limits) -> End {
+pub async fn serve_mqtt<S: ByteStream>(
+    s: &mut S,
+    protocol: &'static str,
+    prov: &Provisioning,
+    stop: &AtomicBool,
+    limits: &crate::config::Limits,
+) -> End {
     let mut c = Conn { s, buf: BytesMut::with_capacity(4096), max: limits.max_mqtt_packet_bytes, next_pkid: 0 };
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let connect = match c.next(idle, stop).await {
@@ -115,7 +121,7 @@ pub async fn serve_mqtt<S: ByteStream>(s: &mut S, prov: &Provisioning, stop: &At
         0 => idle,
         k => Duration::from_millis(u64::from(k) * 1500),
     };
-    let auth = || DeviceAuth { id_scope: &user.id_scope, registration_id: &user.registration_id, token: Some(&login.password) };
+    let auth = || DeviceAuth { id_scope: &user.id_scope, registration_id: &user.registration_id, token: Some(&login.password), protocol };
     loop {
         let packet = match c.next(keep_alive, stop).await {
             Ok(p) => p,

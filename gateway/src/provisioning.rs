@@ -3,6 +3,7 @@
 //! answer with a `RegistrationOperationStatus` (spec device-protocol.md §2.3, §6).
 
 use crate::enrollment_cache::EnrollmentCache;
+use crate::metrics::Metrics;
 use crate::service::{new_etag, random_bytes, Service};
 use crate::service_api::by_group_key;
 use dps_core::device::{
@@ -72,6 +73,7 @@ impl From<StoreCallError> for Refusal {
 pub struct Provisioning {
     svc: Arc<Service>,
     enrollments: Rc<EnrollmentCache>,
+    metrics: Rc<Metrics>,
     /// This shard's copy of the enrollment groups and linked hubs (few, read by every
     /// registration), valid while the service's config generation is unchanged.
     cache: RefCell<Option<Rc<Config>>>,
@@ -85,10 +87,12 @@ pub struct DeviceAuth<'a> {
     pub id_scope: &'a str,
     pub registration_id: &'a str,
     pub token: Option<&'a str>,
+    /// For metrics: `mqtt`, `mqtt-ws`, `https`.
+    pub protocol: &'static str,
 }
 
 impl Provisioning {
-    pub fn new(svc: Arc<Service>, enrollments: Rc<EnrollmentCache>, shard: usize, now_nanos: u64) -> Provisioning {
+    pub fn new(svc: Arc<Service>, enrollments: Rc<EnrollmentCache>, metrics: Rc<Metrics>, shard: usize, now_nanos: u64) -> Provisioning {
         let per_min = svc.limits.registrations_per_minute;
         let registrations = (per_min > 0).then(|| {
             let share = (per_min as f64 / svc.shards.max(1) as f64).max(1.0);
@@ -97,6 +101,7 @@ impl Provisioning {
         Provisioning {
             svc,
             enrollments,
+            metrics,
             cache: RefCell::new(None),
             registrations: RefCell::new(registrations),
             polls: RefCell::new(HashMap::new()),
@@ -130,6 +135,13 @@ impl Provisioning {
     /// Handles a register request.
     pub async fn register(&self, a: DeviceAuth<'_>, body: &[u8], now: UtcTime, mono: u64) -> DeviceReply {
         let r = self.register_inner(&a, body, now, mono).await;
+        if let Err(f) = &r {
+            let p = ("protocol", a.protocol);
+            if f.err.kind == ErrorKind::Unauthorized {
+                self.metrics.inc("dps_attestation_attempts_total", &[p, ("attestation", "symmetricKey"), ("status", "failure")]);
+            }
+            self.metrics.inc("dps_registration_attempts_total", &[p, ("status", "failure")]);
+        }
         self.reply(r, now, "register", a.registration_id)
     }
 
@@ -218,6 +230,13 @@ impl Provisioning {
                 return Err(refuse(ErrorKind::QuotaExceeded, "the registration quota is exhausted", "registration quota"))
             }
             Err(e) => return Err(refuse(ErrorKind::Internal, "internal error", format!("{e:?}"))),
+        }
+        let p = ("protocol", a.protocol);
+        self.metrics.inc("dps_attestation_attempts_total", &[p, ("attestation", "symmetricKey"), ("status", "success")]);
+        let outcome = if state.status == RegistrationStatus::Assigned { "success" } else { state.status.as_str() };
+        self.metrics.inc("dps_registration_attempts_total", &[p, ("status", outcome)]);
+        if let (RegistrationStatus::Assigned, Some(hub)) = (state.status, state.assigned_hub.as_deref()) {
+            self.metrics.inc("dps_device_assignments_total", &[("hub", hub)]);
         }
         tracing::info!(target: "device_operations", shard = self.shard, operation = "register", registration_id = %printable(a.registration_id),
             status = state.status.as_str(), hub = state.assigned_hub.as_deref().unwrap_or(""), "registered");

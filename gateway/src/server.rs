@@ -3,6 +3,7 @@
 
 use crate::enrollment_cache::{EnrollmentCache, Msg};
 use crate::http::{self, ReadError, Response};
+use crate::metrics::Metrics;
 use crate::provisioning::Provisioning;
 use crate::service::Service;
 use crate::service_api::ServiceApi;
@@ -37,6 +38,8 @@ pub struct ShardSpec {
     pub tls: Arc<rustls::ServerConfig>,
     pub https: SocketAddr,
     pub mqtt: SocketAddr,
+    /// The admin (metrics) listener; shard 0 only.
+    pub admin: Option<SocketAddr>,
     pub stop: Arc<AtomicBool>,
     pub mesh: Option<MeshBuilder<Msg, Full>>,
     /// `WAIT` until every shard is bound, then `GO` (or `ABORT` when one failed).
@@ -52,6 +55,7 @@ pub const ABORT: u8 = 2;
 pub struct BoundPorts {
     pub https: u16,
     pub mqtt: u16,
+    pub admin: Option<u16>,
 }
 
 /// What a shard reports once its listeners are bound (or why they could not be).
@@ -86,6 +90,9 @@ struct Shard {
     id: usize,
     api: ServiceApi,
     prov: Provisioning,
+    cache: Rc<EnrollmentCache>,
+    metrics: Rc<Metrics>,
+    svc: Arc<Service>,
     tls: Arc<rustls::ServerConfig>,
     stop: Arc<AtomicBool>,
     limits: crate::config::Limits,
@@ -100,15 +107,20 @@ enum Listener {
 
 async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     let bind = |what: &str, addr: SocketAddr| TcpListener::bind(addr).map_err(|e| bind_error(what, addr, e.into()));
-    let (https, mqtt) = match (bind("HTTPS", spec.https), bind("MQTT", spec.mqtt)) {
-        (Ok(h), Ok(m)) => (h, m),
-        (Err(e), _) | (_, Err(e)) => {
+    let admin = spec.admin.map(|a| bind("admin", a)).transpose();
+    let (https, mqtt, admin) = match (bind("HTTPS", spec.https), bind("MQTT", spec.mqtt), admin) {
+        (Ok(h), Ok(m), Ok(a)) => (h, m, a),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             let _ = bound.send(Err(e));
             return;
         }
     };
     let port = |l: &TcpListener, fallback: u16| l.local_addr().map(|a| a.port()).unwrap_or(fallback);
-    let ports = BoundPorts { https: port(&https, spec.https.port()), mqtt: port(&mqtt, spec.mqtt.port()) };
+    let ports = BoundPorts {
+        https: port(&https, spec.https.port()),
+        mqtt: port(&mqtt, spec.mqtt.port()),
+        admin: admin.as_ref().map(|l| port(l, 0)),
+    };
     let _ = bound.send(Ok(ports));
     loop {
         match spec.go.load(Ordering::Acquire) {
@@ -127,11 +139,15 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
         },
         None => None,
     };
-    let cache = EnrollmentCache::start(spec.svc.store.clone(), mesh, spec.svc.limits.enrollment_cache_entries);
+    let metrics = Rc::new(Metrics::default());
+    let cache = EnrollmentCache::start(spec.svc.store.clone(), mesh, spec.svc.limits.enrollment_cache_entries, metrics.clone());
     let shard = Rc::new(Shard {
         id: spec.id,
-        api: ServiceApi::new(spec.svc.clone(), cache.clone(), spec.id, mono_nanos()),
-        prov: Provisioning::new(spec.svc.clone(), cache, spec.id, mono_nanos()),
+        api: ServiceApi::new(spec.svc.clone(), cache.clone(), metrics.clone(), spec.id, mono_nanos()),
+        prov: Provisioning::new(spec.svc.clone(), cache.clone(), metrics.clone(), spec.id, mono_nanos()),
+        cache,
+        metrics,
+        svc: spec.svc.clone(),
         tls: spec.tls.clone(),
         stop: spec.stop.clone(),
         limits: spec.svc.limits.clone(),
@@ -140,8 +156,12 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     tracing::info!(shard = spec.id, https = ports.https, mqtt = ports.mqtt, "shard serving");
     let a = glommio::spawn_local(accept_loop(https, Listener::Https, shard.clone()));
     let b = glommio::spawn_local(accept_loop(mqtt, Listener::Mqtt, shard.clone()));
+    let c = admin.map(|l| glommio::spawn_local(admin_loop(l, shard.clone())));
     a.await;
     b.await;
+    if let Some(c) = c {
+        c.await;
+    }
     // Drain: connections finish their current request and close; give them a few seconds.
     let deadline = Instant::now() + Duration::from_secs(5);
     while shard.conns.get() > 0 && Instant::now() < deadline {
@@ -167,10 +187,18 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
             continue;
         }
         shard.conns.set(shard.conns.get() + 1);
+        let sid = shard.id.to_string();
+        let listener = match kind {
+            Listener::Https => "https",
+            Listener::Mqtt => "mqtt",
+        };
+        shard.metrics.inc("dps_connections_accepted_total", &[("shard", &sid), ("listener", listener)]);
+        shard.metrics.add("dps_connections_open", &[("shard", &sid)], 1);
         let shard = shard.clone();
         glommio::spawn_local(async move {
             serve_tls(stream, kind, &shard).await;
             shard.conns.set(shard.conns.get() - 1);
+            shard.metrics.add("dps_connections_open", &[("shard", &sid)], -1);
         })
         .detach();
     }
@@ -180,14 +208,20 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
     let _ = stream.set_nodelay(true);
     let acceptor = futures_rustls::TlsAcceptor::from(shard.tls.clone());
     let handshake = Duration::from_secs(shard.limits.handshake_timeout_secs);
+    let sid = shard.id.to_string();
     let mut s = match glommio::timer::timeout(handshake, async { Ok(acceptor.accept(stream).await) }).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", "failed")]);
             tracing::debug!(error = %e, "TLS handshake failed");
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", "timeout")]);
+            return;
+        }
     };
+    shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", "ok")]);
     match kind {
         Listener::Https => {
             if let Some((req, leftover)) = serve_http(&mut s, &shard.api, &shard.prov, &shard.stop, &shard.limits).await {
@@ -195,11 +229,46 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
             }
         }
         Listener::Mqtt => {
-            let end = crate::mqtt::serve_mqtt(&mut s, &shard.prov, &shard.stop, &shard.limits).await;
+            let end = crate::mqtt::serve_mqtt(&mut s, "mqtt", &shard.prov, &shard.stop, &shard.limits).await;
             tracing::debug!(shard = shard.id, ?end, "MQTT connection ended");
         }
     }
     let _ = s.close().await;
+}
+
+/// The admin listener (shard 0): plain HTTP, `GET /metrics` in the Prometheus text format.
+async fn admin_loop(listener: TcpListener, shard: Rc<Shard>) {
+    while !shard.stop.load(Ordering::Relaxed) {
+        let Ok(Ok(mut stream)) = glommio::timer::timeout(Duration::from_millis(200), async { Ok(listener.accept().await) }).await else {
+            continue;
+        };
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let mut buf = Vec::new();
+            let read =
+                glommio::timer::timeout(Duration::from_secs(5), async { Ok(http::read_request(&mut stream, &mut buf, 0).await) }).await;
+            let resp = match read {
+                Ok(Ok(req)) if req.method == "GET" && req.path == "/metrics" => {
+                    let stats = &shard.svc.store.stats;
+                    let extra = vec![
+                        ("dps_store_commit_groups_total".to_string(), stats.groups.load(Ordering::Relaxed) as f64),
+                        ("dps_store_commit_transactions_total".to_string(), stats.txns.load(Ordering::Relaxed) as f64),
+                        ("dps_store_commit_seconds_total".to_string(), stats.commit_micros.load(Ordering::Relaxed) as f64 / 1e6),
+                        ("dps_store_write_queue_depth".to_string(), shard.svc.store.queued_writes() as f64),
+                    ];
+                    let text = crate::metrics::render(shard.cache.scrape_all().await, extra);
+                    let mut r = Response::new(200).header("Content-Type", "text/plain; version=0.0.4");
+                    r.body = text.into_bytes();
+                    r
+                }
+                Ok(Ok(_)) => Response::new(404),
+                _ => return,
+            };
+            let _ = http::write_response(&mut stream, &resp, true).await;
+            let _ = stream.close().await;
+        })
+        .detach();
+    }
 }
 
 /// Reads and discards what the client is still sending (e.g. the rest of an oversized body),
@@ -226,7 +295,7 @@ async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: http
                 return;
             }
             let mut ws = crate::ws::WsStream::new(s, leftover, shard.limits.max_mqtt_packet_bytes + 16);
-            let end = crate::mqtt::serve_mqtt(&mut ws, &shard.prov, &shard.stop, &shard.limits).await;
+            let end = crate::mqtt::serve_mqtt(&mut ws, "mqtt-ws", &shard.prov, &shard.stop, &shard.limits).await;
             tracing::debug!(shard = shard.id, ?end, "MQTT over WebSocket ended");
         }
         Err(why) => {

@@ -4,6 +4,7 @@
 
 use crate::enrollment_cache::EnrollmentCache;
 use crate::http::{Request, Response};
+use crate::metrics::Metrics;
 use crate::service::{new_etag, random_key, Service};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
@@ -59,6 +60,7 @@ type Handled = Result<Response, Fail>;
 pub struct ServiceApi {
     svc: Arc<Service>,
     cache: Rc<EnrollmentCache>,
+    metrics: Rc<Metrics>,
     ops: RefCell<Option<TokenBucket>>,
     shard: usize,
     seq: Cell<u64>,
@@ -139,7 +141,7 @@ fn if_match(req: &Request) -> Option<String> {
 }
 
 impl ServiceApi {
-    pub fn new(svc: Arc<Service>, cache: Rc<EnrollmentCache>, shard: usize, now_nanos: u64) -> ServiceApi {
+    pub fn new(svc: Arc<Service>, cache: Rc<EnrollmentCache>, metrics: Rc<Metrics>, shard: usize, now_nanos: u64) -> ServiceApi {
         let per_min = svc.limits.service_operations_per_minute;
         // Each shard enforces its share of the service-wide rate; connections spread evenly
         // over SO_REUSEPORT listeners, so the sum is the configured rate.
@@ -148,7 +150,7 @@ impl ServiceApi {
             TokenBucket::new(share, 60.0, share, now_nanos)
         });
         let boot = u32::from_be_bytes(crate::service::random_bytes::<4>());
-        ServiceApi { svc, cache, ops: RefCell::new(ops), shard, seq: Cell::new(0), boot }
+        ServiceApi { svc, cache, metrics, ops: RefCell::new(ops), shard, seq: Cell::new(0), boot }
     }
 
     fn tracking_id(&self) -> String {
@@ -160,6 +162,12 @@ impl ServiceApi {
     /// Answers one request; never fails (errors become DPS error bodies).
     pub async fn handle(&self, req: &Request, now: UtcTime, mono_nanos: u64) -> Response {
         let tracking = self.tracking_id();
+        let resp = self.handle_inner(req, now, mono_nanos, tracking).await;
+        self.metrics.inc("dps_service_operations_total", &[("status", &resp.status.to_string())]);
+        resp
+    }
+
+    async fn handle_inner(&self, req: &Request, now: UtcTime, mono_nanos: u64, tracking: String) -> Response {
         let resp = match self.dispatch(req, now, mono_nanos).await {
             Ok(r) => r,
             Err(f) => {

@@ -502,3 +502,34 @@ fn a_flood_of_requests_is_answered_in_order_and_others_are_served() {
     let mut other = connect(&s, "bystander", KEY);
     assert_eq!(other.register("1", b"").0, 200);
 }
+
+#[test]
+fn metrics_are_merged_across_shards() {
+    let s = server_with_hubs(&["hub-a.example"]);
+    enroll(&s, "metered", json!({}));
+    for i in 0..4 {
+        assert_eq!(connect(&s, "metered", KEY).register(&i.to_string(), b"").0, 200);
+    }
+    let wrong = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXkhIQ==";
+    assert_eq!(connect(&s, "metered", wrong).register("1", b"").0, 401);
+    let text = reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", s.ep.ports.admin)).unwrap().text().unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{series} missing in\n{text}"))
+    };
+    assert_eq!(value("dps_registration_attempts_total{protocol=\"mqtt\",status=\"success\"}"), 4.0);
+    assert_eq!(value("dps_registration_attempts_total{protocol=\"mqtt\",status=\"failure\"}"), 1.0);
+    assert_eq!(value("dps_attestation_attempts_total{protocol=\"mqtt\",attestation=\"symmetricKey\",status=\"failure\"}"), 1.0);
+    assert_eq!(value("dps_device_assignments_total{hub=\"hub-a.example\"}"), 4.0);
+    assert!(value("dps_store_commit_groups_total") >= 1.0);
+    // Connections were spread over both shards, and each shard's counts are in the sum.
+    let accepted: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("dps_connections_accepted_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(accepted >= 5.0, "{text}");
+    assert!(text.contains("# TYPE dps_connections_open gauge"));
+    assert_eq!(reqwest::blocking::get(format!("http://127.0.0.1:{}/other", s.ep.ports.admin)).unwrap().status().as_u16(), 404);
+}
