@@ -3,6 +3,7 @@
 //! No runtime, no sockets, no clock reads: callers pass `now` in.
 
 pub mod allocation;
+pub mod amqp;
 pub mod device;
 pub mod error;
 pub mod ids;

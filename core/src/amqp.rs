@@ -1,0 +1,279 @@
+//! AMQP 1.0 for DPS (spec device-protocol.md §4): protocol headers, frames, SASL PLAIN, and
+//! the request/response messages, encoded with fe2o3-amqp's types and serde_amqp. Pure: the
+//! gateway's connection task feeds bytes in and writes what these functions produce.
+
+use fe2o3_amqp_types::messaging::{ApplicationProperties, Data, MessageId, Properties};
+use fe2o3_amqp_types::performatives::Performative;
+use fe2o3_amqp_types::primitives::{Binary, SimpleValue};
+use serde_amqp::Value;
+
+/// `AMQP\x03\x01\x00\x00`: SASL layer first (symmetric keys and TPM).
+pub const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
+/// `AMQP\x00\x01\x00\x00`: no SASL (X.509 devices authenticate with the TLS certificate).
+pub const AMQP_HEADER: [u8; 8] = *b"AMQP\x00\x01\x00\x00";
+
+pub const FRAME_AMQP: u8 = 0;
+pub const FRAME_SASL: u8 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: u8,
+    pub channel: u16,
+    /// Empty for a heartbeat.
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    TooLarge(u32),
+    Malformed(&'static str),
+}
+
+/// One frame from the front of `buf`: `Ok(None)` when more bytes are needed.
+pub fn parse_frame(buf: &[u8], max_frame: u32) -> Result<Option<(Frame, usize)>, FrameError> {
+    if buf.len() < 8 {
+        return Ok(None);
+    }
+    let size = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let doff = buf[4] as usize * 4;
+    if size < 8 || doff < 8 || doff > size as usize {
+        return Err(FrameError::Malformed("bad frame size or data offset"));
+    }
+    if size > max_frame {
+        return Err(FrameError::TooLarge(size));
+    }
+    let kind = buf[5];
+    if kind > FRAME_SASL {
+        return Err(FrameError::Malformed("unknown frame type"));
+    }
+    if buf.len() < size as usize {
+        return Ok(None);
+    }
+    let channel = u16::from_be_bytes([buf[6], buf[7]]);
+    Ok(Some((Frame { kind, channel, body: buf[doff..size as usize].to_vec() }, size as usize)))
+}
+
+pub fn encode_frame(kind: u8, channel: u16, body: &[u8]) -> Vec<u8> {
+    let size = (8 + body.len()) as u32;
+    let mut out = Vec::with_capacity(size as usize);
+    out.extend_from_slice(&size.to_be_bytes());
+    out.extend_from_slice(&[2, kind]);
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Length of the one encoded AMQP value at the front of `b` (described values included).
+pub fn value_len(b: &[u8]) -> Option<usize> {
+    let code = *b.first()?;
+    if code == 0x00 {
+        let d = value_len(b.get(1..)?)?;
+        let v = value_len(b.get(1 + d..)?)?;
+        return Some(1 + d + v);
+    }
+    let len = match code {
+        0x40..=0x4f => 1,
+        0x50..=0x5f => 2,
+        0x60..=0x6f => 3,
+        0x70..=0x7f => 5,
+        0x80..=0x8f => 9,
+        0x90..=0x9f => 17,
+        0xa0..=0xaf | 0xc0..=0xcf | 0xe0..=0xef => 2 + *b.get(1)? as usize,
+        0xb0..=0xbf | 0xd0..=0xdf | 0xf0..=0xff => {
+            let n = b.get(1..5)?;
+            5usize.checked_add(u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)?
+        }
+        _ => return None,
+    };
+    (len <= b.len()).then_some(len)
+}
+
+/// A frame body split into the performative and what follows it (a transfer's payload).
+pub fn decode_performative(body: &[u8]) -> Result<(Performative, &[u8]), String> {
+    let n = value_len(body).ok_or("truncated performative")?;
+    let p = serde_amqp::from_slice(&body[..n]).map_err(|e| format!("invalid performative: {e}"))?;
+    Ok((p, &body[n..]))
+}
+
+pub fn encode_performative(p: &Performative) -> Result<Vec<u8>, String> {
+    serde_amqp::to_vec(p).map_err(|e| e.to_string())
+}
+
+/// SASL PLAIN initial response `\0authcid\0password` (no authzid): (username, password).
+pub fn parse_plain(initial_response: &[u8]) -> Option<(String, String)> {
+    let mut parts = initial_response.splitn(3, |b| *b == 0);
+    let _authzid = parts.next()?;
+    let user = std::str::from_utf8(parts.next()?).ok()?.to_string();
+    let pass = std::str::from_utf8(parts.next()?).ok()?.to_string();
+    Some((user, pass))
+}
+
+/// A DPS request message (spec device-protocol.md §4.7).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpsRequest {
+    /// `iotdps-register` or `iotdps-get-operationstatus`.
+    pub operation_type: Option<String>,
+    pub operation_id: Option<String>,
+    pub correlation_id: Option<MessageId>,
+    /// Data sections concatenated (C# sends an amqp-value string on polls: ignored).
+    pub body: Vec<u8>,
+}
+
+fn descriptor_code(section: &[u8]) -> Option<u64> {
+    // 0x00, then the descriptor: smallulong (0x53 n) or ulong (0x80 8 bytes).
+    match section.get(1)? {
+        0x53 => section.get(2).map(|c| u64::from(*c)),
+        0x80 => section.get(2..10).map(|b| u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
+        _ => None,
+    }
+}
+
+fn as_string(v: &SimpleValue) -> Option<String> {
+    match v {
+        SimpleValue::String(s) => Some(s.clone()),
+        SimpleValue::Symbol(s) => Some(s.0.clone()),
+        _ => None,
+    }
+}
+
+/// Reads the sections of a transfer payload.
+pub fn parse_request(mut payload: &[u8]) -> Result<DpsRequest, String> {
+    let mut req = DpsRequest { operation_type: None, operation_id: None, correlation_id: None, body: Vec::new() };
+    while !payload.is_empty() {
+        let n = value_len(payload).ok_or("truncated message section")?;
+        let section = &payload[..n];
+        match descriptor_code(section) {
+            Some(0x73) => {
+                let p: Properties = serde_amqp::from_slice(section).map_err(|e| format!("properties: {e}"))?;
+                req.correlation_id = p.correlation_id;
+            }
+            Some(0x74) => {
+                let a: ApplicationProperties = serde_amqp::from_slice(section).map_err(|e| format!("application-properties: {e}"))?;
+                req.operation_type = a.0.get("iotdps-operation-type").and_then(as_string);
+                req.operation_id = a.0.get("iotdps-operation-id").and_then(as_string);
+            }
+            Some(0x75) => {
+                let d: Data = serde_amqp::from_slice(section).map_err(|e| format!("data: {e}"))?;
+                req.body.extend_from_slice(d.0.as_ref());
+            }
+            // header, annotations, amqp-sequence, amqp-value, footer: nothing DPS needs.
+            _ => {}
+        }
+        payload = &payload[n..];
+    }
+    Ok(req)
+}
+
+/// A response message: properties (correlation id), application properties (retry-after,
+/// spelled both ways since C# looks up `Retry-After` exactly) and one data section with the
+/// JSON (spec device-protocol.md §4.8).
+pub fn encode_response(correlation_id: Option<MessageId>, json: &str, retry_after: Option<u64>) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let props = Properties { correlation_id, ..Default::default() };
+    out.extend(serde_amqp::to_vec(&props).map_err(|e| e.to_string())?);
+    if let Some(s) = retry_after {
+        let mut map = fe2o3_amqp_types::primitives::OrderedMap::new();
+        map.insert("retry-after".to_string(), SimpleValue::String(s.to_string()));
+        map.insert("Retry-After".to_string(), SimpleValue::String(s.to_string()));
+        out.extend(serde_amqp::to_vec(&ApplicationProperties(map)).map_err(|e| e.to_string())?);
+    }
+    out.extend(serde_amqp::to_vec(&Data(Binary::from(json.as_bytes().to_vec()))).map_err(|e| e.to_string())?);
+    Ok(out)
+}
+
+/// The error condition for a DPS status (spec device-protocol.md §4.9; Node retries only
+/// internal-error and device-container-throttled).
+pub fn condition_for(status: u16) -> &'static str {
+    match status {
+        401 | 403 => "amqp:unauthorized-access",
+        404 => "amqp:not-found",
+        429 => "com.microsoft:device-container-throttled",
+        s if s >= 500 => "amqp:internal-error",
+        _ => "com.microsoft:argument-error",
+    }
+}
+
+/// Fields map holding `retry-after` for a Rejected error's info.
+pub fn retry_info(retry_after: u64) -> fe2o3_amqp_types::definitions::Fields {
+    let mut f = fe2o3_amqp_types::definitions::Fields::new();
+    f.insert(fe2o3_amqp_types::primitives::Symbol::from("retry-after"), Value::String(retry_after.to_string()));
+    f.insert(fe2o3_amqp_types::primitives::Symbol::from("Retry-After"), Value::String(retry_after.to_string()));
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fe2o3_amqp_types::performatives::{Begin, Open};
+
+    #[test]
+    fn frames_round_trip_and_reject_garbage() {
+        let open = Performative::Open(Open {
+            container_id: "c".into(),
+            hostname: None,
+            max_frame_size: Default::default(),
+            channel_max: Default::default(),
+            idle_time_out: None,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        });
+        let body = encode_performative(&open).unwrap();
+        let f = encode_frame(FRAME_AMQP, 0, &body);
+        for n in 0..f.len() {
+            assert_eq!(parse_frame(&f[..n], 1 << 16), Ok(None));
+        }
+        let (frame, used) = parse_frame(&f, 1 << 16).unwrap().unwrap();
+        assert_eq!(used, f.len());
+        let (p, rest) = decode_performative(&frame.body).unwrap();
+        assert!(matches!(p, Performative::Open(o) if o.container_id == "c"));
+        assert!(rest.is_empty());
+        assert!(parse_frame(&[0, 0, 0, 4, 2, 0, 0, 0], 1 << 16).is_err());
+        assert_eq!(parse_frame(&[0, 1, 0, 0, 2, 0, 0, 0], 512), Err(FrameError::TooLarge(65536)));
+        let begin = Performative::Begin(Begin {
+            remote_channel: Some(0),
+            next_outgoing_id: 1,
+            incoming_window: 5,
+            outgoing_window: 5,
+            handle_max: Default::default(),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        });
+        let b = encode_performative(&begin).unwrap();
+        assert_eq!(value_len(&b), Some(b.len()));
+        for n in 0..b.len() {
+            assert!(value_len(&b[..n]).is_none() || decode_performative(&b[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn plain_credentials() {
+        assert_eq!(
+            parse_plain(b"\x000ne1/registrations/d\x00SharedAccessSignature x"),
+            Some(("0ne1/registrations/d".into(), "SharedAccessSignature x".into()))
+        );
+        assert_eq!(parse_plain(b"nozero"), None);
+    }
+
+    #[test]
+    fn request_and_response_messages() {
+        let mut map = fe2o3_amqp_types::primitives::OrderedMap::new();
+        map.insert("iotdps-operation-type".to_string(), SimpleValue::String("iotdps-register".into()));
+        let props = Properties { correlation_id: Some(MessageId::String("abc".into())), ..Default::default() };
+        let mut payload = serde_amqp::to_vec(&props).unwrap();
+        payload.extend(serde_amqp::to_vec(&ApplicationProperties(map)).unwrap());
+        payload.extend(serde_amqp::to_vec(&Data(Binary::from(b"{\"registrationId\":\"d\"}".to_vec()))).unwrap());
+        let r = parse_request(&payload).unwrap();
+        assert_eq!(r.operation_type.as_deref(), Some("iotdps-register"));
+        assert_eq!(r.correlation_id, Some(MessageId::String("abc".into())));
+        assert_eq!(r.body, b"{\"registrationId\":\"d\"}");
+        let resp = encode_response(r.correlation_id.clone(), "{\"status\":\"assigned\"}", Some(2)).unwrap();
+        let back = parse_request(&resp).unwrap();
+        assert_eq!(back.correlation_id, r.correlation_id);
+        assert_eq!(back.body, b"{\"status\":\"assigned\"}");
+        assert!(parse_request(&payload[..payload.len() - 1]).is_err());
+    }
+}
