@@ -44,6 +44,7 @@ fn config(shards: usize, batch: usize) -> dps_gateway::config::Config {
     let mut c = dps_gateway::config::Config::default();
     c.ports.https = 0;
     c.ports.mqtt = 0;
+    c.ports.amqp = 0;
     c.ports.admin = 0;
     c.ports.bind = "127.0.0.1".into();
     c.shards = shards;

@@ -201,6 +201,170 @@ pub fn retry_info(retry_after: u64) -> fe2o3_amqp_types::definitions::Fields {
     f
 }
 
+/// The frame bodies and performatives the server sends.
+pub mod reply {
+    use super::*;
+    use fe2o3_amqp_types::definitions::{Error, ErrorCondition, Handle, ReceiverSettleMode, Role, SenderSettleMode};
+    use fe2o3_amqp_types::messaging::{Accepted, DeliveryState, Rejected};
+    use fe2o3_amqp_types::performatives::{Attach, Begin, Close, Detach, Disposition, End, Flow, MaxFrameSize, Open, Transfer};
+    use fe2o3_amqp_types::primitives::{Array, Symbol};
+    use fe2o3_amqp_types::sasl::{SaslCode, SaslInit, SaslMechanisms, SaslOutcome};
+
+    pub fn sasl_mechanisms(names: &[&str]) -> Result<Vec<u8>, String> {
+        let m = SaslMechanisms { sasl_server_mechanisms: Array(names.iter().map(|n| Symbol::from(*n)).collect()) };
+        serde_amqp::to_vec(&m).map_err(|e| e.to_string())
+    }
+
+    /// (mechanism, initial response) of a sasl-init frame body.
+    pub fn sasl_init(body: &[u8]) -> Result<(String, Vec<u8>), String> {
+        let i: SaslInit = serde_amqp::from_slice(body).map_err(|e| format!("invalid sasl-init: {e}"))?;
+        Ok((i.mechanism.0, i.initial_response.map(|b| b.to_vec()).unwrap_or_default()))
+    }
+
+    pub fn sasl_outcome(ok: bool) -> Result<Vec<u8>, String> {
+        let o = SaslOutcome { code: if ok { SaslCode::Ok } else { SaslCode::Auth }, additional_data: None };
+        serde_amqp::to_vec(&o).map_err(|e| e.to_string())
+    }
+
+    pub fn open(container_id: &str, max_frame_size: u32) -> Performative {
+        Performative::Open(Open {
+            container_id: container_id.to_string(),
+            hostname: None,
+            max_frame_size: MaxFrameSize(max_frame_size),
+            channel_max: Default::default(),
+            idle_time_out: None,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })
+    }
+
+    pub fn begin(remote_channel: u16) -> Performative {
+        Performative::Begin(Begin {
+            remote_channel: Some(remote_channel),
+            next_outgoing_id: 0,
+            incoming_window: 65_535,
+            outgoing_window: 65_535,
+            handle_max: Default::default(),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })
+    }
+
+    /// The server's half of a link the client attached: the opposite role, same name and
+    /// handle, the client's terminus echoed. Responses are sent settled.
+    pub fn attach(client: &Attach) -> Performative {
+        let we_send = matches!(client.role, Role::Receiver);
+        Performative::Attach(Attach {
+            name: client.name.clone(),
+            handle: client.handle.clone(),
+            role: if we_send { Role::Sender } else { Role::Receiver },
+            snd_settle_mode: if we_send { SenderSettleMode::Settled } else { client.snd_settle_mode.clone() },
+            rcv_settle_mode: ReceiverSettleMode::First,
+            source: client.source.clone(),
+            target: client.target.clone(),
+            unsettled: None,
+            incomplete_unsettled: false,
+            initial_delivery_count: we_send.then_some(0),
+            max_message_size: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        })
+    }
+
+    /// Link credit for the client's sender.
+    pub fn credit(handle: &Handle, delivery_count: u32, credit: u32, next_incoming_id: u32, next_outgoing_id: u32) -> Performative {
+        Performative::Flow(Flow {
+            next_incoming_id: Some(next_incoming_id),
+            incoming_window: 65_535,
+            next_outgoing_id,
+            outgoing_window: 65_535,
+            handle: Some(handle.clone()),
+            delivery_count: Some(delivery_count),
+            link_credit: Some(credit),
+            available: None,
+            drain: false,
+            echo: false,
+            properties: None,
+        })
+    }
+
+    /// Settles a request: accepted, or rejected with the DPS error JSON as description.
+    pub fn settle(delivery_id: u32, rejection: Option<(u16, String, Option<u64>)>) -> Performative {
+        let state = match rejection {
+            None => DeliveryState::Accepted(Accepted {}),
+            Some((status, body, retry)) => DeliveryState::Rejected(Rejected {
+                error: Some(Error {
+                    condition: ErrorCondition::Custom(Symbol::from(condition_for(status))),
+                    description: Some(body),
+                    info: retry.map(|r| Box::new(retry_info(r))),
+                }),
+            }),
+        };
+        Performative::Disposition(Disposition {
+            role: Role::Receiver,
+            first: delivery_id,
+            last: None,
+            settled: true,
+            state: Some(state),
+            batchable: false,
+        })
+    }
+
+    /// A settled, single-frame transfer on the server's sender link.
+    pub fn transfer(handle: &Handle, delivery_id: u32) -> Performative {
+        Performative::Transfer(Transfer {
+            handle: handle.clone(),
+            delivery_id: Some(delivery_id),
+            delivery_tag: Some(serde_bytes::ByteBuf::from(delivery_id.to_be_bytes().to_vec())),
+            message_format: Some(0),
+            settled: Some(true),
+            more: false,
+            rcv_settle_mode: None,
+            state: None,
+            resume: false,
+            aborted: false,
+            batchable: false,
+        })
+    }
+
+    pub fn detach(handle: &Handle, error: Option<(&str, String)>) -> Performative {
+        Performative::Detach(Detach {
+            handle: handle.clone(),
+            closed: true,
+            error: error.map(|(c, d)| Error { condition: ErrorCondition::Custom(Symbol::from(c)), description: Some(d), info: None }),
+        })
+    }
+
+    pub fn end() -> Performative {
+        Performative::End(End { error: None })
+    }
+
+    pub fn close(error: Option<(&str, String)>) -> Performative {
+        Performative::Close(Close {
+            error: error.map(|(c, d)| Error { condition: ErrorCondition::Custom(Symbol::from(c)), description: Some(d), info: None }),
+        })
+    }
+}
+
+/// The `{idScope}/registrations/{registrationId}` a link address names, with the forms the
+/// SDKs use: plain (Node, C#), leading `/` (Java), `amqps://host/...` (C).
+pub fn link_address_identity(address: &str) -> Option<(String, String)> {
+    let a = address.strip_prefix("amqps://").map(|r| r.split_once('/').map_or("", |(_, p)| p)).unwrap_or(address);
+    let a = a.trim_start_matches('/');
+    let mut parts = a.split('/');
+    let scope = parts.next()?.to_string();
+    if !parts.next()?.eq_ignore_ascii_case("registrations") {
+        return None;
+    }
+    let id = parts.next()?.to_string();
+    (parts.next().is_none() && !scope.is_empty() && !id.is_empty()).then_some((scope, id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +411,16 @@ mod tests {
         for n in 0..b.len() {
             assert!(value_len(&b[..n]).is_none() || decode_performative(&b[..n]).is_err());
         }
+    }
+
+    #[test]
+    fn link_addresses_of_the_sdks() {
+        let want = Some(("0ne1".to_string(), "dev".to_string()));
+        assert_eq!(link_address_identity("0ne1/registrations/dev"), want);
+        assert_eq!(link_address_identity("/0ne1/registrations/dev"), want);
+        assert_eq!(link_address_identity("amqps://host.example/0ne1/registrations/dev"), want);
+        assert_eq!(link_address_identity("0ne1/devices/dev"), None);
+        assert_eq!(link_address_identity("0ne1/registrations/dev/extra"), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The `dps` gateway: configuration, start-up, shards, TLS, HTTP and the service API.
 
+pub mod amqp;
 pub mod bootstrap;
 pub mod certs;
 pub mod config;
@@ -39,6 +40,7 @@ pub struct Endpoint {
 #[derive(Debug, Clone, Serialize)]
 pub struct Ports {
     pub mqtt: u16,
+    pub amqp: u16,
     pub https: u16,
     /// Prometheus metrics (plain HTTP, loopback by default).
     pub admin: u16,
@@ -110,6 +112,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let ip: std::net::IpAddr = cfg.ports.bind.parse().map_err(|_| format!("ports.bind '{}' is not an IP address", cfg.ports.bind))?;
     let mut https = SocketAddr::new(ip, cfg.ports.https);
     let mut mqtt = SocketAddr::new(ip, cfg.ports.mqtt);
+    let mut amqp = SocketAddr::new(ip, cfg.ports.amqp);
     let admin_ip: std::net::IpAddr =
         cfg.ports.admin_bind.parse().map_err(|_| format!("ports.admin_bind '{}' is not an IP address", cfg.ports.admin_bind))?;
     let mut admin = SocketAddr::new(admin_ip, cfg.ports.admin);
@@ -136,6 +139,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             tls: tls.clone(),
             https,
             mqtt,
+            amqp,
             admin: (id == 0).then_some(admin),
             stop: stop.clone(),
             mesh: mesh.clone(),
@@ -149,6 +153,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             Ok(Ok(ports)) => {
                 https.set_port(ports.https);
                 mqtt.set_port(ports.mqtt);
+                amqp.set_port(ports.amqp);
                 if let Some(a) = ports.admin {
                     admin.set_port(a);
                 }
@@ -170,7 +175,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             .unwrap_or_default(),
         host_name: host,
         ca_certificate: prepared.certs.ca_cert.clone(),
-        ports: Ports { mqtt: mqtt.port(), https: https.port(), admin: admin.port() },
+        ports: Ports { mqtt: mqtt.port(), amqp: amqp.port(), https: https.port(), admin: admin.port() },
     };
     let text = serde_json::to_string_pretty(&endpoint).map_err(|e| e.to_string())?;
     let tmp = data_dir.join("endpoint.json.tmp");

@@ -81,6 +81,7 @@ fn main() {
         println!("  CA certificate:             {}", ca.display());
     }
     println!("  MQTT port (devices):        {}", e.ports.mqtt);
+    println!("  AMQP port (devices):        {}", e.ports.amqp);
     println!("  HTTPS port (service API):   {}", e.ports.https);
     println!("  Metrics:                    http://127.0.0.1:{}/metrics", e.ports.admin);
     println!("  Details in {}", dir.join("endpoint.json").display());

@@ -38,6 +38,7 @@ pub struct ShardSpec {
     pub tls: Arc<rustls::ServerConfig>,
     pub https: SocketAddr,
     pub mqtt: SocketAddr,
+    pub amqp: SocketAddr,
     /// The admin (metrics) listener; shard 0 only.
     pub admin: Option<SocketAddr>,
     pub stop: Arc<AtomicBool>,
@@ -55,6 +56,7 @@ pub const ABORT: u8 = 2;
 pub struct BoundPorts {
     pub https: u16,
     pub mqtt: u16,
+    pub amqp: u16,
     pub admin: Option<u16>,
 }
 
@@ -103,14 +105,15 @@ struct Shard {
 enum Listener {
     Https,
     Mqtt,
+    Amqp,
 }
 
 async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     let bind = |what: &str, addr: SocketAddr| TcpListener::bind(addr).map_err(|e| bind_error(what, addr, e.into()));
     let admin = spec.admin.map(|a| bind("admin", a)).transpose();
-    let (https, mqtt, admin) = match (bind("HTTPS", spec.https), bind("MQTT", spec.mqtt), admin) {
-        (Ok(h), Ok(m), Ok(a)) => (h, m, a),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+    let (https, mqtt, amqp, admin) = match (bind("HTTPS", spec.https), bind("MQTT", spec.mqtt), bind("AMQP", spec.amqp), admin) {
+        (Ok(h), Ok(m), Ok(q), Ok(a)) => (h, m, q, a),
+        (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
             let _ = bound.send(Err(e));
             return;
         }
@@ -119,6 +122,7 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     let ports = BoundPorts {
         https: port(&https, spec.https.port()),
         mqtt: port(&mqtt, spec.mqtt.port()),
+        amqp: port(&amqp, spec.amqp.port()),
         admin: admin.as_ref().map(|l| port(l, 0)),
     };
     let _ = bound.send(Ok(ports));
@@ -156,9 +160,11 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     tracing::info!(shard = spec.id, https = ports.https, mqtt = ports.mqtt, "shard serving");
     let a = glommio::spawn_local(accept_loop(https, Listener::Https, shard.clone()));
     let b = glommio::spawn_local(accept_loop(mqtt, Listener::Mqtt, shard.clone()));
+    let q = glommio::spawn_local(accept_loop(amqp, Listener::Amqp, shard.clone()));
     let c = admin.map(|l| glommio::spawn_local(admin_loop(l, shard.clone())));
     a.await;
     b.await;
+    q.await;
     if let Some(c) = c {
         c.await;
     }
@@ -191,6 +197,7 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
         let listener = match kind {
             Listener::Https => "https",
             Listener::Mqtt => "mqtt",
+            Listener::Amqp => "amqp",
         };
         shard.metrics.inc("dps_connections_accepted_total", &[("shard", &sid), ("listener", listener)]);
         shard.metrics.add("dps_connections_open", &[("shard", &sid)], 1);
@@ -231,6 +238,10 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
         Listener::Mqtt => {
             let end = crate::mqtt::serve_mqtt(&mut s, "mqtt", &shard.prov, &shard.stop, &shard.limits).await;
             tracing::debug!(shard = shard.id, ?end, "MQTT connection ended");
+        }
+        Listener::Amqp => {
+            let end = crate::amqp::serve_amqp(&mut s, "amqp", &shard.prov, &shard.stop, &shard.limits).await;
+            tracing::debug!(shard = shard.id, ?end, "AMQP connection ended");
         }
     }
     let _ = s.close().await;
@@ -289,14 +300,19 @@ async fn linger<S: AsyncRead + Unpin>(s: &mut S) {
 
 /// Answers a WebSocket upgrade and runs the device protocol it asks for.
 async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: http::Request, leftover: Vec<u8>, shard: &Shard) {
-    match crate::ws::handshake(&req, &[crate::ws::MQTT]) {
-        Ok((resp, _protocol)) => {
+    match crate::ws::handshake(&req, &[crate::ws::MQTT, crate::ws::AMQP]) {
+        Ok((resp, protocol)) => {
             if http::write_response(s, &resp, false).await.is_err() {
                 return;
             }
             let mut ws = crate::ws::WsStream::new(s, leftover, shard.limits.max_mqtt_packet_bytes + 16);
-            let end = crate::mqtt::serve_mqtt(&mut ws, "mqtt-ws", &shard.prov, &shard.stop, &shard.limits).await;
-            tracing::debug!(shard = shard.id, ?end, "MQTT over WebSocket ended");
+            if protocol == crate::ws::AMQP {
+                let end = crate::amqp::serve_amqp(&mut ws, "amqp-ws", &shard.prov, &shard.stop, &shard.limits).await;
+                tracing::debug!(shard = shard.id, ?end, "AMQP over WebSocket ended");
+            } else {
+                let end = crate::mqtt::serve_mqtt(&mut ws, "mqtt-ws", &shard.prov, &shard.stop, &shard.limits).await;
+                tracing::debug!(shard = shard.id, ?end, "MQTT over WebSocket ended");
+            }
         }
         Err(why) => {
             let err = ServiceError::invalid(format!("WebSocket upgrade refused: {why}"));

@@ -8,6 +8,7 @@ use std::io;
 
 /// The subprotocols served, as clients spell them in lower case.
 pub const MQTT: &str = "mqtt";
+pub const AMQP: &str = "amqpwsb10";
 
 /// Is this request a WebSocket upgrade?
 pub fn is_upgrade(req: &Request) -> bool {

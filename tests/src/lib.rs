@@ -24,7 +24,12 @@ pub fn interop_dir() -> PathBuf {
 /// Checks that setup.sh has run, with a message that says what to do otherwise.
 pub fn require_setup() -> Result<(), String> {
     let d = interop_dir();
-    for p in ["node_modules/azure-iot-provisioning-service", "node_modules/azure-iot-provisioning-device-mqtt", ".venv/bin/python"] {
+    for p in [
+        "node_modules/azure-iot-provisioning-service",
+        "node_modules/azure-iot-provisioning-device-mqtt",
+        "node_modules/azure-iot-provisioning-device-amqp",
+        ".venv/bin/python",
+    ] {
         if !d.join(p).exists() {
             return Err(format!(
                 "{} is missing: run `bash tests/interop/setup.sh` first (installs the official SDKs from npm and PyPI)",

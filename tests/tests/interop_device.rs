@@ -1,6 +1,6 @@
 //! Interop: the official Python device SDK (`azure-iot-device`, MQTT and MQTT over WebSockets)
-//! and Node device SDK (`azure-iot-provisioning-device` with its MQTT, MQTT-over-WebSockets and
-//! HTTP transports) provision individual and group enrollment devices against a real gateway on the ports the SDK hard-codes.
+//! and Node device SDK (`azure-iot-provisioning-device` with its MQTT, MQTT-over-WebSockets,
+//! AMQP, AMQP-over-WebSockets and HTTP transports) provision individual and group enrollment devices against a real gateway on the ports the SDK hard-codes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use dps_tests::*;
@@ -40,7 +40,7 @@ fn official_device_sdks_provision_devices() {
         .env("NODE_EXTRA_CA_CERTS", ep.ca_certificate.as_ref().unwrap()));
     running.shutdown().unwrap();
     assert!(node.status.success(), "Node device SDK interop failed");
-    assert!(String::from_utf8_lossy(&node.stdout).contains("# pass 9"), "all Node device tests ran");
+    assert!(String::from_utf8_lossy(&node.stdout).contains("# pass 15"), "all Node device tests ran");
     assert!(python.status.success(), "Python device SDK interop failed");
     assert!(String::from_utf8_lossy(&python.stdout).contains("6 passed"), "all Python device tests ran");
 }
