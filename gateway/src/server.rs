@@ -10,11 +10,14 @@ use crate::service_api::ServiceApi;
 use dps_core::error::{ErrorKind, ServiceError};
 use dps_core::time::UtcTime;
 use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use futures::FutureExt;
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -176,13 +179,37 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     tracing::info!(shard = spec.id, "shard stopped");
 }
 
+type PendingAccept<'l> = Pin<Box<dyn Future<Output = glommio::Result<TcpStream, ()>> + 'l>>;
+
+/// Accepts connections until `stop`. The pending accept is never cancelled while serving: an
+/// io_uring accept dropped mid-flight can take a connection from the backlog that nobody then
+/// serves, so the stop flag is checked beside it, not by abandoning it.
+async fn next_connection<'l>(
+    listener: &'l TcpListener,
+    pending: &mut Option<PendingAccept<'l>>,
+    stop: &AtomicBool,
+) -> Option<glommio::Result<TcpStream, ()>> {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        let accept = pending.get_or_insert_with(|| Box::pin(listener.accept()));
+        match futures::future::select(accept.as_mut(), glommio::timer::sleep(Duration::from_millis(200)).boxed_local()).await {
+            futures::future::Either::Left((r, _)) => {
+                *pending = None;
+                return Some(r);
+            }
+            futures::future::Either::Right(_) => continue,
+        }
+    }
+}
+
 async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
-    while !shard.stop.load(Ordering::Relaxed) {
-        let accepted = glommio::timer::timeout(Duration::from_millis(200), async { Ok(listener.accept().await) }).await;
+    let mut pending = None;
+    while let Some(accepted) = next_connection(&listener, &mut pending, &shard.stop).await {
         let stream = match accepted {
-            Err(_) => continue,
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+            Ok(s) => s,
+            Err(e) => {
                 tracing::warn!(shard = shard.id, error = %e, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -249,10 +276,9 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
 
 /// The admin listener (shard 0): plain HTTP, `GET /metrics` in the Prometheus text format.
 async fn admin_loop(listener: TcpListener, shard: Rc<Shard>) {
-    while !shard.stop.load(Ordering::Relaxed) {
-        let Ok(Ok(mut stream)) = glommio::timer::timeout(Duration::from_millis(200), async { Ok(listener.accept().await) }).await else {
-            continue;
-        };
+    let mut pending = None;
+    while let Some(accepted) = next_connection(&listener, &mut pending, &shard.stop).await {
+        let Ok(mut stream) = accepted else { continue };
         let shard = shard.clone();
         glommio::spawn_local(async move {
             let mut buf = Vec::new();
