@@ -1,0 +1,89 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+//! AMQP on its TLS port: bad headers, SASL refusals and oversized frames end the connection
+//! cleanly while the shard keeps serving. (The success paths are covered by the official Node
+//! SDK over `amqp` and `amqpws` in tests/tests/interop_device.rs.)
+
+mod common;
+use common::mqtt_client::{device_token, tls_config};
+use common::*;
+use dps_core::amqp::{encode_frame, parse_frame, FRAME_SASL};
+use std::io::{Read, Write};
+
+fn open_tls(s: &TestServer) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.amqp)).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let conn = rustls::ClientConnection::new(tls_config(s.ep.ca_certificate.as_ref().unwrap()), "localhost".try_into().unwrap()).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Everything the server sends until it closes.
+fn read_all(tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    out
+}
+
+fn sasl_init(mechanism: &str, response: &[u8]) -> Vec<u8> {
+    // sasl-init (0x41): list [symbol mechanism, binary initial-response]
+    let mut list = vec![0xa3, mechanism.len() as u8];
+    list.extend_from_slice(mechanism.as_bytes());
+    list.push(0xb0);
+    list.extend_from_slice(&(response.len() as u32).to_be_bytes());
+    list.extend_from_slice(response);
+    let mut body = vec![0x00, 0x53, 0x41, 0xd0];
+    body.extend_from_slice(&((list.len() + 4) as u32).to_be_bytes());
+    body.extend_from_slice(&2u32.to_be_bytes());
+    body.extend_from_slice(&list);
+    encode_frame(FRAME_SASL, 0, &body)
+}
+
+/// The SASL frames after the 8-byte header: (mechanisms offered, outcome code).
+fn sasl_exchange(s: &TestServer, mechanism: &str, response: &[u8]) -> (Vec<u8>, Option<u8>) {
+    let mut tls = open_tls(s);
+    tls.write_all(&dps_core::amqp::SASL_HEADER).unwrap();
+    tls.write_all(&sasl_init(mechanism, response)).unwrap();
+    tls.flush().unwrap();
+    let all = read_all(&mut tls);
+    assert_eq!(&all[..8], &dps_core::amqp::SASL_HEADER);
+    let (mechs, used) = parse_frame(&all[8..], 1 << 16).unwrap().unwrap();
+    let outcome = parse_frame(&all[8 + used..], 1 << 16).unwrap().map(|(f, _)| f.body);
+    // sasl-outcome: 0x00 0x53 0x44 list [ubyte code]; the code is the first list item.
+    let code = outcome.and_then(|b| b.windows(2).position(|w| w == [0x50, 0x00] || w == [0x50, 0x01]).map(|i| b[i + 1]));
+    (mechs.body, code)
+}
+
+#[test]
+fn sasl_refusals_and_bad_input() {
+    let mut cfg = test_config();
+    cfg.limits.idle_timeout_secs = 1;
+    let s = TestServer::start(cfg);
+    let scope = s.ep.id_scope.clone();
+    // PLAIN is offered.
+    let token = device_token(&scope, "amqp-dev", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
+    let good = [b"\x00".as_slice(), format!("{scope}/registrations/amqp-dev").as_bytes(), b"\x00", token.as_bytes()].concat();
+    let (mechs, code) = sasl_exchange(&s, "PLAIN", &good);
+    assert!(mechs.windows(5).any(|w| w == b"PLAIN"));
+    // A well-formed identity passes SASL (attestation happens at register); then the server
+    // waits for the AMQP header, which this client never sends.
+    assert_eq!(code, Some(0));
+    // Not PLAIN, a user name that is not a registration, a password that is not a token: auth.
+    assert_eq!(sasl_exchange(&s, "ANONYMOUS", b"").1, Some(1));
+    let bad_user = [b"\x00".as_slice(), b"someone\x00", token.as_bytes()].concat();
+    assert_eq!(sasl_exchange(&s, "PLAIN", &bad_user).1, Some(1));
+    let bad_pass = [b"\x00".as_slice(), format!("{scope}/registrations/amqp-dev").as_bytes(), b"\x00hunter2"].concat();
+    assert_eq!(sasl_exchange(&s, "PLAIN", &bad_pass).1, Some(1));
+
+    // Not AMQP at all: the server answers with its header and closes.
+    let mut tls = open_tls(&s);
+    tls.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let all = read_all(&mut tls);
+    assert_eq!(all, dps_core::amqp::SASL_HEADER);
+    // A frame claiming 16 MB: closed without buffering it.
+    let mut tls = open_tls(&s);
+    tls.write_all(&dps_core::amqp::SASL_HEADER).unwrap();
+    tls.write_all(&[0x01, 0x00, 0x00, 0x00, 2, 1, 0, 0]).unwrap();
+    let all = read_all(&mut tls);
+    assert!(all.len() < 200, "closed after the mechanisms frame");
+    // The shard still serves.
+    assert_eq!(s.send("GET", "/enrollments/x", None).status().as_u16(), 404);
+}
