@@ -368,22 +368,11 @@ pub fn link_address_identity(address: &str) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fe2o3_amqp_types::performatives::{Begin, Open};
+    use fe2o3_amqp_types::performatives::Begin;
 
     #[test]
     fn frames_round_trip_and_reject_garbage() {
-        let open = Performative::Open(Open {
-            container_id: "c".into(),
-            hostname: None,
-            max_frame_size: Default::default(),
-            channel_max: Default::default(),
-            idle_time_out: None,
-            outgoing_locales: None,
-            incoming_locales: None,
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
-        });
+        let open = reply::open("c", 512);
         let body = encode_performative(&open).unwrap();
         let f = encode_frame(FRAME_AMQP, 0, &body);
         for n in 0..f.len() {

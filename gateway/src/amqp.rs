@@ -10,7 +10,7 @@ use dps_core::amqp::{self, reply, FRAME_AMQP, FRAME_SASL};
 use fe2o3_amqp_types::definitions::{Handle, Role};
 use fe2o3_amqp_types::messaging::TargetArchetype;
 use fe2o3_amqp_types::performatives::{Attach, Performative};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 /// How a connection ended.
@@ -26,6 +26,16 @@ pub enum End {
 /// Largest frame either side may send.
 const MAX_FRAME: u32 = 64 * 1024;
 
+impl From<crate::stream::Interrupted> for End {
+    fn from(i: crate::stream::Interrupted) -> End {
+        match i {
+            crate::stream::Interrupted::Timeout => End::Timeout,
+            crate::stream::Interrupted::Shutdown => End::Shutdown,
+            crate::stream::Interrupted::Io => End::Closed,
+        }
+    }
+}
+
 struct Conn<'a, S> {
     s: &'a mut S,
     buf: Vec<u8>,
@@ -36,17 +46,7 @@ impl<S: ByteStream> Conn<'_, S> {
         let deadline = Instant::now() + timeout;
         let mut chunk = [0u8; 8192];
         while self.buf.len() < want {
-            let n = loop {
-                if stop.load(Ordering::Relaxed) {
-                    return Err(End::Shutdown);
-                }
-                if Instant::now() >= deadline {
-                    return Err(End::Timeout);
-                }
-                if let Ok(r) = glommio::timer::timeout(Duration::from_millis(250), async { Ok(self.s.read_some(&mut chunk).await) }).await {
-                    break r.map_err(|_| End::Closed)?;
-                }
-            };
+            let n = crate::stream::read_before(self.s, &mut chunk, deadline, stop).await.map_err(End::from)?;
             if n == 0 {
                 return Err(End::Closed);
             }

@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use dps_core::device::{parse_request_topic, parse_username, response_topic, TopicRequest, RESPONSE_FILTER};
 use mqttbytes::v4::{self, ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck};
 use mqttbytes::QoS;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 /// How a connection ended (for logs and tests).
@@ -23,6 +23,16 @@ pub enum End {
     Refused(&'static str),
     ProtocolViolation(&'static str),
     Shutdown,
+}
+
+impl From<crate::stream::Interrupted> for End {
+    fn from(i: crate::stream::Interrupted) -> End {
+        match i {
+            crate::stream::Interrupted::Timeout => End::Timeout,
+            crate::stream::Interrupted::Shutdown => End::Shutdown,
+            crate::stream::Interrupted::Io => End::Closed,
+        }
+    }
 }
 
 struct Conn<'a, S> {
@@ -44,19 +54,7 @@ impl<S: ByteStream> Conn<'_, S> {
                 Err(mqttbytes::Error::PayloadSizeLimitExceeded(_)) => return Err(End::TooLarge),
                 Err(e) => return Err(End::Malformed(format!("{e:?}"))),
             }
-            // Reading into `chunk` is cancellation-safe: nothing is consumed until it returns.
-            let n = loop {
-                if stop.load(Ordering::Relaxed) {
-                    return Err(End::Shutdown);
-                }
-                if Instant::now() >= deadline {
-                    return Err(End::Timeout);
-                }
-                match glommio::timer::timeout(Duration::from_millis(250), async { Ok(self.s.read_some(&mut chunk).await) }).await {
-                    Ok(r) => break r.map_err(|_| End::Closed)?,
-                    Err(_) => continue,
-                }
-            };
+            let n = crate::stream::read_before(self.s, &mut chunk, deadline, stop).await.map_err(End::from)?;
             if n == 0 {
                 return Err(End::Closed);
             }

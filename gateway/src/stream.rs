@@ -20,3 +20,32 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ByteStream for T {
         self.flush().await
     }
 }
+
+/// Why [`read_before`] returned no bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Interrupted {
+    Timeout,
+    Shutdown,
+    Io,
+}
+
+/// Reads some bytes, giving up at `deadline` or once `stop` is set (checked every 250 ms;
+/// reads are cancellation-safe, so nothing is lost between slices).
+pub async fn read_before<S: ByteStream>(
+    s: &mut S,
+    buf: &mut [u8],
+    deadline: std::time::Instant,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<usize, Interrupted> {
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Interrupted::Shutdown);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Interrupted::Timeout);
+        }
+        if let Ok(r) = glommio::timer::timeout(std::time::Duration::from_millis(250), async { Ok(s.read_some(buf).await) }).await {
+            return r.map_err(|_| Interrupted::Io);
+        }
+    }
+}
