@@ -1,7 +1,7 @@
 //! `loadgen`: simulated devices provisioning against a DPS endpoint (ours or any other).
-//! Each device opens a new TLS connection (full handshake), CONNECTs with a SAS token derived
-//! from an enrollment group key, subscribes, registers, and waits for its final answer
-//! (polling while `assigning`). Latency is measured from the device's start to its answer
+//! Each device opens a new TLS connection (full handshake) and, over MQTT, CONNECTs with a SAS
+//! token derived from an enrollment group key, subscribes, registers, and waits for its final
+//! answer (polling while `assigning`); over HTTPS it PUTs register and polls the operation. Latency is measured from the device's start to its answer
 //! into an hdrhistogram; errors are counted by kind.
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -44,6 +44,10 @@ struct Args {
     /// Print the result as one JSON line too.
     #[arg(long)]
     json: bool,
+    /// Device transport: `mqtt` (TLS on the MQTT port) or `https` (device REST API; a new
+    /// client, so a new TLS connection, per device).
+    #[arg(long, default_value = "mqtt")]
+    transport: String,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -194,6 +198,7 @@ struct Device<'a> {
     connect: &'a str,
     tls: Arc<rustls::ClientConfig>,
     group_key: &'a [u8],
+    ca_pem: &'a [u8],
 }
 
 async fn read_packet<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -> Result<Packet, Failure> {
@@ -213,14 +218,63 @@ async fn read_packet<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Bytes
 }
 
 impl Device<'_> {
+    fn token(&self, registration_id: &str) -> Result<String, Failure> {
+        let key = B64.decode(dps_core::sas::derive_device_key(self.group_key, registration_id)).map_err(|_| Failure::Protocol)?;
+        let se = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|_| Failure::Protocol)?.as_secs() as i64 + 3600;
+        Ok(dps_core::sas::build(&format!("{}/registrations/{registration_id}", self.ep.id_scope), &key, se, Some("registration")))
+    }
+
+    /// The HTTPS device API: register (202), wait Retry-After, poll until final.
+    async fn provision_https(&self, registration_id: &str) -> Result<(), Failure> {
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem).map_err(|_| Failure::Tls)?)
+            .resolve(&self.ep.host, format!("{}:{}", self.connect, self.ep.https_port).parse().map_err(|_| Failure::Connect)?)
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|_| Failure::Tls)?;
+        let token = self.token(registration_id)?;
+        let base = format!("https://{}:{}/{}/registrations/{registration_id}", self.ep.host, self.ep.https_port, self.ep.id_scope);
+        let r = http
+            .put(format!("{base}/register?api-version=2019-03-31"))
+            .header("Authorization", &token)
+            .header("Content-Type", "application/json; charset=utf-8")
+            .body(format!("{{\"registrationId\":\"{registration_id}\"}}"))
+            .send()
+            .await
+            .map_err(|_| Failure::Connect)?;
+        let mut status = r.status().as_u16();
+        let mut retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(2u64);
+        let mut body: serde_json::Value = r.json().await.map_err(|_| Failure::Protocol)?;
+        loop {
+            match (status, body["status"].as_str()) {
+                (200, Some("assigned")) => return Ok(()),
+                (200, _) => return Err(Failure::NotAssigned),
+                (202, _) => {
+                    tokio::time::sleep(Duration::from_secs(retry)).await;
+                    let op = body["operationId"].as_str().ok_or(Failure::Protocol)?.to_string();
+                    let r = http
+                        .get(format!("{base}/operations/{op}?api-version=2019-03-31"))
+                        .header("Authorization", &token)
+                        .send()
+                        .await
+                        .map_err(|_| Failure::Connect)?;
+                    status = r.status().as_u16();
+                    retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(2);
+                    body = r.json().await.map_err(|_| Failure::Protocol)?;
+                }
+                (st, _) => return Err(Failure::Status(st)),
+            }
+        }
+    }
+
     async fn provision(&self, registration_id: &str) -> Result<(), Failure> {
         let tcp = tokio::net::TcpStream::connect((self.connect, self.ep.mqtt_port)).await.map_err(|_| Failure::Connect)?;
         let _ = tcp.set_nodelay(true);
         let name = rustls::pki_types::ServerName::try_from(self.ep.host.clone()).map_err(|_| Failure::Tls)?;
         let mut s = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|_| Failure::Tls)?;
-        let key = B64.decode(dps_core::sas::derive_device_key(self.group_key, registration_id)).map_err(|_| Failure::Protocol)?;
-        let se = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|_| Failure::Protocol)?.as_secs() as i64 + 3600;
-        let token = dps_core::sas::build(&format!("{}/registrations/{registration_id}", self.ep.id_scope), &key, se, Some("registration"));
+        let token = self.token(registration_id)?;
         let mut out = BytesMut::with_capacity(1024);
         let mut c = Connect::new(registration_id);
         c.keep_alive = 60;
@@ -291,6 +345,10 @@ fn main() -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(a.threads.max(1)).enable_all().build()?;
     let key = rt.block_on(group_key(&ep, &a.connect, &a.group))?;
     let tls = tls_config(&ep.ca)?;
+    if !["mqtt", "https"].contains(&a.transport.as_str()) {
+        return Err(format!("unknown transport '{}': mqtt or https", a.transport).into());
+    }
+    let ca_pem = Arc::new(std::fs::read(&ep.ca)?);
     let next = Arc::new(AtomicUsize::new(0));
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
     let errors = Arc::new(Mutex::new(BTreeMap::<Failure, usize>::new()));
@@ -301,10 +359,10 @@ fn main() -> Result<(), BoxError> {
     rt.block_on(async {
         let mut tasks = Vec::new();
         for _ in 0..a.concurrency {
-            let (ep, key, tls, next, hist, errors, a) =
-                (ep.clone(), key.clone(), tls.clone(), next.clone(), hist.clone(), errors.clone(), a.clone());
+            let (ep, key, tls, next, hist, errors, a, ca_pem) =
+                (ep.clone(), key.clone(), tls.clone(), next.clone(), hist.clone(), errors.clone(), a.clone(), ca_pem.clone());
             tasks.push(tokio::spawn(async move {
-                let dev = Device { ep: &ep, connect: &a.connect, tls, group_key: &key };
+                let dev = Device { ep: &ep, connect: &a.connect, tls, group_key: &key, ca_pem: &ca_pem };
                 let mut local = Histogram::<u64>::new(3).ok();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -312,9 +370,15 @@ fn main() -> Result<(), BoxError> {
                         break;
                     }
                     let t = Instant::now();
-                    let r = tokio::time::timeout(Duration::from_secs(30), dev.provision(&format!("{}-{i}", a.prefix)))
-                        .await
-                        .unwrap_or(Err(Failure::Timeout));
+                    let id = format!("{}-{i}", a.prefix);
+                    let work = async {
+                        if a.transport == "https" {
+                            dev.provision_https(&id).await
+                        } else {
+                            dev.provision(&id).await
+                        }
+                    };
+                    let r = tokio::time::timeout(Duration::from_secs(30), work).await.unwrap_or(Err(Failure::Timeout));
                     match r {
                         Ok(()) => {
                             if let Some(h) = local.as_mut() {
@@ -345,7 +409,7 @@ fn main() -> Result<(), BoxError> {
     let errs = errors.lock().map_err(|_| "poisoned")?;
     let ok = h.len();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!("MQTT/TLS provisioning: {} devices, concurrency {}, new TLS connection per device", a.devices, a.concurrency);
+    println!("{} provisioning: {} devices, concurrency {}, new TLS connection per device", a.transport, a.devices, a.concurrency);
     println!("| registrations/s | p50 ms | p99 ms | p99.9 ms | max ms | assigned | errors |");
     println!("|---|---|---|---|---|---|---|");
     println!(
@@ -364,7 +428,7 @@ fn main() -> Result<(), BoxError> {
         let e: serde_json::Map<String, serde_json::Value> = errs.iter().map(|(k, v)| (format!("{k:?}"), (*v).into())).collect();
         println!(
             "{}",
-            serde_json::json!({"transport": "mqtt", "devices": a.devices, "concurrency": a.concurrency, "seconds": elapsed,
+            serde_json::json!({"transport": a.transport, "devices": a.devices, "concurrency": a.concurrency, "seconds": elapsed,
                 "registrations_per_s": ok as f64 / elapsed, "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
                 "max_ms": h.max() as f64 / 1000.0, "assigned": ok, "errors": e})
         );
