@@ -160,7 +160,7 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
         limits: spec.svc.limits.clone(),
         conns: Cell::new(0),
     });
-    tracing::info!(shard = spec.id, https = ports.https, mqtt = ports.mqtt, "shard serving");
+    tracing::info!(shard = spec.id, https = ports.https, mqtt = ports.mqtt, amqp = ports.amqp, "shard serving");
     let a = glommio::spawn_local(accept_loop(https, Listener::Https, shard.clone()));
     let b = glommio::spawn_local(accept_loop(mqtt, Listener::Mqtt, shard.clone()));
     let q = glommio::spawn_local(accept_loop(amqp, Listener::Amqp, shard.clone()));
