@@ -5,7 +5,7 @@
 
 use crate::provisioning::{DeviceAuth, Provisioning};
 use crate::server::{mono_nanos, utc_now};
-use crate::stream::ByteStream;
+use crate::stream::{ByteStream, End};
 use dps_core::amqp::{self, reply, FRAME_AMQP, FRAME_SASL};
 use fe2o3_amqp_types::definitions::{Handle, Role};
 use fe2o3_amqp_types::messaging::TargetArchetype;
@@ -13,28 +13,8 @@ use fe2o3_amqp_types::performatives::{Attach, Performative};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-/// How a connection ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum End {
-    Closed,
-    Timeout,
-    Shutdown,
-    Malformed(String),
-    Refused(&'static str),
-}
-
 /// Largest frame either side may send.
 const MAX_FRAME: u32 = 64 * 1024;
-
-impl From<crate::stream::Interrupted> for End {
-    fn from(i: crate::stream::Interrupted) -> End {
-        match i {
-            crate::stream::Interrupted::Timeout => End::Timeout,
-            crate::stream::Interrupted::Shutdown => End::Shutdown,
-            crate::stream::Interrupted::Io => End::Closed,
-        }
-    }
-}
 
 struct Conn<'a, S> {
     s: &'a mut S,

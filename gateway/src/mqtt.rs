@@ -4,36 +4,13 @@
 
 use crate::provisioning::{DeviceAuth, Provisioning};
 use crate::server::{mono_nanos, utc_now};
-use crate::stream::ByteStream;
+use crate::stream::{ByteStream, End};
 use bytes::BytesMut;
 use dps_core::device::{parse_request_topic, parse_username, response_topic, TopicRequest, RESPONSE_FILTER};
 use mqttbytes::v4::{self, ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck};
 use mqttbytes::QoS;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-
-/// How a connection ended (for logs and tests).
-#[derive(Debug, PartialEq, Eq)]
-pub enum End {
-    Closed,
-    Disconnect,
-    Timeout,
-    Malformed(String),
-    TooLarge,
-    Refused(&'static str),
-    ProtocolViolation(&'static str),
-    Shutdown,
-}
-
-impl From<crate::stream::Interrupted> for End {
-    fn from(i: crate::stream::Interrupted) -> End {
-        match i {
-            crate::stream::Interrupted::Timeout => End::Timeout,
-            crate::stream::Interrupted::Shutdown => End::Shutdown,
-            crate::stream::Interrupted::Io => End::Closed,
-        }
-    }
-}
 
 struct Conn<'a, S> {
     s: &'a mut S,

@@ -21,6 +21,29 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ByteStream for T {
     }
 }
 
+/// How a device connection (MQTT or AMQP) ended, for the logs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    Closed,
+    Disconnect,
+    Timeout,
+    Shutdown,
+    TooLarge,
+    Malformed(String),
+    Refused(&'static str),
+    ProtocolViolation(&'static str),
+}
+
+impl From<Interrupted> for End {
+    fn from(i: Interrupted) -> End {
+        match i {
+            Interrupted::Timeout => End::Timeout,
+            Interrupted::Shutdown => End::Shutdown,
+            Interrupted::Io => End::Closed,
+        }
+    }
+}
+
 /// Why [`read_before`] returned no bytes.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Interrupted {
