@@ -327,20 +327,27 @@ impl ServiceApi {
         let table = table_of(c);
         let key = id_key(id);
         let expect = if_match(req).map(Expect::Etag).unwrap_or(Expect::Present);
-        let mut ops = vec![Op::Delete { table, key: key.clone(), expect }];
-        if c == Collection::Enrollments {
-            // An individual enrollment's registration state goes with it; a group's
-            // registration records stay until deleted one by one (spec service-api.md §6.3).
-            if let Some((_, r)) = self.read::<DeviceRegistrationState>(Table::Registrations, id).await? {
-                ops.push(Op::Delete { table: Table::Registrations, key: key.clone(), expect: Expect::Any });
-                if let Some(g) = r.enrollment_group_id {
-                    ops.push(Op::Index { table: Table::RegistrationsByGroup, key: by_group_key(&g, &key), present: false });
-                }
-            }
-        }
-        self.svc.store.commit(Txn { ops }).await?.map_err(|e| txn_error(e, table, id))?;
+        let txn = match c {
+            Collection::Enrollments => self.enrollment_delete(&key, expect).await?,
+            Collection::Groups => Txn::one(Op::Delete { table, key: key.clone(), expect }),
+        };
+        self.svc.store.commit(txn).await?.map_err(|e| txn_error(e, table, id))?;
         self.changed(table, vec![key]).await;
         Ok(Response::new(204))
+    }
+
+    /// Deleting an individual enrollment takes its registration state (and that state's group
+    /// index entry) with it; a group's registration records stay until deleted one by one
+    /// (spec service-api.md §6.3). Used by DELETE and by bulk delete.
+    async fn enrollment_delete(&self, key: &str, expect: Expect) -> Result<Txn, Fail> {
+        let mut ops = vec![Op::Delete { table: Table::Enrollments, key: key.to_string(), expect }];
+        if let Some((_, r)) = self.read::<DeviceRegistrationState>(Table::Registrations, key).await? {
+            ops.push(Op::Delete { table: Table::Registrations, key: key.to_string(), expect: Expect::Any });
+            if let Some(g) = r.enrollment_group_id {
+                ops.push(Op::Index { table: Table::RegistrationsByGroup, key: by_group_key(&g, key), present: false });
+            }
+        }
+        Ok(Txn { ops })
     }
 
     /// Makes the shards' caches forget what changed, before the change is acknowledged:
@@ -507,12 +514,7 @@ impl ServiceApi {
                 Ok(x) => x,
                 Err(e) => return Ok(Err(e)),
             };
-            return Ok(Ok(Txn {
-                ops: vec![
-                    Op::Delete { table: Table::Enrollments, key: key.clone(), expect },
-                    Op::Delete { table: Table::Registrations, key, expect: Expect::Any },
-                ],
-            }));
+            return Ok(Ok(self.enrollment_delete(&key, expect).await?));
         }
         let e: IndividualEnrollment = match input_from_value(v) {
             Ok(e) => e,
