@@ -9,5 +9,9 @@ fi
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   apt-get update -qq && apt-get install -y -qq python3-venv
 fi
+# Mosquitto is the benchmark's peer (dps-bench, run by .ci/run as a smoke test).
+if ! command -v mosquitto >/dev/null || ! command -v mosquitto_passwd >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto
+fi
 bash tests/interop/setup.sh
 cargo test --workspace --all-targets "$@"

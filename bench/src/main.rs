@@ -1,155 +1,123 @@
-//! `cargo run --release -p dps-bench`: the service API benchmark. Imports N individual
-//! symmetric-key enrollments through the bulk API (per-call limit raised), measures point reads
-//! under concurrency, then restarts the gateway on the same data and times until it serves.
-//! The gateway runs in this process on its glommio shards; the client is a tokio runtime on
-//! other threads, so both share the machine as they would on one host. No timing is asserted.
+//! `cargo run --release -p dps-bench`: every benchmark of tuning.md in one run, on one machine,
+//! printed as one table with ratios and ending with the line
+//! `limit-ratio=<DPS registrations/s ÷ bare TLS handshakes/s> mosquitto-ratio=<… ÷ Mosquitto sessions/s>`.
+//!
+//! 1. the limit: the same gateway shards with `handshake_only`, the same certificate, the same
+//!    loadgen client doing only the TLS handshake and close;
+//! 2. the peer: Mosquitto with the same certificate, loadgen doing CONNECT (username and
+//!    password), SUBSCRIBE, PUBLISH, receive; and the full DPS registration over MQTT;
+//! 3. scaling: the registration with 1 shard and with 2.
+//!
+//! Then (not with `--quick`) a row per device transport, a million devices end to end, the
+//! hot-path microbenchmarks and the service API import/read/restart benchmark.
+//!
+//! The gateway runs in a child process (this binary re-run as `serve-gateway`), loadgen in this
+//! one, both on the same cores. Nothing here asserts a timing; `--smoke` runs every part tiny.
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
+mod gateway_proc;
+mod micro;
+mod mosquitto;
+mod service_api;
+
 use clap::Parser;
-use hdrhistogram::Histogram;
-use serde_json::json;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use dps_loadgen::device::{BrokerLogin, Transport};
+use dps_loadgen::endpoint::Endpoint;
+use dps_loadgen::identities::Identities;
+use dps_loadgen::report::Report;
+use dps_loadgen::run::{run, Fleet, Plan};
+use dps_loadgen::service::ServiceClient;
+use gateway_proc::Gateway;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Parser, Clone)]
+#[command(about = "DPS benchmarks: the TLS limit, Mosquitto, shard scaling, transports, a million devices, microbenchmarks")]
 struct Args {
-    /// Enrollments to import.
-    #[arg(long, default_value_t = 1_000_000)]
-    enrollments: usize,
-    /// Items per bulk call.
-    #[arg(long, default_value_t = 1_000)]
-    batch: usize,
-    /// Concurrent client requests.
-    #[arg(long, default_value_t = 8)]
-    concurrency: usize,
-    /// Point reads after the import.
-    #[arg(long, default_value_t = 100_000)]
-    reads: usize,
-    /// Gateway shards.
-    #[arg(long, default_value_t = 2)]
-    shards: usize,
-    /// Tiny sizes, for CI: proves the benchmark runs, measures nothing.
+    /// Items 1 to 3 only (the limit, Mosquitto, scaling), sized to finish in a few minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Every part with tiny sizes (CI): proves the benchmark runs, measures nothing.
     #[arg(long)]
     smoke: bool,
-    /// Keep the data dir here instead of a temporary one.
+    /// Devices per measured run of items 1 to 3.
     #[arg(long)]
-    data_dir: Option<std::path::PathBuf>,
+    devices: Option<usize>,
+    /// Devices in flight (closed loop).
+    #[arg(long, default_value_t = 128)]
+    concurrency: usize,
+    /// Devices of the end-to-end run.
+    #[arg(long, default_value_t = 1_000_000)]
+    million: usize,
+    /// loadgen threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn config(shards: usize, batch: usize) -> dps_gateway::config::Config {
-    let mut c = dps_gateway::config::Config::default();
-    c.ports.https = 0;
-    c.ports.mqtt = 0;
-    c.ports.amqp = 0;
-    c.ports.admin = 0;
-    c.ports.bind = "127.0.0.1".into();
-    c.shards = shards;
-    c.limits.max_bulk_items = batch;
-    c.limits.max_body_bytes = (batch * 400).max(96 * 1024);
-    c.limits.service_operations_per_minute = 0;
-    c
+struct Bench {
+    rt: tokio::runtime::Runtime,
+    concurrency: usize,
+    warmup: usize,
+    rows: Vec<String>,
 }
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Client {
-    fn new(ep: &dps_gateway::Endpoint) -> Result<Client, BoxError> {
-        let ca = std::fs::read(ep.ca_certificate.as_ref().ok_or("no CA")?)?;
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
-            .pool_max_idle_per_host(256)
-            .build()?;
-        let cs = dps_core::model::parse_connection_string(&ep.service_connection_string).ok_or("bad connection string")?;
-        let se = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64 + 24 * 3600;
-        let token = dps_core::sas::build(&cs.host_name, &B64.decode(&cs.key)?, se, Some(&cs.key_name));
-        Ok(Client { http, base: format!("https://localhost:{}", ep.ports.https), token })
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<String>) -> Result<(u16, String), BoxError> {
-        let mut r = self.http.request(method, format!("{}{path}?api-version=2021-10-01", self.base)).header("Authorization", &self.token);
-        if let Some(b) = body {
-            r = r.header("Content-Type", "application/json").body(b);
+impl Bench {
+    fn load(&self, fleet: Arc<Fleet>, transport: Transport, devices: usize, concurrency: usize) -> Result<Report, BoxError> {
+        let plan = Plan {
+            transport,
+            devices,
+            concurrency,
+            rate: None,
+            resume: false,
+            timeout: Duration::from_secs(60),
+            progress: (devices >= 100_000).then(|| Duration::from_secs(15)),
+        };
+        let r = self.rt.block_on(run(fleet, plan))?;
+        for (k, v) in &r.errors {
+            eprintln!("  {}: error {k}: {v}", transport.name());
         }
-        let resp = r.send().await?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.text().await?))
+        Ok(r)
+    }
+
+    /// A warm-up run (not reported), then the measured one.
+    /// `fleet` makes the devices from a registration id prefix; `key` makes the prefixes unique;
+    /// `server` is the process whose CPU time per session is reported.
+    #[allow(clippy::too_many_arguments)]
+    fn measure(
+        &mut self,
+        key: &str,
+        label: &str,
+        server: u32,
+        fleet: impl Fn(&str) -> Result<Arc<Fleet>, BoxError>,
+        t: Transport,
+        n: usize,
+    ) -> Result<(Report, f64), BoxError> {
+        self.load(fleet(&format!("warm-{key}"))?, t, self.warmup, self.concurrency)?;
+        let cpu = gateway_proc::process_cpu(server);
+        let r = self.load(fleet(&format!("dev-{key}"))?, t, n, self.concurrency)?;
+        let cpu_us = (gateway_proc::process_cpu(server) - cpu).as_secs_f64() * 1e6 / r.assigned.max(1) as f64;
+        eprintln!("{label}: {:.0}/s, server CPU {cpu_us:.0} µs per session", r.per_second());
+        self.rows.push(format!("{} {cpu_us:.0} |", r.row(label)));
+        Ok((r, cpu_us))
     }
 }
 
-fn enrollment(i: usize) -> serde_json::Value {
-    // Keys are supplied, as an importer of existing device records would.
-    let key = B64.encode(format!("bench-key-material-{i:012}").as_bytes());
-    json!({"registrationId": format!("bench-{i:09}"), "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}}})
+fn fleet(ep: &Endpoint, ids: Identities, broker: Option<BrokerLogin>) -> Result<Arc<Fleet>, BoxError> {
+    Ok(Arc::new(Fleet { tls: dps_loadgen::tls::client_config(&ep.ca)?, ep: ep.clone(), ids, broker }))
 }
 
-async fn import(c: Arc<Client>, n: usize, batch: usize, concurrency: usize) -> Result<Duration, BoxError> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (c, next) = (c.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let start = next.fetch_add(batch, Ordering::Relaxed);
-                if start >= n {
-                    return Ok::<(), BoxError>(());
-                }
-                let items: Vec<_> = (start..(start + batch).min(n)).map(enrollment).collect();
-                let body = json!({"mode": "create", "enrollments": items}).to_string();
-                let (status, text) = c.call(reqwest::Method::POST, "/enrollments", Some(body)).await?;
-                if status != 200 || !text.contains("\"isSuccessful\":true") {
-                    return Err(format!("bulk call at {start} failed: {status} {}", &text[..text.len().min(300)]).into());
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(started.elapsed())
+/// A gateway with the `bench` group; returns it, its endpoint and the group key.
+fn dps_gateway(dir: &Path, shards: usize, rt: &tokio::runtime::Runtime) -> Result<(Gateway, Endpoint, Vec<u8>), BoxError> {
+    std::fs::create_dir_all(dir)?;
+    let g = Gateway::start(dir, shards, false)?;
+    let ep = Endpoint::read(&g.endpoint, "127.0.0.1")?;
+    let key = rt.block_on(ServiceClient::new(&ep)?.group_key("bench"))?;
+    Ok((g, ep, key))
 }
 
-async fn point_reads(c: Arc<Client>, n: usize, reads: usize, concurrency: usize) -> Result<(Duration, Histogram<u64>), BoxError> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let (c, next) = (c.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new(3)?;
-            // A cheap LCG spreads the reads over the whole key space.
-            let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ w as u64;
-            while next.fetch_add(1, Ordering::Relaxed) < reads {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let i = (x >> 33) as usize % n;
-                let t = Instant::now();
-                let (status, _) = c.call(reqwest::Method::GET, &format!("/enrollments/bench-{i:09}"), None).await?;
-                if status != 200 {
-                    return Err::<Histogram<u64>, BoxError>(format!("read of bench-{i:09} answered {status}").into());
-                }
-                h.record(t.elapsed().as_micros() as u64)?;
-            }
-            Ok(h)
-        }));
-    }
-    let mut all = Histogram::<u64>::new(3)?;
-    for t in tasks {
-        all.add(t.await??)?;
-    }
-    Ok((started.elapsed(), all))
-}
-
-fn dir_bytes(p: &std::path::Path) -> u64 {
+pub fn dir_bytes(p: &Path) -> u64 {
     std::fs::read_dir(p)
         .map(|rd| {
             rd.flatten()
@@ -163,61 +131,179 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
 }
 
 fn main() -> Result<(), BoxError> {
-    let mut a = Args::parse();
-    if a.smoke {
-        a.enrollments = 2_000;
-        a.batch = 200;
-        a.reads = 500;
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some("serve-gateway") {
+        let dir = raw.get(2).ok_or("serve-gateway DIR SHARDS [handshake-only]")?;
+        let shards = raw.get(3).and_then(|s| s.parse().ok()).ok_or("serve-gateway DIR SHARDS [handshake-only]")?;
+        return gateway_proc::serve(Path::new(dir), shards, raw.get(4).map(String::as_str) == Some("handshake-only"));
     }
-    let tmp = tempfile::tempdir()?;
-    let dir = a.data_dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let a = Args::parse();
+    let devices = a.devices.unwrap_or(if a.smoke {
+        300
+    } else if a.quick {
+        20_000
+    } else {
+        50_000
+    });
+    let million = if a.smoke { 2_000 } else { a.million };
+    let mut b = Bench {
+        rt: tokio::runtime::Builder::new_multi_thread().worker_threads(a.threads.max(1)).enable_all().build()?,
+        concurrency: a.concurrency,
+        warmup: if a.smoke { 50 } else { 2_000 },
+        rows: Vec::new(),
+    };
+    let work = tempfile::tempdir()?;
+    let dummy = || Identities::Group { prefix: String::new(), key: Vec::new() };
 
-    let running = dps_gateway::start(config(a.shards, a.batch), &dir)?;
-    let client = Arc::new(Client::new(&running.endpoint)?);
-    let import_time = rt.block_on(import(client.clone(), a.enrollments, a.batch, a.concurrency))?;
-    let (read_time, hist) = rt.block_on(point_reads(client, a.enrollments, a.reads, a.concurrency))?;
-    running.shutdown()?;
-    let disk = dir_bytes(&dir);
+    // 1. The limit.
+    let limit_dir = work.path().join("limit");
+    std::fs::create_dir_all(&limit_dir)?;
+    let g = Gateway::start(&limit_dir, 2, true)?;
+    let ep = Endpoint::read(&g.endpoint, "127.0.0.1")?;
+    let (limit, limit_cpu) = b.measure(
+        "limit",
+        "TLS handshake only, 2 shards (the limit)",
+        g.pid(),
+        |_| fleet(&ep, dummy(), None),
+        Transport::TlsHandshake,
+        devices,
+    )?;
+    g.stop()?;
 
-    // Restart on the same data: time from start until the first read is answered.
-    let t = Instant::now();
-    let running = dps_gateway::start(config(a.shards, a.batch), &dir)?;
-    let listening = t.elapsed();
-    let client = Arc::new(Client::new(&running.endpoint)?);
-    let (status, _) = rt.block_on(client.call(reqwest::Method::GET, "/enrollments/bench-000000001", None))?;
-    let serving = t.elapsed();
-    running.shutdown()?;
-    if status != 200 {
-        return Err(format!("after restart the first read answered {status}").into());
+    // 2. DPS over MQTT with 2 shards, and the peer.
+    let (g, ep, key) = dps_gateway(&work.path().join("dps2"), 2, &b.rt)?;
+    let group = |key: &[u8]| {
+        let key = key.to_vec();
+        move |prefix: &str| Identities::Group { prefix: prefix.to_string(), key: key.clone() }
+    };
+    let ids = group(&key);
+    let (dps2, dps2_cpu) =
+        b.measure("mqtt2", "DPS registration over MQTT, 2 shards", g.pid(), |p| fleet(&ep, ids(p), None), Transport::Mqtt, devices)?;
+    let mut transports = Vec::new();
+    if !a.quick {
+        let n = devices / 2;
+        transports.push(
+            b.measure(
+                "mqttws",
+                "DPS registration over MQTT/WebSockets, 2 shards",
+                g.pid(),
+                |p| fleet(&ep, ids(p), None),
+                Transport::MqttWs,
+                n,
+            )?
+            .0,
+        );
+        // The HTTPS device API answers 202 with Retry-After: 1, so its rate is the number in
+        // flight per second; it runs with more in flight and fewer devices.
+        let saved = b.concurrency;
+        b.concurrency = saved.max(512);
+        transports.push(
+            b.measure(
+                "https",
+                "DPS registration over HTTPS (202, poll after 1 s), 2 shards",
+                g.pid(),
+                |p| fleet(&ep, ids(p), None),
+                Transport::Https,
+                (n / 10).max(100),
+            )?
+            .0,
+        );
+        b.concurrency = saved;
+    }
+    g.stop()?;
+
+    let m = mosquitto::Mosquitto::start(&work.path().join("dps2/certs"), work.path())?;
+    let mut mep = ep.clone();
+    mep.mqtt_port = m.port;
+    let login = BrokerLogin { username: mosquitto::USER.into(), password: mosquitto::PASSWORD.into() };
+    let label = format!("{} session: CONNECT, SUBSCRIBE, PUBLISH, receive", mosquitto::Mosquitto::version());
+    let (mosq, mosq_cpu) =
+        b.measure("mosquitto", &label, m.pid(), |_| fleet(&mep, dummy(), Some(login.clone())), Transport::BrokerSession, devices)?;
+    drop(m);
+
+    // 3. Scaling: one shard.
+    let (g, ep1, key1) = dps_gateway(&work.path().join("dps1"), 1, &b.rt)?;
+    let ids1 = group(&key1);
+    let (dps1, _) =
+        b.measure("mqtt1", "DPS registration over MQTT, 1 shard", g.pid(), |p| fleet(&ep1, ids1(p), None), Transport::Mqtt, devices)?;
+    g.stop()?;
+
+    let mut extra = Vec::new();
+    if !a.quick {
+        // 4. A million devices end to end.
+        let dir = work.path().join("million");
+        let (g, epm, keym) = dps_gateway(&dir, 2, &b.rt)?;
+        let f = fleet(&epm, Identities::Group { prefix: "m".into(), key: keym.clone() }, None)?;
+        let r = b.load(f.clone(), Transport::Mqtt, million, 256)?;
+        let rss = g.peak_rss();
+        g.stop()?;
+        let disk = dir_bytes(&dir);
+        let t = Instant::now();
+        let g = Gateway::start(&dir, 2, false)?;
+        let bound = g.startup;
+        // The ports are ephemeral: the restarted gateway has new ones.
+        let f = fleet(&Endpoint::read(&g.endpoint, "127.0.0.1")?, Identities::Group { prefix: "m".into(), key: keym }, None)?;
+        let again = b.load(f, Transport::Mqtt, 1, 1)?;
+        let serving = t.elapsed();
+        g.stop()?;
+        b.rows.push(format!("{} |", r.row(&format!("{million} devices end to end, MQTT, 2 shards"))));
+        extra.push(format!(
+            "| {million} devices end to end | {:.0} s total, {:.0}/s, {} errors; gateway peak RSS {:.0} MiB; {:.0} MiB on disk; restart: listening after {:.2} s, first registration answered after {:.2} s{} |",
+            r.seconds,
+            r.per_second(),
+            r.error_count(),
+            rss as f64 / (1 << 20) as f64,
+            disk as f64 / (1 << 20) as f64,
+            bound.as_secs_f64(),
+            serving.as_secs_f64(),
+            if again.assigned == 1 { "" } else { " (it FAILED)" }
+        ));
+
+        // 5. Microbenchmarks.
+        for (name, ns) in micro::run(if a.smoke { Duration::from_millis(50) } else { Duration::from_millis(500) })? {
+            extra.push(format!("| micro: {name} | {:.0} ns/op ({:.2} µs) |", ns, ns / 1000.0));
+        }
+
+        // The service API.
+        let sizes = if a.smoke {
+            service_api::Sizes { enrollments: 2_000, batch: 200, concurrency: 8, reads: 500, shards: 2 }
+        } else {
+            service_api::Sizes { enrollments: 1_000_000, batch: 1_000, concurrency: 8, reads: 100_000, shards: 2 }
+        };
+        extra.extend(service_api::run(&sizes, &b.rt)?);
     }
 
-    let imported_per_s = a.enrollments as f64 / import_time.as_secs_f64();
-    let reads_per_s = a.reads as f64 / read_time.as_secs_f64();
-    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+    let machine = dps_loadgen::report::machine();
     println!(
-        "service API benchmark: {} enrollments, bulk batch {}, concurrency {}, {} shards",
-        a.enrollments, a.batch, a.concurrency, a.shards
+        "\nDPS benchmark, revision {}, {} cores ({}), {} GiB; gateway in a child process, loadgen ({} threads, {} in flight) in this one, same cores.\n",
+        dps_loadgen::report::git_revision(),
+        machine["cores"],
+        machine["cpu"].as_str().unwrap_or(""),
+        machine["memory_gib"],
+        a.threads,
+        a.concurrency
     );
-    println!("| measurement | value |");
-    println!("|---|---|");
-    println!("| bulk import time | {:.1} s |", import_time.as_secs_f64());
-    println!("| bulk import rate | {imported_per_s:.0} enrollments/s |");
-    println!("| point reads | {reads_per_s:.0} reads/s ({} reads) |", a.reads);
-    println!(
-        "| read latency p50 / p99 / p99.9 / max | {:.2} / {:.2} / {:.2} / {:.2} ms |",
-        q(0.5),
-        q(0.99),
-        q(0.999),
-        hist.max() as f64 / 1000.0
-    );
-    println!("| bytes on disk | {:.1} MiB |", disk as f64 / (1 << 20) as f64);
-    println!("| restart: listeners bound | {:.2} s |", listening.as_secs_f64());
-    println!("| restart: first read served | {:.2} s |", serving.as_secs_f64());
-    println!(
-        "import_s={:.2} import_per_s={imported_per_s:.0} reads_per_s={reads_per_s:.0} restart_serving_s={:.2}",
-        import_time.as_secs_f64(),
-        serving.as_secs_f64()
-    );
+    println!("| run | sessions/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | ok | errors | server CPU µs/session |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &b.rows {
+        println!("{r}");
+    }
+    let ratio = |x: &Report, y: &Report| x.per_second() / y.per_second().max(1e-9);
+    println!("\n| ratio | value |\n|---|---|");
+    println!("| DPS registrations ÷ bare TLS handshakes (2 shards; target ≥ 0.8) | {:.2} |", ratio(&dps2, &limit));
+    println!("| DPS registrations ÷ Mosquitto sessions (target > 1.5) | {:.2} |", ratio(&dps2, &mosq));
+    println!("| 2 shards ÷ 1 shard | {:.2} |", ratio(&dps2, &dps1));
+    for t in &transports {
+        println!("| {} ÷ MQTT | {:.2} |", t.plan.transport.name(), ratio(t, &dps2));
+    }
+    println!("| server CPU per bare handshake ÷ per DPS registration (2 shards) | {:.2} |", limit_cpu / dps2_cpu.max(1e-9));
+    println!("| Mosquitto CPU per session ÷ gateway CPU per DPS registration | {:.2} |", mosq_cpu / dps2_cpu.max(1e-9));
+    if !extra.is_empty() {
+        println!("\n| measurement | value |\n|---|---|");
+        for e in &extra {
+            println!("{e}");
+        }
+    }
+    println!("limit-ratio={:.2} mosquitto-ratio={:.2}", ratio(&dps2, &limit), ratio(&dps2, &mosq));
     Ok(())
 }

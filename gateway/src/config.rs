@@ -22,6 +22,9 @@ pub struct Config {
     pub linked_hubs: Vec<HubConfig>,
     /// Shared access policies besides `provisioningserviceowner`, e.g. read-only ones.
     pub access_policies: Vec<PolicyConfig>,
+    /// Benchmark only: the MQTT listener completes TLS handshakes and nothing else (it waits
+    /// for the client's close), to measure the handshake limit of the same shards.
+    pub handshake_only: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +51,7 @@ impl Default for Config {
             store: StoreKnobs::default(),
             linked_hubs: Vec::new(),
             access_policies: Vec::new(),
+            handshake_only: false,
         }
     }
 }
@@ -73,9 +77,9 @@ impl Default for Ports {
     }
 }
 
-/// Operator-supplied certificates; when absent a development CA and server certificates are
-/// generated in the data dir.
-#[derive(Debug, Clone, Deserialize, Default)]
+/// Operator-supplied certificates (when absent a development CA and server certificates are
+/// generated in the data dir) and session resumption.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tls {
     pub ecdsa_cert: Option<PathBuf>,
@@ -84,6 +88,28 @@ pub struct Tls {
     pub rsa_key: Option<PathBuf>,
     /// CA certificate to advertise in endpoint.json.
     pub ca_cert: Option<PathBuf>,
+    /// Sessions remembered for resumption (shared by all shards; 0 = none).
+    pub session_cache_entries: usize,
+    /// Resume from stateless, encrypted tickets instead of the session cache (no server memory
+    /// per session; the ticket key rotates every 6 hours).
+    pub stateless_tickets: bool,
+    /// TLS 1.3 tickets sent after each full handshake (0 = no TLS 1.3 resumption).
+    pub tickets_per_handshake: usize,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            ecdsa_cert: None,
+            ecdsa_key: None,
+            rsa_cert: None,
+            rsa_key: None,
+            ca_cert: None,
+            session_cache_entries: 65_536,
+            stateless_tickets: false,
+            tickets_per_handshake: 1,
+        }
+    }
 }
 
 /// Limits; defaults follow the DPS limits table (spec service-api.md §4.6).

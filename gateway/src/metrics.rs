@@ -51,7 +51,7 @@ const CATALOGUE: &[(&str, &str, &str)] = &[
     ("dps_service_operations_total", "counter", "Service API operations, by HTTP status."),
     ("dps_connections_accepted_total", "counter", "Connections accepted, by shard and listener."),
     ("dps_connections_open", "gauge", "Connections open, by shard."),
-    ("dps_tls_handshakes_total", "counter", "TLS handshakes, by shard and result."),
+    ("dps_tls_handshakes_total", "counter", "TLS handshakes, by shard and result (ok = full, resumed, failed, timeout)."),
     ("dps_cross_shard_lookups_total", "counter", "Enrollment lookups answered by another shard's cache partition, by shard."),
     ("dps_store_commit_groups_total", "counter", "Group commits (one fsync each)."),
     ("dps_store_commit_transactions_total", "counter", "Transactions committed."),

@@ -39,6 +39,8 @@ pub struct ShardSpec {
     pub cpu: Option<usize>,
     pub svc: Arc<Service>,
     pub tls: Arc<rustls::ServerConfig>,
+    /// Benchmark: the MQTT listener only completes handshakes (config `handshake_only`).
+    pub handshake_only: bool,
     pub https: SocketAddr,
     pub mqtt: SocketAddr,
     pub amqp: SocketAddr,
@@ -99,6 +101,7 @@ struct Shard {
     metrics: Rc<Metrics>,
     svc: Arc<Service>,
     tls: Arc<rustls::ServerConfig>,
+    handshake_only: bool,
     stop: Arc<AtomicBool>,
     limits: crate::config::Limits,
     conns: Cell<usize>,
@@ -156,6 +159,7 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
         metrics,
         svc: spec.svc.clone(),
         tls: spec.tls.clone(),
+        handshake_only: spec.handshake_only,
         stop: spec.stop.clone(),
         limits: spec.svc.limits.clone(),
         conns: Cell::new(0),
@@ -255,12 +259,27 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
             return;
         }
     };
-    shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", "ok")]);
+    let result = match s.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        _ => "ok",
+    };
+    shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", result)]);
     match kind {
         Listener::Https => {
             if let Some((req, leftover)) = serve_http(&mut s, &shard.api, &shard.prov, &shard.stop, &shard.limits).await {
                 serve_websocket(&mut s, req, leftover, shard).await;
             }
+        }
+        Listener::Mqtt if shard.handshake_only => {
+            // The benchmark's limit: nothing after the handshake but waiting for the close.
+            use futures::io::AsyncReadExt;
+            let mut sink = [0u8; 512];
+            let idle = Duration::from_secs(shard.limits.idle_timeout_secs);
+            let _ = glommio::timer::timeout(idle, async {
+                while !matches!(s.read(&mut sink).await, Ok(0) | Err(_)) {}
+                Ok(())
+            })
+            .await;
         }
         Listener::Mqtt => {
             let end = crate::mqtt::serve_mqtt(&mut s, "mqtt", &shard.prov, &shard.stop, &shard.limits).await;

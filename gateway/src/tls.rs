@@ -110,7 +110,7 @@ impl ClientCertVerifier for RequestClientCert {
     }
 }
 
-pub fn server_config(files: &CertFiles) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(files: &CertFiles, knobs: &crate::config::Tls) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(provider::default_provider());
     let resolver = ByClientOffer { ecdsa: certified(&provider, &files.ecdsa)?, rsa: certified(&provider, &files.rsa)? };
     if resolver.ecdsa.is_none() && resolver.rsa.is_none() {
@@ -119,10 +119,20 @@ pub fn server_config(files: &CertFiles) -> Result<Arc<ServerConfig>, String> {
     let verifier = Arc::new(RequestClientCert { algs: provider.signature_verification_algorithms });
     // No ALPN list: a client that offers one (urllib3 offers http/1.1) is served HTTP/1.1 anyway,
     // and MQTT clients that offer none are not refused.
-    let cfg = ServerConfig::builder_with_provider(provider)
+    let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
         .map_err(|e| format!("TLS configuration: {e}"))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(resolver));
+    cfg.session_storage = match knobs.session_cache_entries {
+        0 => Arc::new(rustls::server::NoServerSessionStorage {}),
+        n => rustls::server::ServerSessionMemoryCache::new(n),
+    };
+    if knobs.stateless_tickets {
+        cfg.ticketer = provider::Ticketer::new().map_err(|e| format!("TLS ticketer: {e}"))?;
+    }
+    // One ticket by default (rustls sends 2): a device resumes at most once per session, and
+    // each ticket costs the server a cache entry or an encryption on every full handshake.
+    cfg.send_tls13_tickets = knobs.tickets_per_handshake;
     Ok(Arc::new(cfg))
 }

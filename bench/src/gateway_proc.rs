@@ -1,0 +1,122 @@
+//! The gateway under test in a child process (this binary re-run with `serve-gateway`), so its
+//! memory (peak RSS) and CPU are its own, apart from the load generator's.
+
+use crate::BoxError;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The configuration every benchmark gateway runs with: loopback, ephemeral ports, two linked
+/// hubs (registry-only), no service or device rate limits.
+pub fn config(shards: usize, handshake_only: bool) -> dps_gateway::config::Config {
+    let mut c = dps_gateway::config::Config::default();
+    c.ports.https = 0;
+    c.ports.mqtt = 0;
+    c.ports.amqp = 0;
+    c.ports.admin = 0;
+    c.ports.bind = "127.0.0.1".into();
+    c.shards = shards;
+    c.handshake_only = handshake_only;
+    c.limits.service_operations_per_minute = 0;
+    c.limits.hub_latency_refresh_secs = 0;
+    c.limits.max_connections_per_shard = 100_000;
+    c.limits.max_registrations = 2_000_000;
+    for h in ["hub-a.example.net", "hub-b.example.net"] {
+        c.linked_hubs.push(dps_gateway::config::HubConfig {
+            host_name: h.into(),
+            connection_string: format!(
+                "HostName={h};SharedAccessKeyName=iothubowner;SharedAccessKey=YmVuY2gta2V5LWJlbmNoLWtleS1iZW5jaC1rZXk="
+            ),
+            allocation_weight: None,
+            apply_allocation_policy: None,
+            location: None,
+        });
+    }
+    c
+}
+
+/// Child side: runs the gateway until stdin closes.
+pub fn serve(dir: &Path, shards: usize, handshake_only: bool) -> Result<(), BoxError> {
+    let running = dps_gateway::start(config(shards, handshake_only), dir)?;
+    println!("ready");
+    let mut sink = String::new();
+    while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+    running.shutdown()?;
+    Ok(())
+}
+
+/// CPU time (user + system, all threads) a process has used so far.
+pub fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name: state, ppid, … utime (field 14), stime (15); the state letter
+    // does not parse as a number, so utime and stime are the 11th and 12th numbers.
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+pub struct Gateway {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pub endpoint: PathBuf,
+    /// From spawning the process to its listeners being bound and endpoint.json written.
+    pub startup: Duration,
+}
+
+impl Gateway {
+    pub fn start(dir: &Path, shards: usize, handshake_only: bool) -> Result<Gateway, BoxError> {
+        let endpoint = dir.join("endpoint.json");
+        let _ = std::fs::remove_file(&endpoint);
+        let t = Instant::now();
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("serve-gateway").arg(dir).arg(shards.to_string());
+        if handshake_only {
+            cmd.arg("handshake-only");
+        }
+        let mut child = cmd.env("DPS_LOG", "warn").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let stdin = child.stdin.take();
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        match lines.next() {
+            Some(Ok(l)) if l == "ready" => {}
+            other => {
+                let _ = child.kill();
+                return Err(format!("the gateway did not start: {other:?}").into());
+            }
+        }
+        Ok(Gateway { child, stdin, endpoint, startup: t.elapsed() })
+    }
+
+    /// Peak resident memory so far (VmHWM), bytes.
+    pub fn peak_rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .map_or(0, |kib| kib * 1024)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Closes its stdin (it shuts down cleanly, flushing the store) and waits.
+    pub fn stop(mut self) -> Result<(), BoxError> {
+        drop(self.stdin.take());
+        let st = self.child.wait()?;
+        if !st.success() {
+            return Err(format!("the gateway exited with {st}").into());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.stdin.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! One simulated device's session, per transport: from the TCP connect to its final answer.
+
+use crate::endpoint::Endpoint;
+use crate::wire::{Plain, Wire, Ws};
+use bytes::BytesMut;
+use mqttbytes::v4::{self, Connect, Login, Packet, PubAck, Publish, Subscribe};
+use mqttbytes::QoS;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What a device session does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// DPS registration over MQTT on the MQTT port.
+    Mqtt,
+    /// DPS registration over MQTT in WebSocket frames on the HTTPS port.
+    MqttWs,
+    /// DPS registration through the HTTPS device API (register, then poll).
+    Https,
+    /// Only a TLS handshake and close, on the MQTT port: the physical limit.
+    TlsHandshake,
+    /// The nearest plain-broker equivalent of a registration: CONNECT with username and
+    /// password, SUBSCRIBE, PUBLISH to the subscribed topic, receive it (for Mosquitto).
+    BrokerSession,
+}
+
+impl Transport {
+    pub fn parse(s: &str) -> Option<Transport> {
+        Some(match s {
+            "mqtt" => Transport::Mqtt,
+            "mqttws" | "mqtt-ws" => Transport::MqttWs,
+            "https" | "http" => Transport::Https,
+            "tls" | "handshake" => Transport::TlsHandshake,
+            "broker" | "mosquitto" => Transport::BrokerSession,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Mqtt => "mqtt",
+            Transport::MqttWs => "mqttws",
+            Transport::Https => "https",
+            Transport::TlsHandshake => "tls",
+            Transport::BrokerSession => "broker",
+        }
+    }
+}
+
+/// Why a device did not end `assigned`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Failure {
+    Connect,
+    Tls,
+    WebSocket,
+    ConnAck,
+    Protocol,
+    /// An error status, with the DPS error code of the body when it had one.
+    Status(u16, Option<u32>),
+    NotAssigned,
+    Timeout,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Status(s, Some(c)) => write!(f, "status {s} errorCode {c}"),
+            Failure::Status(s, None) => write!(f, "status {s}"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+/// The status and DPS error code of an error answer.
+fn status_failure(status: u16, body: &serde_json::Value) -> Failure {
+    Failure::Status(status, body["errorCode"].as_u64().map(|c| c as u32))
+}
+
+/// The broker account a [`Transport::BrokerSession`] logs in with.
+#[derive(Debug, Clone)]
+pub struct BrokerLogin {
+    pub username: String,
+    pub password: String,
+}
+
+pub struct Session<'a> {
+    pub ep: &'a Endpoint,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub registration_id: &'a str,
+    pub key: &'a [u8],
+    pub broker: Option<&'a BrokerLogin>,
+    pub seq: u32,
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+impl Session<'_> {
+    pub async fn run(&self, transport: Transport) -> Result<(), Failure> {
+        match transport {
+            Transport::Mqtt => {
+                let s = self.tls_connect(self.ep.mqtt_port).await?;
+                self.mqtt(Plain(s)).await
+            }
+            Transport::MqttWs => {
+                let s = self.tls_connect(self.ep.https_port).await?;
+                let ws = Ws::connect(s, &self.ep.host, "/$iothub/websocket", "mqtt", self.seq).await.map_err(|_| Failure::WebSocket)?;
+                self.mqtt(ws).await
+            }
+            Transport::Https => self.https().await,
+            Transport::TlsHandshake => self.handshake_only().await,
+            Transport::BrokerSession => self.broker_session().await,
+        }
+    }
+
+    async fn tls_connect(&self, port: u16) -> Result<Tls, Failure> {
+        let tcp = tokio::net::TcpStream::connect((self.ep.connect.as_str(), port)).await.map_err(|_| Failure::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(self.ep.host.clone()).map_err(|_| Failure::Tls)?;
+        tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|_| Failure::Tls)
+    }
+
+    fn token(&self) -> Result<String, Failure> {
+        let se = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|_| Failure::Protocol)?.as_secs() as i64 + 3600;
+        let resource = format!("{}/registrations/{}", self.ep.id_scope, self.registration_id);
+        Ok(dps_core::sas::build(&resource, self.key, se, Some("registration")))
+    }
+
+    /// Handshake, close_notify, then wait for the server's close: one full TLS session and
+    /// nothing else.
+    async fn handshake_only(&self) -> Result<(), Failure> {
+        let mut s = self.tls_connect(self.ep.mqtt_port).await?;
+        s.shutdown().await.map_err(|_| Failure::Protocol)?;
+        let mut sink = [0u8; 1024];
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn broker_session(&self) -> Result<(), Failure> {
+        let login = self.broker.ok_or(Failure::Protocol)?;
+        let mut w = Plain(self.tls_connect(self.ep.mqtt_port).await?);
+        let topic = format!("loadgen/{}", self.registration_id);
+        let mut out = BytesMut::with_capacity(512);
+        let mut c = Connect::new(self.registration_id);
+        c.keep_alive = 60;
+        c.login = Some(Login::new(login.username.clone(), login.password.clone()));
+        c.write(&mut out).map_err(|_| Failure::Protocol)?;
+        let mut sub = Subscribe::new(&topic, QoS::AtLeastOnce);
+        sub.pkid = 1;
+        sub.write(&mut out).map_err(|_| Failure::Protocol)?;
+        let mut p = Publish::new(&topic, QoS::AtLeastOnce, format!("{{\"registrationId\":\"{}\"}}", self.registration_id));
+        p.pkid = 2;
+        p.write(&mut out).map_err(|_| Failure::Protocol)?;
+        w.send(&out).await.map_err(|_| Failure::Protocol)?;
+        let mut buf = BytesMut::with_capacity(4096);
+        loop {
+            match read_packet(&mut w, &mut buf).await? {
+                Packet::ConnAck(a) if a.code != v4::ConnectReturnCode::Success => return Err(Failure::ConnAck),
+                Packet::Publish(p) => {
+                    let mut o = BytesMut::new();
+                    PubAck::new(p.pkid).write(&mut o).map_err(|_| Failure::Protocol)?;
+                    v4::Disconnect.write(&mut o).map_err(|_| Failure::Protocol)?;
+                    let _ = w.send(&o).await;
+                    w.close().await;
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// CONNECT, SUBSCRIBE and the register request pipelined (as the SDKs' transports allow),
+    /// then the answers; polls while `assigning`.
+    async fn mqtt<W: Wire>(&self, mut w: W) -> Result<(), Failure> {
+        let id = self.registration_id;
+        let mut out = BytesMut::with_capacity(1024);
+        let mut c = Connect::new(id);
+        c.keep_alive = 60;
+        c.login = Some(Login::new(
+            format!("{}/registrations/{id}/api-version=2019-03-31&ClientVersion=dps-loadgen", self.ep.id_scope),
+            self.token()?,
+        ));
+        c.write(&mut out).map_err(|_| Failure::Protocol)?;
+        let mut sub = Subscribe::new("$dps/registrations/res/#", QoS::AtLeastOnce);
+        sub.pkid = 1;
+        sub.write(&mut out).map_err(|_| Failure::Protocol)?;
+        let mut reg =
+            Publish::new("$dps/registrations/PUT/iotdps-register/?$rid=1", QoS::AtLeastOnce, format!("{{\"registrationId\":\"{id}\"}}"));
+        reg.pkid = 2;
+        reg.write(&mut out).map_err(|_| Failure::Protocol)?;
+        w.send(&out).await.map_err(|_| Failure::Protocol)?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut rid = 2u16;
+        loop {
+            match read_packet(&mut w, &mut buf).await? {
+                Packet::ConnAck(a) if a.code != v4::ConnectReturnCode::Success => return Err(Failure::ConnAck),
+                Packet::Publish(p) => {
+                    let mut ack = BytesMut::new();
+                    PubAck::new(p.pkid).write(&mut ack).map_err(|_| Failure::Protocol)?;
+                    w.send(&ack).await.map_err(|_| Failure::Protocol)?;
+                    let status: u16 = p.topic.split('/').nth(3).and_then(|x| x.parse().ok()).ok_or(Failure::Protocol)?;
+                    let body: serde_json::Value = serde_json::from_slice(&p.payload).map_err(|_| Failure::Protocol)?;
+                    match (status, body["status"].as_str()) {
+                        (200, Some("assigned")) => {
+                            let mut d = BytesMut::new();
+                            v4::Disconnect.write(&mut d).map_err(|_| Failure::Protocol)?;
+                            let _ = w.send(&d).await;
+                            w.close().await;
+                            return Ok(());
+                        }
+                        (200, _) => return Err(Failure::NotAssigned),
+                        (202, _) => {
+                            let retry = p.topic.split("retry-after=").nth(1).and_then(|x| x.parse().ok()).unwrap_or(2u64);
+                            tokio::time::sleep(Duration::from_secs(retry)).await;
+                            rid += 1;
+                            let op = body["operationId"].as_str().ok_or(Failure::Protocol)?;
+                            let mut q = Publish::new(
+                                format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={op}"),
+                                QoS::AtLeastOnce,
+                                " ",
+                            );
+                            q.pkid = rid;
+                            let mut o = BytesMut::new();
+                            q.write(&mut o).map_err(|_| Failure::Protocol)?;
+                            w.send(&o).await.map_err(|_| Failure::Protocol)?;
+                        }
+                        (st, _) => return Err(status_failure(st, &body)),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The HTTPS device API: register (202), wait Retry-After, poll until final. A new client,
+    /// so a new connection, per device.
+    async fn https(&self) -> Result<(), Failure> {
+        let addr = format!("{}:{}", self.ep.connect, self.ep.https_port).parse().map_err(|_| Failure::Connect)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*self.tls).clone())
+            .resolve(&self.ep.host, addr)
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|_| Failure::Tls)?;
+        let token = self.token()?;
+        let id = self.registration_id;
+        let base = format!("https://{}:{}/{}/registrations/{id}", self.ep.host, self.ep.https_port, self.ep.id_scope);
+        let r = http
+            .put(format!("{base}/register?api-version=2019-03-31"))
+            .header("Authorization", &token)
+            .header("Content-Type", "application/json; charset=utf-8")
+            .body(format!("{{\"registrationId\":\"{id}\"}}"))
+            .send()
+            .await
+            .map_err(|_| Failure::Connect)?;
+        let retry_of = |r: &reqwest::Response| r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(2u64);
+        let mut status = r.status().as_u16();
+        let mut retry = retry_of(&r);
+        let mut body: serde_json::Value = r.json().await.map_err(|_| Failure::Protocol)?;
+        loop {
+            match (status, body["status"].as_str()) {
+                (200, Some("assigned")) => return Ok(()),
+                (200, _) => return Err(Failure::NotAssigned),
+                (202, _) => {
+                    tokio::time::sleep(Duration::from_secs(retry)).await;
+                    let op = body["operationId"].as_str().ok_or(Failure::Protocol)?.to_string();
+                    let r = http
+                        .get(format!("{base}/operations/{op}?api-version=2019-03-31"))
+                        .header("Authorization", &token)
+                        .send()
+                        .await
+                        .map_err(|_| Failure::Connect)?;
+                    status = r.status().as_u16();
+                    retry = retry_of(&r);
+                    body = r.json().await.map_err(|_| Failure::Protocol)?;
+                }
+                (st, _) => return Err(status_failure(st, &body)),
+            }
+        }
+    }
+}
+
+async fn read_packet<W: Wire>(w: &mut W, buf: &mut BytesMut) -> Result<Packet, Failure> {
+    loop {
+        match v4::read(buf, 1 << 20) {
+            Ok(p) => return Ok(p),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(_) => return Err(Failure::Protocol),
+        }
+        if w.recv(buf).await.map_err(|_| Failure::Protocol)? == 0 {
+            return Err(Failure::Protocol);
+        }
+    }
+}

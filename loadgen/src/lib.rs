@@ -1,0 +1,14 @@
+//! `dps-loadgen`: simulated devices provisioning against a DPS endpoint (ours or any other),
+//! reporting latencies; also drives the benchmark's reference loads (bare TLS handshakes and
+//! Mosquitto sessions). The `loadgen` binary is its command line.
+
+pub mod device;
+pub mod endpoint;
+pub mod identities;
+pub mod report;
+pub mod run;
+pub mod service;
+pub mod tls;
+mod wire;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,130 @@
+//! loadgen against a real gateway (in this process, real TLS on loopback): every transport and
+//! mode ends with every device assigned, and resumption really resumes (the gateway's metrics
+//! count the resumed handshakes).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use dps_loadgen::device::Transport;
+use dps_loadgen::endpoint::Endpoint;
+use dps_loadgen::identities::Identities;
+use dps_loadgen::run::{run, Fleet, Plan};
+use dps_loadgen::service::ServiceClient;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn config(handshake_only: bool) -> dps_gateway::config::Config {
+    let mut c = dps_gateway::config::Config::default();
+    c.ports.https = 0;
+    c.ports.mqtt = 0;
+    c.ports.amqp = 0;
+    c.ports.admin = 0;
+    c.ports.bind = "127.0.0.1".into();
+    c.shards = 2;
+    c.handshake_only = handshake_only;
+    c.limits.service_operations_per_minute = 0;
+    c.limits.hub_latency_refresh_secs = 0;
+    c.linked_hubs.push(dps_gateway::config::HubConfig {
+        host_name: "hub-a.example.net".into(),
+        connection_string: "HostName=hub-a.example.net;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5a2V5a2V5a2V5a2V5a2V5".into(),
+        allocation_weight: None,
+        apply_allocation_policy: None,
+        location: None,
+    });
+    c
+}
+
+fn plan(transport: Transport, devices: usize) -> Plan {
+    Plan { transport, devices, concurrency: 8, rate: None, resume: false, timeout: Duration::from_secs(20), progress: None }
+}
+
+/// The sum over shards of `name` series carrying `label`.
+fn metric(admin: u16, name: &str, label: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines().filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+#[test]
+fn every_transport_and_mode_assigns_every_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = dps_gateway::start(config(false), dir.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
+    let service = ServiceClient::new(&ep).unwrap();
+    let key = rt.block_on(service.group_key("lg")).unwrap();
+    let fleet = |prefix: &str| {
+        Arc::new(Fleet {
+            ep: ep.clone(),
+            tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
+            ids: Identities::Group { prefix: prefix.into(), key: key.clone() },
+            broker: None,
+        })
+    };
+    for (t, n) in [(Transport::Mqtt, 40), (Transport::MqttWs, 20), (Transport::Https, 4)] {
+        let r = rt.block_on(run(fleet(t.name()), plan(t, n))).unwrap();
+        assert_eq!((r.assigned, r.error_count()), (n as u64, 0), "{}: {:?}", t.name(), r.errors);
+    }
+
+    // Open loop: 30 devices at 200/s take at least the 145 ms of their schedule.
+    let r = rt.block_on(run(fleet("open"), Plan { rate: Some(200.0), ..plan(Transport::Mqtt, 30) })).unwrap();
+    assert_eq!((r.assigned, r.error_count()), (30, 0), "{:?}", r.errors);
+    assert!(r.seconds >= 0.145, "{}", r.seconds);
+
+    // Resumption: the measured pass resumes every device's own session.
+    let before = metric(gw.endpoint.ports.admin, "dps_tls_handshakes_total", "result=\"resumed\"");
+    let r = rt.block_on(run(fleet("resume"), Plan { resume: true, ..plan(Transport::Mqtt, 20) })).unwrap();
+    assert_eq!((r.assigned, r.error_count()), (20, 0), "{:?}", r.errors);
+    let resumed = metric(gw.endpoint.ports.admin, "dps_tls_handshakes_total", "result=\"resumed\"") - before;
+    assert_eq!(resumed, 20.0);
+
+    // Individual enrollments from a CSV, created through the bulk API; a second creation is a
+    // no-op, and a device the CSV names with a wrong key is refused with 401002.
+    let csv = "registrationId,primaryKey\ncsv-1,AAECAwQFBgcICQoLDA0ODw==\ncsv-2,EBESExQVFhcYGRobHB0eHw==\n";
+    let Identities::Individual(devices) = Identities::read_csv(csv).unwrap() else { unreachable!() };
+    assert_eq!(rt.block_on(service.create_individual(&devices, 10)).unwrap(), 2);
+    assert_eq!(rt.block_on(service.create_individual(&devices, 10)).unwrap(), 0);
+    let f = Arc::new(Fleet {
+        ep: ep.clone(),
+        tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
+        ids: Identities::Individual(devices.clone()),
+        broker: None,
+    });
+    let r = rt.block_on(run(f, plan(Transport::Mqtt, 2))).unwrap();
+    assert_eq!((r.assigned, r.error_count()), (2, 0), "{:?}", r.errors);
+    let wrong = vec![("csv-1".to_string(), b"not the enrolled key".to_vec())];
+    let f = Arc::new(Fleet {
+        ep: ep.clone(),
+        tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
+        ids: Identities::Individual(wrong),
+        broker: None,
+    });
+    let r = rt.block_on(run(f, plan(Transport::Mqtt, 1))).unwrap();
+    assert_eq!(r.errors.get("status 401 errorCode 401002"), Some(&1), "{:?}", r.errors);
+    let json = r.json();
+    assert_eq!(json["settings"]["transport"], "mqtt");
+    assert!(json["machine"]["cores"].as_u64().unwrap() >= 1);
+    gw.shutdown().unwrap();
+}
+
+#[test]
+fn handshake_only_gateway_completes_handshakes_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = dps_gateway::start(config(true), dir.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
+    let fleet = |ids| Arc::new(Fleet { ep: ep.clone(), tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(), ids, broker: None });
+    let r = rt.block_on(run(fleet(Identities::Group { prefix: "h".into(), key: vec![] }), plan(Transport::TlsHandshake, 30))).unwrap();
+    assert_eq!((r.assigned, r.error_count()), (30, 0), "{:?}", r.errors);
+    // A registration gets no MQTT answer there.
+    let r = rt
+        .block_on(run(
+            fleet(Identities::Group { prefix: "h".into(), key: vec![1; 32] }),
+            Plan { timeout: Duration::from_secs(2), ..plan(Transport::Mqtt, 1) },
+        ))
+        .unwrap();
+    assert_eq!(r.assigned, 0);
+    assert_eq!(metric(gw.endpoint.ports.admin, "dps_tls_handshakes_total", "result=\"ok\""), 31.0);
+    gw.shutdown().unwrap();
+}
