@@ -105,7 +105,7 @@ impl Bench {
 }
 
 fn fleet(ep: &Endpoint, ids: Identities, broker: Option<BrokerLogin>) -> Result<Arc<Fleet>, BoxError> {
-    Ok(Arc::new(Fleet { tls: dps_loadgen::tls::client_config(&ep.ca)?, ep: ep.clone(), ids, broker }))
+    Ok(Arc::new(Fleet { tls: dps_loadgen::tls::client_config(&ep.ca)?, ep: ep.clone(), ids, broker, amqp_max_frame: 65_536 }))
 }
 
 /// A gateway with the `bench` group; returns it, its endpoint and the group key.

@@ -221,6 +221,17 @@ pub mod reply {
         Ok((i.mechanism.0, i.initial_response.map(|b| b.to_vec()).unwrap_or_default()))
     }
 
+    pub fn sasl_challenge(challenge: &[u8]) -> Result<Vec<u8>, String> {
+        let c = fe2o3_amqp_types::sasl::SaslChallenge { challenge: Binary::from(challenge.to_vec()) };
+        serde_amqp::to_vec(&c).map_err(|e| e.to_string())
+    }
+
+    /// The bytes of a sasl-response frame body.
+    pub fn sasl_response(body: &[u8]) -> Result<Vec<u8>, String> {
+        let r: fe2o3_amqp_types::sasl::SaslResponse = serde_amqp::from_slice(body).map_err(|e| format!("invalid sasl-response: {e}"))?;
+        Ok(r.response.to_vec())
+    }
+
     pub fn sasl_outcome(ok: bool) -> Result<Vec<u8>, String> {
         let o = SaslOutcome { code: if ok { SaslCode::Ok } else { SaslCode::Auth }, additional_data: None };
         serde_amqp::to_vec(&o).map_err(|e| e.to_string())
@@ -315,15 +326,15 @@ pub mod reply {
         })
     }
 
-    /// A settled, single-frame transfer on the server's sender link.
-    pub fn transfer(handle: &Handle, delivery_id: u32) -> Performative {
+    /// A settled transfer on the server's sender link (`more`: further frames of it follow).
+    pub fn transfer(handle: &Handle, delivery_id: u32, more: bool) -> Performative {
         Performative::Transfer(Transfer {
             handle: handle.clone(),
             delivery_id: Some(delivery_id),
             delivery_tag: Some(serde_bytes::ByteBuf::from(delivery_id.to_be_bytes().to_vec())),
             message_format: Some(0),
             settled: Some(true),
-            more: false,
+            more,
             rcv_settle_mode: None,
             state: None,
             resume: false,

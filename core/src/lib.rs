@@ -4,6 +4,7 @@
 
 pub mod allocation;
 pub mod amqp;
+pub mod amqp_connection;
 pub mod device;
 pub mod error;
 pub mod ids;

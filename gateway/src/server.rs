@@ -266,8 +266,9 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
     shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", result)]);
     match kind {
         Listener::Https => {
+            let cert = s.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
             if let Some((req, leftover)) = serve_http(&mut s, &shard.api, &shard.prov, &shard.stop, &shard.limits).await {
-                serve_websocket(&mut s, req, leftover, shard).await;
+                serve_websocket(&mut s, req, leftover, shard, cert).await;
             }
         }
         Listener::Mqtt if shard.handshake_only => {
@@ -286,7 +287,8 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
             tracing::debug!(shard = shard.id, ?end, "MQTT connection ended");
         }
         Listener::Amqp => {
-            let end = crate::amqp::serve_amqp(&mut s, "amqp", &shard.prov, &shard.stop, &shard.limits).await;
+            let cert = s.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+            let end = crate::amqp::serve_amqp(&mut s, "amqp", &shard.prov, &shard.stop, &shard.limits, cert).await;
             tracing::debug!(shard = shard.id, ?end, "AMQP connection ended");
         }
     }
@@ -344,7 +346,13 @@ async fn linger<S: AsyncRead + Unpin>(s: &mut S) {
 }
 
 /// Answers a WebSocket upgrade and runs the device protocol it asks for.
-async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: http::Request, leftover: Vec<u8>, shard: &Shard) {
+async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    req: http::Request,
+    leftover: Vec<u8>,
+    shard: &Shard,
+    client_certificate: bool,
+) {
     match crate::ws::handshake(&req, &[crate::ws::MQTT, crate::ws::AMQP]) {
         Ok((resp, protocol)) => {
             if http::write_response(s, &resp, false).await.is_err() {
@@ -352,7 +360,7 @@ async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: http
             }
             let mut ws = crate::ws::WsStream::new(s, leftover, shard.limits.max_mqtt_packet_bytes + 16);
             if protocol == crate::ws::AMQP {
-                let end = crate::amqp::serve_amqp(&mut ws, "amqp-ws", &shard.prov, &shard.stop, &shard.limits).await;
+                let end = crate::amqp::serve_amqp(&mut ws, "amqp-ws", &shard.prov, &shard.stop, &shard.limits, client_certificate).await;
                 tracing::debug!(shard = shard.id, ?end, "AMQP over WebSocket ended");
             } else {
                 let end = crate::mqtt::serve_mqtt(&mut ws, "mqtt-ws", &shard.prov, &shard.stop, &shard.limits).await;

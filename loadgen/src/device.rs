@@ -18,6 +18,10 @@ pub enum Transport {
     MqttWs,
     /// DPS registration through the HTTPS device API (register, then poll).
     Https,
+    /// DPS registration over AMQP (fe2o3-amqp client) on the AMQP port.
+    Amqp,
+    /// DPS registration over AMQP in WebSocket frames (`AMQPWSB10`) on the HTTPS port.
+    AmqpWs,
     /// Only a TLS handshake and close, on the MQTT port: the physical limit.
     TlsHandshake,
     /// The nearest plain-broker equivalent of a registration: CONNECT with username and
@@ -31,6 +35,8 @@ impl Transport {
             "mqtt" => Transport::Mqtt,
             "mqttws" | "mqtt-ws" => Transport::MqttWs,
             "https" | "http" => Transport::Https,
+            "amqp" => Transport::Amqp,
+            "amqpws" | "amqp-ws" => Transport::AmqpWs,
             "tls" | "handshake" => Transport::TlsHandshake,
             "broker" | "mosquitto" => Transport::BrokerSession,
             _ => return None,
@@ -41,6 +47,8 @@ impl Transport {
             Transport::Mqtt => "mqtt",
             Transport::MqttWs => "mqttws",
             Transport::Https => "https",
+            Transport::Amqp => "amqp",
+            Transport::AmqpWs => "amqpws",
             Transport::TlsHandshake => "tls",
             Transport::BrokerSession => "broker",
         }
@@ -57,7 +65,8 @@ pub enum Failure {
     Protocol,
     /// An error status, with the DPS error code of the body when it had one.
     Status(u16, Option<u32>),
-    NotAssigned,
+    /// A final answer other than `assigned`: `disabled`, `failed`, `unassigned` (or other).
+    NotAssigned(&'static str),
     Timeout,
 }
 
@@ -66,9 +75,20 @@ impl std::fmt::Display for Failure {
         match self {
             Failure::Status(s, Some(c)) => write!(f, "status {s} errorCode {c}"),
             Failure::Status(s, None) => write!(f, "status {s}"),
+            Failure::NotAssigned(s) => write!(f, "final status {s}"),
             other => write!(f, "{other:?}"),
         }
     }
+}
+
+/// A final registration status other than `assigned`.
+pub fn not_assigned(status: Option<&str>) -> Failure {
+    Failure::NotAssigned(match status {
+        Some("disabled") => "disabled",
+        Some("failed") => "failed",
+        Some("unassigned") => "unassigned",
+        _ => "other",
+    })
 }
 
 /// The status and DPS error code of an error answer.
@@ -90,6 +110,8 @@ pub struct Session<'a> {
     pub key: &'a [u8],
     pub broker: Option<&'a BrokerLogin>,
     pub seq: u32,
+    /// The max-frame-size AMQP sessions announce.
+    pub amqp_max_frame: u32,
 }
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
@@ -107,6 +129,16 @@ impl Session<'_> {
                 self.mqtt(ws).await
             }
             Transport::Https => self.https().await,
+            Transport::Amqp => {
+                let s = self.tls_connect(self.ep.amqp_port).await?;
+                self.amqp(s).await
+            }
+            Transport::AmqpWs => {
+                let s = self.tls_connect(self.ep.https_port).await?;
+                let ws =
+                    Ws::connect(s, &self.ep.host, "/$iothub/websocket", "AMQPWSB10", self.seq).await.map_err(|_| Failure::WebSocket)?;
+                self.amqp(crate::wire::into_stream(ws)).await
+            }
             Transport::TlsHandshake => self.handshake_only().await,
             Transport::BrokerSession => self.broker_session().await,
         }
@@ -172,6 +204,20 @@ impl Session<'_> {
         }
     }
 
+    async fn amqp<Io>(&self, stream: Io) -> Result<(), Failure>
+    where
+        Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+    {
+        let dev = crate::amqp_device::AmqpDevice {
+            host: &self.ep.host,
+            id_scope: &self.ep.id_scope,
+            registration_id: self.registration_id,
+            token: self.token()?,
+            max_frame: self.amqp_max_frame,
+        };
+        dev.provision(stream).await
+    }
+
     /// CONNECT, SUBSCRIBE and the register request pipelined (as the SDKs' transports allow),
     /// then the answers; polls while `assigning`.
     async fn mqtt<W: Wire>(&self, mut w: W) -> Result<(), Failure> {
@@ -211,7 +257,7 @@ impl Session<'_> {
                             w.close().await;
                             return Ok(());
                         }
-                        (200, _) => return Err(Failure::NotAssigned),
+                        (200, st) => return Err(not_assigned(st)),
                         (202, _) => {
                             let retry = p.topic.split("retry-after=").nth(1).and_then(|x| x.parse().ok()).unwrap_or(2u64);
                             tokio::time::sleep(Duration::from_secs(retry)).await;
@@ -263,7 +309,7 @@ impl Session<'_> {
         loop {
             match (status, body["status"].as_str()) {
                 (200, Some("assigned")) => return Ok(()),
-                (200, _) => return Err(Failure::NotAssigned),
+                (200, st) => return Err(not_assigned(st)),
                 (202, _) => {
                     tokio::time::sleep(Duration::from_secs(retry)).await;
                     let op = body["operationId"].as_str().ok_or(Failure::Protocol)?.to_string();

@@ -2,6 +2,7 @@
 //! reporting latencies; also drives the benchmark's reference loads (bare TLS handshakes and
 //! Mosquitto sessions). The `loadgen` binary is its command line.
 
+pub mod amqp_device;
 pub mod device;
 pub mod endpoint;
 pub mod identities;

@@ -27,7 +27,7 @@ struct Args {
     /// measured from each device's scheduled start.
     #[arg(long)]
     rate: Option<f64>,
-    /// `mqtt`, `mqttws` (MQTT over WebSockets on the HTTPS port), `https` (device REST API),
+    /// `mqtt`, `mqttws` (MQTT over WebSockets on the HTTPS port), `amqp`, `amqpws`, `https` (device REST API),
     /// `tls` (handshake and close only), or `broker` (a plain MQTT broker session, see --username).
     #[arg(long, default_value = "mqtt")]
     transport: String,
@@ -61,6 +61,9 @@ struct Args {
     username: String,
     #[arg(long, default_value = "loadgen")]
     password: String,
+    /// The max-frame-size AMQP devices announce (512 is AMQP's minimum).
+    #[arg(long, default_value_t = 65_536)]
+    amqp_max_frame: u32,
     /// Client threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -106,6 +109,7 @@ fn main() -> Result<(), BoxError> {
         ep,
         ids,
         broker: Some(BrokerLogin { username: a.username.clone(), password: a.password.clone() }),
+        amqp_max_frame: a.amqp_max_frame,
     });
     let plan = Plan {
         transport,

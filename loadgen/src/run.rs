@@ -33,6 +33,8 @@ pub struct Fleet {
     pub tls: Arc<rustls::ClientConfig>,
     pub ids: Identities,
     pub broker: Option<BrokerLogin>,
+    /// The max-frame-size AMQP devices announce (AMQP's minimum is 512).
+    pub amqp_max_frame: u32,
 }
 
 struct Tally {
@@ -63,7 +65,15 @@ impl Tally {
 
 async fn one(fleet: &Fleet, tls: Arc<rustls::ClientConfig>, plan: &Plan, i: usize) -> Result<(), Failure> {
     let (id, key) = fleet.ids.device(i);
-    let s = Session { ep: &fleet.ep, tls, registration_id: &id, key: &key, broker: fleet.broker.as_ref(), seq: i as u32 };
+    let s = Session {
+        ep: &fleet.ep,
+        tls,
+        registration_id: &id,
+        key: &key,
+        broker: fleet.broker.as_ref(),
+        seq: i as u32,
+        amqp_max_frame: fleet.amqp_max_frame,
+    };
     tokio::time::timeout(plan.timeout, s.run(plan.transport)).await.unwrap_or(Err(Failure::Timeout))
 }
 

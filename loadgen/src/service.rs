@@ -27,7 +27,7 @@ impl ServiceClient {
         Ok(ServiceClient { http, base: format!("https://{}:{}", ep.host, ep.https_port), token })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<String>) -> Result<(u16, String), BoxError> {
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<String>) -> Result<(u16, String), BoxError> {
         let mut r = self.http.request(method, format!("{}{path}?api-version=2021-10-01", self.base)).header("Authorization", &self.token);
         if let Some(b) = body {
             r = r.header("Content-Type", "application/json").body(b);

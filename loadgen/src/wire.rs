@@ -150,3 +150,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for Ws<S> {
         let _ = self.inner.shutdown().await;
     }
 }
+
+/// A WebSocket as a byte stream, for clients that want `AsyncRead + AsyncWrite` (fe2o3-amqp):
+/// a task moves bytes between one end of an in-memory pipe and the WebSocket.
+pub fn into_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(mut ws: Ws<S>) -> tokio::io::DuplexStream {
+    let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let mut up = vec![0u8; 16 * 1024];
+        let mut down = BytesMut::with_capacity(16 * 1024);
+        loop {
+            tokio::select! {
+                n = theirs.read(&mut up) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => if ws.send(&up[..n]).await.is_err() { break },
+                },
+                n = ws.recv(&mut down) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if theirs.write_all(&down).await.is_err() { break }
+                        down.clear();
+                    }
+                },
+            }
+        }
+        ws.close().await;
+    });
+    ours
+}

@@ -43,7 +43,10 @@ fn metric(admin: u16, name: &str, label: &str) -> f64 {
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    text.lines().filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[test]
@@ -60,12 +63,18 @@ fn every_transport_and_mode_assigns_every_device() {
             tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
             ids: Identities::Group { prefix: prefix.into(), key: key.clone() },
             broker: None,
+            amqp_max_frame: 65_536,
         })
     };
-    for (t, n) in [(Transport::Mqtt, 40), (Transport::MqttWs, 20), (Transport::Https, 4)] {
+    for (t, n) in [(Transport::Mqtt, 40), (Transport::MqttWs, 20), (Transport::Https, 4), (Transport::Amqp, 20), (Transport::AmqpWs, 20)] {
         let r = rt.block_on(run(fleet(t.name()), plan(t, n))).unwrap();
         assert_eq!((r.assigned, r.error_count()), (n as u64, 0), "{}: {:?}", t.name(), r.errors);
     }
+    // AMQP devices announcing the smallest max-frame-size get the response in several frames.
+    let mut small = Arc::try_unwrap(fleet("amqp-small")).ok().unwrap();
+    small.amqp_max_frame = 512;
+    let r = rt.block_on(run(Arc::new(small), plan(Transport::Amqp, 4))).unwrap();
+    assert_eq!((r.assigned, r.error_count()), (4, 0), "{:?}", r.errors);
 
     // Open loop: 30 devices at 200/s take at least the 145 ms of their schedule.
     let r = rt.block_on(run(fleet("open"), Plan { rate: Some(200.0), ..plan(Transport::Mqtt, 30) })).unwrap();
@@ -90,6 +99,7 @@ fn every_transport_and_mode_assigns_every_device() {
         tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
         ids: Identities::Individual(devices.clone()),
         broker: None,
+        amqp_max_frame: 65_536,
     });
     let r = rt.block_on(run(f, plan(Transport::Mqtt, 2))).unwrap();
     assert_eq!((r.assigned, r.error_count()), (2, 0), "{:?}", r.errors);
@@ -99,6 +109,7 @@ fn every_transport_and_mode_assigns_every_device() {
         tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
         ids: Identities::Individual(wrong),
         broker: None,
+        amqp_max_frame: 65_536,
     });
     let r = rt.block_on(run(f, plan(Transport::Mqtt, 1))).unwrap();
     assert_eq!(r.errors.get("status 401 errorCode 401002"), Some(&1), "{:?}", r.errors);
@@ -114,7 +125,9 @@ fn handshake_only_gateway_completes_handshakes_and_nothing_else() {
     let gw = dps_gateway::start(config(true), dir.path()).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
-    let fleet = |ids| Arc::new(Fleet { ep: ep.clone(), tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(), ids, broker: None });
+    let fleet = |ids| {
+        Arc::new(Fleet { ep: ep.clone(), tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(), ids, broker: None, amqp_max_frame: 65_536 })
+    };
     let r = rt.block_on(run(fleet(Identities::Group { prefix: "h".into(), key: vec![] }), plan(Transport::TlsHandshake, 30))).unwrap();
     assert_eq!((r.assigned, r.error_count()), (30, 0), "{:?}", r.errors);
     // A registration gets no MQTT answer there.
@@ -126,5 +139,56 @@ fn handshake_only_gateway_completes_handshakes_and_nothing_else() {
         .unwrap();
     assert_eq!(r.assigned, 0);
     assert_eq!(metric(gw.endpoint.ports.admin, "dps_tls_handshakes_total", "result=\"ok\""), 31.0);
+    gw.shutdown().unwrap();
+}
+
+/// Wrong key and unknown ID scope, over every device transport: refused with 401 and DPS error
+/// code 401002; a disabled enrollment ends with the final status `disabled` (spec
+/// device-protocol.md §3.4: 200 with status disabled). None is assigned.
+#[test]
+fn refusals_on_every_transport() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = dps_gateway::start(config(false), dir.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
+    let service = ServiceClient::new(&ep).unwrap();
+    let key = b"0123456789abcdef0123456789abcdef".to_vec();
+    let b64 = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    for (id, status) in [("enabled-dev", "enabled"), ("disabled-dev", "disabled")] {
+        let body = format!(
+            r#"{{"registrationId":"{id}","provisioningStatus":"{status}","attestation":{{"type":"symmetricKey","symmetricKey":{{"primaryKey":"{b64}","secondaryKey":"{b64}"}}}}}}"#
+        );
+        let (st, text) = rt.block_on(service.call(reqwest::Method::PUT, &format!("/enrollments/{id}"), Some(body))).unwrap();
+        assert_eq!(st, 200, "{text}");
+    }
+    let mut unknown_scope = ep.clone();
+    unknown_scope.id_scope = "0ne00000000".into();
+    let refused = "status 401 errorCode 401002";
+    let cases = [
+        ("wrong key", refused, ep.clone(), Identities::Individual(vec![("enabled-dev".into(), b"some other key material".to_vec())])),
+        ("disabled enrollment", "final status disabled", ep.clone(), Identities::Individual(vec![("disabled-dev".into(), key.clone())])),
+        ("unknown ID scope", refused, unknown_scope, Identities::Individual(vec![("enabled-dev".into(), key.clone())])),
+    ];
+    for (what, expected, ep, ids) in cases {
+        let fleet =
+            Arc::new(Fleet { tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(), ep, ids, broker: None, amqp_max_frame: 65_536 });
+        for t in [Transport::Mqtt, Transport::MqttWs, Transport::Https, Transport::Amqp, Transport::AmqpWs] {
+            let r = rt.block_on(run(fleet.clone(), plan(t, 1))).unwrap();
+            assert_eq!(r.assigned, 0, "{what} over {}", t.name());
+            assert_eq!(r.errors.get(expected), Some(&1), "{what} over {}: {:?}", t.name(), r.errors);
+        }
+    }
+    // The control: the enabled device with its key is assigned on every transport.
+    let ok = Arc::new(Fleet {
+        tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
+        ep: ep.clone(),
+        ids: Identities::Individual(vec![("enabled-dev".into(), key)]),
+        broker: None,
+        amqp_max_frame: 65_536,
+    });
+    for t in [Transport::Mqtt, Transport::MqttWs, Transport::Https, Transport::Amqp, Transport::AmqpWs] {
+        let r = rt.block_on(run(ok.clone(), plan(t, 1))).unwrap();
+        assert_eq!((r.assigned, r.error_count()), (1, 0), "{}: {:?}", t.name(), r.errors);
+    }
     gw.shutdown().unwrap();
 }
