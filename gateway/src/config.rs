@@ -211,7 +211,7 @@ pub struct HubConfig {
 }
 
 /// Environment variables with the `DPS_` prefix that are not configuration keys.
-const RESERVED_ENV: &[&str] = &["DPS_DATA_KEY", "DPS_LOG"];
+const RESERVED_ENV: &[&str] = &["DPS_DATA_KEY", "DPS_LOG", "DPS_LOG_FORMAT"];
 
 impl Config {
     /// Reads the file (if any), applies `DPS_*` variables from `env`, and checks the result.

@@ -172,9 +172,15 @@ impl EnrollmentCache {
         }
     }
 
+    /// This shard's metrics, with the cross-shard queue as it is now.
+    fn snapshot(&self) -> Series {
+        self.metrics.set("dps_cross_shard_pending", &[("shard", &self.me.to_string())], self.found.borrow().len() as i64);
+        self.metrics.snapshot()
+    }
+
     /// Every shard's metrics: this one's and, over the mesh, the others'.
     pub async fn scrape_all(&self) -> Vec<Series> {
-        let mut all = vec![self.metrics.snapshot()];
+        let mut all = vec![self.snapshot()];
         let Some(senders) = &self.senders else { return all };
         for peer in (0..self.peers).filter(|p| *p != self.me) {
             let req = self.req_id();
@@ -194,7 +200,7 @@ impl EnrollmentCache {
     fn handle(self: Rc<Self>, m: Msg) {
         match m {
             Msg::Scrape { from, req } => {
-                let series = self.metrics.snapshot();
+                let series = self.snapshot();
                 glommio::spawn_local(async move {
                     if let Some(s) = &self.senders {
                         let _ = s.send_to(from, Msg::Scraped { req, series }).await;

@@ -36,13 +36,16 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DPS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("DPS_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"))
+    };
+    // One line per event; `DPS_LOG_FORMAT=json` makes each a JSON object for log shippers.
+    if std::env::var("DPS_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        tracing_subscriber::fmt().json().with_env_filter(filter()).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init();
+    }
     let Cli { command: Command::Serve { data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards } } = Cli::parse();
     let mut cfg = match dps_gateway::config::Config::load(config.as_deref(), std::env::vars()) {
         Ok(c) => c,

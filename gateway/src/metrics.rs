@@ -34,6 +34,10 @@ impl Metrics {
     pub fn inc(&self, name: &str, labels: &[(&str, &str)]) {
         self.add(name, labels, 1);
     }
+    /// Sets a gauge.
+    pub fn set(&self, name: &str, labels: &[(&str, &str)], value: i64) {
+        self.series.borrow_mut().insert(series(name, labels), value);
+    }
     pub fn snapshot(&self) -> Vec<(String, i64)> {
         self.series.borrow().iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
@@ -53,9 +57,17 @@ const CATALOGUE: &[(&str, &str, &str)] = &[
     ("dps_connections_open", "gauge", "Connections open, by shard."),
     ("dps_tls_handshakes_total", "counter", "TLS handshakes, by shard and result (ok = full, resumed, failed, timeout)."),
     ("dps_cross_shard_lookups_total", "counter", "Enrollment lookups answered by another shard's cache partition, by shard."),
+    (
+        "dps_cross_shard_pending",
+        "gauge",
+        "Lookups a shard has sent to other shards and not yet had answered (the cross-shard queue), by shard.",
+    ),
+    ("dps_shard_stalls_total", "counter", "Times a shard's event loop ran more than 10 ms late (a task held the core), by shard."),
+    ("dps_shard_stall_microseconds_total", "counter", "Total lateness of those stalls, microseconds, by shard."),
     ("dps_store_commit_groups_total", "counter", "Group commits (one fsync each)."),
     ("dps_store_commit_transactions_total", "counter", "Transactions committed."),
     ("dps_store_commit_seconds_total", "counter", "Time spent committing, seconds."),
+    ("dps_store_commit_latency_seconds", "histogram", "Latency of a group commit (write and fsync)."),
     ("dps_store_write_queue_depth", "gauge", "Writes waiting for the store writer."),
 ];
 
@@ -73,7 +85,14 @@ pub fn render(shards: Vec<Vec<(String, i64)>>, extra: Vec<(String, f64)>) -> Str
     let mut out = String::new();
     for (name, kind, help) in CATALOGUE {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (k, v) in total.iter().filter(|(k, _)| k.as_str() == *name || k.starts_with(&format!("{name}{{"))) {
+        let belongs = |k: &str| {
+            k == *name
+                || k.starts_with(&format!("{name}{{"))
+                || k.starts_with(&format!("{name}_bucket{{"))
+                || k == format!("{name}_sum")
+                || k == format!("{name}_count")
+        };
+        for (k, v) in total.iter().filter(|(k, _)| belongs(k)) {
             out.push_str(&format!("{k} {v}\n"));
         }
     }
@@ -97,5 +116,37 @@ mod tests {
         assert!(text.contains("dps_device_assignments_total{hub=\"h\\\"1\"} 1\n"));
         assert!(text.contains("# TYPE dps_connections_open gauge\n"));
         assert!(text.contains("dps_store_commit_groups_total 4\n"));
+        let hist = vec![
+            ("dps_store_commit_latency_seconds_bucket{le=\"0.001\"}".to_string(), 2.0),
+            ("dps_store_commit_latency_seconds_count".to_string(), 3.0),
+        ];
+        let text = render(vec![], hist);
+        assert!(
+            text.contains("# TYPE dps_store_commit_latency_seconds histogram\ndps_store_commit_latency_seconds_bucket{le=\"0.001\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("dps_store_commit_latency_seconds_count 3\n"));
     }
+}
+
+/// The store's commit statistics as series: counters and the latency histogram (cumulative
+/// buckets in seconds, as Prometheus wants them).
+pub fn store_series(stats: &dps_storage::CommitStats, queued: usize) -> Vec<(String, f64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let name = "dps_store_commit_latency_seconds";
+    let mut out = vec![
+        ("dps_store_commit_groups_total".to_string(), stats.groups.load(Relaxed) as f64),
+        ("dps_store_commit_transactions_total".to_string(), stats.txns.load(Relaxed) as f64),
+        ("dps_store_commit_seconds_total".to_string(), stats.commit_micros.load(Relaxed) as f64 / 1e6),
+        ("dps_store_write_queue_depth".to_string(), queued as f64),
+        (format!("{name}_sum"), stats.commit_micros.load(Relaxed) as f64 / 1e6),
+    ];
+    let mut cumulative = 0u64;
+    for (i, bucket) in stats.buckets.iter().enumerate() {
+        cumulative += bucket.load(Relaxed);
+        let le = dps_storage::COMMIT_BUCKETS_US.get(i).map_or("+Inf".to_string(), |us| (*us as f64 / 1e6).to_string());
+        out.push((series(&format!("{name}_bucket"), &[("le", &le)]), cumulative as f64));
+    }
+    out.push((format!("{name}_count"), cumulative as f64));
+    out
 }

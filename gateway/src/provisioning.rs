@@ -109,12 +109,20 @@ impl Provisioning {
         }
     }
 
-    fn reply(&self, r: Result<(u16, String), Refusal>, now: UtcTime, what: &str, registration_id: &str) -> DeviceReply {
+    /// The answer, logged: one `device_operations` line per operation (a successful register
+    /// logs its own line, with the hub).
+    fn reply(&self, r: Result<(u16, String), Refusal>, now: UtcTime, what: &str, a: &DeviceAuth<'_>) -> DeviceReply {
         match r {
-            Ok((status, body)) => DeviceReply { status, body, retry_after: None },
+            Ok((status, body)) => {
+                if what != "register" {
+                    tracing::info!(target: "device_operations", shard = self.shard, protocol = a.protocol, operation = what,
+                        registration_id = %printable(a.registration_id), status, "ok");
+                }
+                DeviceReply { status, body, retry_after: None }
+            }
             Err(f) => {
-                tracing::info!(target: "device_operations", shard = self.shard, operation = what, registration_id = %printable(registration_id),
-                    status = f.err.kind.status(), error_code = f.err.kind.code(), reason = %f.why, "refused");
+                tracing::info!(target: "device_operations", shard = self.shard, protocol = a.protocol, operation = what,
+                    registration_id = %printable(a.registration_id), status = f.err.kind.status(), error_code = f.err.kind.code(), reason = %f.why, "refused");
                 let tracking = format!("{:016x}", u64::from_be_bytes(random_bytes::<8>()));
                 DeviceReply { status: f.err.kind.status(), body: error_body(&f.err, &tracking, now), retry_after: f.retry_after }
             }
@@ -142,7 +150,7 @@ impl Provisioning {
             }
             self.metrics.inc("dps_registration_attempts_total", &[p, ("status", "failure")]);
         }
-        self.reply(r, now, "register", a.registration_id)
+        self.reply(r, now, "register", &a)
     }
 
     async fn register_inner(&self, a: &DeviceAuth<'_>, body: &[u8], now: UtcTime, mono: u64) -> Result<(u16, String), Refusal> {
@@ -238,8 +246,8 @@ impl Provisioning {
         if let (RegistrationStatus::Assigned, Some(hub)) = (state.status, state.assigned_hub.as_deref()) {
             self.metrics.inc("dps_device_assignments_total", &[("hub", hub)]);
         }
-        tracing::info!(target: "device_operations", shard = self.shard, operation = "register", registration_id = %printable(a.registration_id),
-            status = state.status.as_str(), hub = state.assigned_hub.as_deref().unwrap_or(""), "registered");
+        tracing::info!(target: "device_operations", shard = self.shard, protocol = a.protocol, operation = "register", registration_id = %printable(a.registration_id),
+            registration_status = state.status.as_str(), hub = state.assigned_hub.as_deref().unwrap_or(""), "registered");
         // The state is final at once (registry-only hubs), so the register request itself is
         // answered 200 with it: every SDK treats a 200 with a terminal status as done, which
         // saves the fixed 2 s the Python SDK waits after a 202.
@@ -249,7 +257,7 @@ impl Provisioning {
     /// Handles a registration status lookup (HTTP `POST /{idScope}/registrations/{id}`).
     pub async fn lookup(&self, a: DeviceAuth<'_>, now: UtcTime) -> DeviceReply {
         let r = self.lookup_inner(&a, now).await;
-        self.reply(r, now, "lookup", a.registration_id)
+        self.reply(r, now, "lookup", &a)
     }
 
     async fn lookup_inner(&self, a: &DeviceAuth<'_>, now: UtcTime) -> Result<(u16, String), Refusal> {
@@ -282,7 +290,7 @@ impl Provisioning {
     /// Handles an operation status poll.
     pub async fn operation_status(&self, a: DeviceAuth<'_>, operation: &str, now: UtcTime, mono: u64) -> DeviceReply {
         let r = self.status_inner(&a, operation, now, mono).await;
-        self.reply(r, now, "operation_status", a.registration_id)
+        self.reply(r, now, "operation_status", &a)
     }
 
     async fn status_inner(&self, a: &DeviceAuth<'_>, operation: &str, now: UtcTime, mono: u64) -> Result<(u16, String), Refusal> {

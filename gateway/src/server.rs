@@ -169,6 +169,7 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     let b = glommio::spawn_local(accept_loop(mqtt, Listener::Mqtt, shard.clone()));
     let q = glommio::spawn_local(accept_loop(amqp, Listener::Amqp, shard.clone()));
     let c = admin.map(|l| glommio::spawn_local(admin_loop(l, shard.clone())));
+    glommio::spawn_local(watch_stalls(shard.clone())).detach();
     a.await;
     b.await;
     q.await;
@@ -181,6 +182,22 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!(shard = spec.id, "shard stopped");
+}
+
+/// Counts the times this shard's event loop ran late: a timer due every 10 ms that fires more
+/// than 10 ms late means some task kept the core that long.
+async fn watch_stalls(shard: Rc<Shard>) {
+    let period = Duration::from_millis(10);
+    let sid = shard.id.to_string();
+    while !shard.stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        glommio::timer::sleep(period).await;
+        let late = t.elapsed().saturating_sub(period);
+        if late > period {
+            shard.metrics.inc("dps_shard_stalls_total", &[("shard", &sid)]);
+            shard.metrics.add("dps_shard_stall_microseconds_total", &[("shard", &sid)], late.as_micros() as i64);
+        }
+    }
 }
 
 type PendingAccept<'l> = Pin<Box<dyn Future<Output = glommio::Result<TcpStream, ()>> + 'l>>;
@@ -307,13 +324,7 @@ async fn admin_loop(listener: TcpListener, shard: Rc<Shard>) {
                 glommio::timer::timeout(Duration::from_secs(5), async { Ok(http::read_request(&mut stream, &mut buf, 0).await) }).await;
             let resp = match read {
                 Ok(Ok(req)) if req.method == "GET" && req.path == "/metrics" => {
-                    let stats = &shard.svc.store.stats;
-                    let extra = vec![
-                        ("dps_store_commit_groups_total".to_string(), stats.groups.load(Ordering::Relaxed) as f64),
-                        ("dps_store_commit_transactions_total".to_string(), stats.txns.load(Ordering::Relaxed) as f64),
-                        ("dps_store_commit_seconds_total".to_string(), stats.commit_micros.load(Ordering::Relaxed) as f64 / 1e6),
-                        ("dps_store_write_queue_depth".to_string(), shard.svc.store.queued_writes() as f64),
-                    ];
+                    let extra = crate::metrics::store_series(&shard.svc.store.stats, shard.svc.store.queued_writes());
                     let text = crate::metrics::render(shard.cache.scrape_all().await, extra);
                     let mut r = Response::new(200).header("Content-Type", "text/plain; version=0.0.4");
                     r.body = text.into_bytes();

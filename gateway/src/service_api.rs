@@ -180,7 +180,7 @@ impl ServiceApi {
                 return r.header("x-ms-request-id", tracking);
             }
         };
-        tracing::debug!(target: "service_operations", tracking_id = %tracking, method = %req.method, path = %printable(&req.path), status = resp.status, "ok");
+        tracing::info!(target: "service_operations", tracking_id = %tracking, method = %req.method, path = %printable(&req.path), status = resp.status, "ok");
         resp.header("x-ms-request-id", tracking)
     }
 

@@ -154,3 +154,81 @@ fn rustls_client(s: &TestServer) -> std::sync::Arc<rustls::ClientConfig> {
             .with_no_client_auth(),
     )
 }
+
+/// `DPS_LOG_FORMAT=json`: one JSON line per device and per service operation, with its outcome
+/// and DPS error code, in the two categories; never a key or a token.
+#[test]
+fn operation_logs_are_json_lines_without_secrets() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dps"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0", "--shards", "1"])
+        .env("DPS_PORTS__BIND", "127.0.0.1")
+        .env("DPS_PORTS__ADMIN", "0")
+        .env("DPS_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ep = wait_for_endpoint(dir.path());
+    let ca = std::fs::read(ep["caCertificate"].as_str().unwrap()).unwrap();
+    let http = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let base = format!("https://localhost:{}", ep["ports"]["https"]);
+    let cs = dps_core::model::parse_connection_string(ep["serviceConnectionString"].as_str().unwrap()).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let service_token = dps_core::sas::build(&cs.host_name, &b64.decode(&cs.key).unwrap(), 4_000_000_000, Some(&cs.key_name));
+    let key = b64.encode(b"log-test-device-key-0123456789ab");
+    let put = http
+        .put(format!("{base}/enrollments/log-dev?api-version=2021-10-01"))
+        .header("Authorization", &service_token)
+        .body(format!(r#"{{"registrationId":"log-dev","attestation":{{"type":"symmetricKey","symmetricKey":{{"primaryKey":"{key}","secondaryKey":"{key}"}}}}}}"#))
+        .send()
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 200);
+    let missing =
+        http.get(format!("{base}/enrollments/nobody?api-version=2021-10-01")).header("Authorization", &service_token).send().unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+    let scope = ep["idScope"].as_str().unwrap();
+    let register = |k: &[u8]| {
+        let token = dps_core::sas::build(&format!("{scope}/registrations/log-dev"), k, 4_000_000_000, Some("registration"));
+        let r = http
+            .put(format!("{base}/{scope}/registrations/log-dev/register?api-version=2019-03-31"))
+            .header("Authorization", &token)
+            .body(r#"{"registrationId":"log-dev"}"#)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), token)
+    };
+    let (ok, good_token) = register(b"log-test-device-key-0123456789ab");
+    assert_eq!(ok, 202);
+    let (refused, bad_token) = register(b"not the key");
+    assert_eq!(refused, 401);
+
+    send_signal(child.id(), "-TERM");
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(child.wait().unwrap().success());
+    let lines: Vec<serde_json::Value> =
+        err.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let find = |target: &str, f: &dyn Fn(&serde_json::Value) -> bool| lines.iter().any(|l| l["target"] == target && f(&l["fields"]));
+    assert!(find("service_operations", &|f| f["status"] == 200 && f["method"] == "PUT"), "{err}");
+    assert!(find("service_operations", &|f| f["status"] == 404 && f["error_code"] == 404201), "{err}");
+    assert!(
+        find("device_operations", &|f| f["operation"] == "register"
+            && f["registration_id"] == "log-dev"
+            && f["registration_status"].is_string()),
+        "{err}"
+    );
+    assert!(find("device_operations", &|f| f["status"] == 401 && f["error_code"] == 401002 && f["protocol"] == "https"), "{err}");
+    for secret in [key.as_str(), cs.key.as_str(), good_token.as_str(), bad_token.as_str(), service_token.as_str()] {
+        let sig = secret.rsplit("sig=").next().unwrap().split('&').next().unwrap();
+        assert!(!err.contains(sig), "a secret is in the log");
+    }
+}

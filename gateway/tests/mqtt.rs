@@ -523,6 +523,15 @@ fn metrics_are_merged_across_shards() {
     assert_eq!(value("dps_attestation_attempts_total{protocol=\"mqtt\",attestation=\"symmetricKey\",status=\"failure\"}"), 1.0);
     assert_eq!(value("dps_device_assignments_total{hub=\"hub-a.example\"}"), 4.0);
     assert!(value("dps_store_commit_groups_total") >= 1.0);
+    // The commit latency histogram: cumulative buckets ending in +Inf, which equals the count.
+    let groups = value("dps_store_commit_groups_total");
+    assert_eq!(value("dps_store_commit_latency_seconds_bucket{le=\"+Inf\"}"), groups);
+    assert_eq!(value("dps_store_commit_latency_seconds_count"), groups);
+    assert!(value("dps_store_commit_latency_seconds_bucket{le=\"0.25\"}") <= groups);
+    // Both shards report their cross-shard queue (idle now) and the stall counters exist.
+    assert_eq!(value("dps_cross_shard_pending{shard=\"0\"}"), 0.0);
+    assert_eq!(value("dps_cross_shard_pending{shard=\"1\"}"), 0.0);
+    assert!(text.contains("# TYPE dps_shard_stalls_total counter"));
     // Connections were spread over both shards, and each shard's counts are in the sum.
     let accepted: f64 = text
         .lines()

@@ -55,12 +55,26 @@ struct Write {
     reply: Reply<TxnResult>,
 }
 
+/// Upper bounds (µs) of the commit latency histogram's buckets; the last bucket is unbounded.
+pub const COMMIT_BUCKETS_US: [u64; 11] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000];
+
 /// Commit statistics for metrics and benchmarks.
 #[derive(Default)]
 pub struct CommitStats {
     pub groups: AtomicU64,
     pub txns: AtomicU64,
     pub commit_micros: AtomicU64,
+    /// Group commits by latency: `buckets[i]` counts those ≤ `COMMIT_BUCKETS_US[i]` and above the
+    /// previous bound; the last counts the rest (not cumulative).
+    pub buckets: [AtomicU64; COMMIT_BUCKETS_US.len() + 1],
+}
+
+impl CommitStats {
+    fn record(&self, micros: u64) {
+        let i = COMMIT_BUCKETS_US.iter().position(|b| micros <= *b).unwrap_or(COMMIT_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.commit_micros.fetch_add(micros, Ordering::Relaxed);
+    }
 }
 
 /// A cloneable handle; every method returns a future that any executor can await.
@@ -233,7 +247,7 @@ fn writer(
             Ok(results) => {
                 stats.groups.fetch_add(1, Ordering::Relaxed);
                 stats.txns.fetch_add(n, Ordering::Relaxed);
-                stats.commit_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                stats.record(started.elapsed().as_micros() as u64);
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(Ok(r));
                 }
