@@ -99,6 +99,28 @@ pub fn render(shards: Vec<Vec<(String, i64)>>, extra: Vec<(String, f64)>) -> Str
     out
 }
 
+/// The store's commit statistics as series: counters and the latency histogram (cumulative
+/// buckets in seconds, as Prometheus wants them).
+pub fn store_series(stats: &dps_storage::CommitStats, queued: usize) -> Vec<(String, f64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let name = "dps_store_commit_latency_seconds";
+    let mut out = vec![
+        ("dps_store_commit_groups_total".to_string(), stats.groups.load(Relaxed) as f64),
+        ("dps_store_commit_transactions_total".to_string(), stats.txns.load(Relaxed) as f64),
+        ("dps_store_commit_seconds_total".to_string(), stats.commit_micros.load(Relaxed) as f64 / 1e6),
+        ("dps_store_write_queue_depth".to_string(), queued as f64),
+        (format!("{name}_sum"), stats.commit_micros.load(Relaxed) as f64 / 1e6),
+    ];
+    let mut cumulative = 0u64;
+    for (i, bucket) in stats.buckets.iter().enumerate() {
+        cumulative += bucket.load(Relaxed);
+        let le = dps_storage::COMMIT_BUCKETS_US.get(i).map_or("+Inf".to_string(), |us| (*us as f64 / 1e6).to_string());
+        out.push((series(&format!("{name}_bucket"), &[("le", &le)]), cumulative as f64));
+    }
+    out.push((format!("{name}_count"), cumulative as f64));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,26 +149,4 @@ mod tests {
         );
         assert!(text.contains("dps_store_commit_latency_seconds_count 3\n"));
     }
-}
-
-/// The store's commit statistics as series: counters and the latency histogram (cumulative
-/// buckets in seconds, as Prometheus wants them).
-pub fn store_series(stats: &dps_storage::CommitStats, queued: usize) -> Vec<(String, f64)> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let name = "dps_store_commit_latency_seconds";
-    let mut out = vec![
-        ("dps_store_commit_groups_total".to_string(), stats.groups.load(Relaxed) as f64),
-        ("dps_store_commit_transactions_total".to_string(), stats.txns.load(Relaxed) as f64),
-        ("dps_store_commit_seconds_total".to_string(), stats.commit_micros.load(Relaxed) as f64 / 1e6),
-        ("dps_store_write_queue_depth".to_string(), queued as f64),
-        (format!("{name}_sum"), stats.commit_micros.load(Relaxed) as f64 / 1e6),
-    ];
-    let mut cumulative = 0u64;
-    for (i, bucket) in stats.buckets.iter().enumerate() {
-        cumulative += bucket.load(Relaxed);
-        let le = dps_storage::COMMIT_BUCKETS_US.get(i).map_or("+Inf".to_string(), |us| (*us as f64 / 1e6).to_string());
-        out.push((series(&format!("{name}_bucket"), &[("le", &le)]), cumulative as f64));
-    }
-    out.push((format!("{name}_count"), cumulative as f64));
-    out
 }
