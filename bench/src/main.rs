@@ -193,6 +193,28 @@ fn main() -> Result<(), BoxError> {
             )?
             .0,
         );
+        transports.push(
+            b.measure(
+                "amqp",
+                "DPS registration over AMQP (fe2o3-amqp client), 2 shards",
+                g.pid(),
+                |p| fleet(&ep, ids(p), None),
+                Transport::Amqp,
+                n,
+            )?
+            .0,
+        );
+        transports.push(
+            b.measure(
+                "amqpws",
+                "DPS registration over AMQP/WebSockets (fe2o3-amqp client), 2 shards",
+                g.pid(),
+                |p| fleet(&ep, ids(p), None),
+                Transport::AmqpWs,
+                n,
+            )?
+            .0,
+        );
         // The HTTPS device API answers 202 with Retry-After: 1, so its rate is the number in
         // flight per second; it runs with more in flight and fewer devices.
         let saved = b.concurrency;

@@ -13,8 +13,12 @@ pub struct Config {
     /// Host names devices and operators use to reach this service; the first one goes into the
     /// connection string and every one into the generated server certificate.
     pub host_names: Vec<String>,
-    /// Shards (executors, one per core by default; 0 = one per available core).
+    /// Shards (executors, one per core by default; 0 = one per available core, or one per
+    /// entry of `cpus`).
     pub shards: usize,
+    /// CPUs the shards are pinned to, shard i on `cpus[i]` (empty: shard i on CPU i when there
+    /// are no more shards than cores, else unpinned).
+    pub cpus: Vec<usize>,
     pub ports: Ports,
     pub tls: Tls,
     pub limits: Limits,
@@ -45,6 +49,7 @@ impl Default for Config {
             data_dir: None,
             host_names: vec!["localhost".to_string()],
             shards: 0,
+            cpus: Vec::new(),
             ports: Ports::default(),
             tls: Tls::default(),
             limits: Limits::default(),
@@ -282,6 +287,10 @@ mod tests {
         let env = vec![("DPS_LIMITS__MAX_BULK_ITEMS".to_string(), "1000".to_string()), ("DPS_HOST_NAMES".into(), "[\"a\", \"b\"]".into())];
         let c = Config::load(None, env.into_iter()).unwrap();
         assert_eq!(c.limits.max_bulk_items, 1000);
+        assert_eq!((c.tls.session_cache_entries, c.tls.tickets_per_handshake, c.tls.stateless_tickets), (65_536, 1, false));
+        let tuned = vec![("DPS_CPUS".to_string(), "[2, 3]".to_string()), ("DPS_TLS__STATELESS_TICKETS".into(), "true".into())];
+        let t = Config::load(None, tuned.into_iter()).unwrap();
+        assert_eq!((t.cpus, t.tls.stateless_tickets), (vec![2, 3], true));
         assert_eq!(c.host_names, ["a", "b"]);
         let err = Config::load(None, vec![("DPS_LIMITS__MAX_BULK".to_string(), "1".to_string())].into_iter()).unwrap_err();
         assert!(err.contains("max_bulk"), "{err}");

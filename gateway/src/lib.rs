@@ -89,7 +89,10 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if cfg.shards == 0 {
-        cfg.shards = cores;
+        cfg.shards = if cfg.cpus.is_empty() { cores } else { cfg.cpus.len() };
+    }
+    if !cfg.cpus.is_empty() && cfg.cpus.len() < cfg.shards {
+        return Err(format!("cpus lists {} CPUs for {} shards; list one per shard", cfg.cpus.len(), cfg.shards));
     }
     let store_cfg = dps_storage::StoreServiceConfig {
         readers: cfg.store.readers,
@@ -134,7 +137,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
         let (tx, rx) = std::sync::mpsc::channel();
         let spec = server::ShardSpec {
             id,
-            cpu: (cfg.shards <= cores).then_some(id),
+            cpu: if cfg.cpus.is_empty() { (cfg.shards <= cores).then_some(id) } else { cfg.cpus.get(id).copied() },
             svc: svc.clone(),
             tls: tls.clone(),
             handshake_only: cfg.handshake_only,

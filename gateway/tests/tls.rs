@@ -72,3 +72,27 @@ fn operator_certificates_from_the_config() {
     let err = dps_gateway::start(bad, tempfile::tempdir().unwrap().path()).err().unwrap();
     assert!(err.contains("ecdsa_key"), "{err}");
 }
+
+/// `cpus` pins shard i to `cpus[i]`, sets the shard count when `shards` is 0, and must list a
+/// CPU for every shard.
+#[test]
+fn shards_follow_the_cpu_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = dps_gateway::config::Config::default();
+    c.ports.https = 0;
+    c.ports.mqtt = 0;
+    c.ports.amqp = 0;
+    c.ports.admin = 0;
+    c.ports.bind = "127.0.0.1".into();
+    c.cpus = vec![0, 1];
+    c.shards = 3;
+    let err = dps_gateway::start(c.clone(), dir.path()).err().unwrap();
+    assert!(err.contains("2 CPUs for 3 shards"), "{err}");
+    c.shards = 0;
+    c.cpus = vec![0];
+    let running = dps_gateway::start(c, dir.path()).unwrap();
+    let text = reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", running.endpoint.ports.admin)).unwrap().text().unwrap();
+    assert!(text.contains("dps_cross_shard_pending{shard=\"0\"}"), "{text}");
+    assert!(!text.contains("shard=\"1\""), "one shard only: {text}");
+    running.shutdown().unwrap();
+}

@@ -192,3 +192,34 @@ fn refusals_on_every_transport() {
     }
     gw.shutdown().unwrap();
 }
+
+/// With `tls.stateless_tickets` the devices resume from tickets; with no tickets sent, nobody
+/// resumes (every handshake is full).
+#[test]
+fn resumption_follows_the_ticket_knobs() {
+    for (stateless, tickets, expect_resumed) in [(true, 1, 10.0), (false, 0, 0.0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(false);
+        c.tls.stateless_tickets = stateless;
+        c.tls.tickets_per_handshake = tickets;
+        let gw = dps_gateway::start(c, dir.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
+        let key = rt.block_on(ServiceClient::new(&ep).unwrap().group_key("lg")).unwrap();
+        let fleet = Arc::new(Fleet {
+            tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
+            ep: ep.clone(),
+            ids: Identities::Group { prefix: "t".into(), key },
+            broker: None,
+            amqp_max_frame: 65_536,
+        });
+        let r = rt.block_on(run(fleet, Plan { resume: true, ..plan(Transport::Mqtt, 10) })).unwrap();
+        assert_eq!((r.assigned, r.error_count()), (10, 0), "{:?}", r.errors);
+        assert_eq!(
+            metric(gw.endpoint.ports.admin, "dps_tls_handshakes_total", "result=\"resumed\""),
+            expect_resumed,
+            "stateless {stateless}"
+        );
+        gw.shutdown().unwrap();
+    }
+}
