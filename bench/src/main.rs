@@ -15,7 +15,6 @@
 //! one, both on the same cores. Nothing here asserts a timing; `--smoke` runs every part tiny.
 
 mod gateway_proc;
-mod micro;
 mod mosquitto;
 mod service_api;
 
@@ -282,7 +281,7 @@ fn main() -> Result<(), BoxError> {
         ));
 
         // 5. Microbenchmarks.
-        for (name, ns) in micro::run(if a.smoke { Duration::from_millis(50) } else { Duration::from_millis(500) })? {
+        for (name, ns) in dps_bench::micro::run(if a.smoke { Duration::from_millis(50) } else { Duration::from_millis(500) })? {
             extra.push(format!("| micro: {name} | {:.0} ns/op ({:.2} µs) |", ns, ns / 1000.0));
         }
 

@@ -1,11 +1,115 @@
-//! Microbenchmarks of the hot path's pieces, timed in this process: each runs for a fixed
-//! wall-clock budget and reports nanoseconds per operation (the median of five slices).
+//! The hot path's pieces, for microbenchmarks: [`HotPath`] holds the fixtures and one method per
+//! piece. `dps-bench` times them itself (a table row each, [`run`]); `cargo bench -p dps-bench`
+//! runs the same methods under criterion (`benches/hot_path.rs`).
 
-use crate::BoxError;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use dps_storage::{Expect, Op, Record, Store, Table, Txn};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const GROUP_KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+const RESOURCE: &str = "0ne00000001/registrations/device-000042";
+
+pub struct HotPath {
+    device_key: Vec<u8>,
+    token: String,
+    /// CONNECT, SUBSCRIBE and PUBLISH as a device pipelines them.
+    wire: Bytes,
+    status: dps_core::device::OperationStatus,
+    store: dps_storage::FjallStore,
+    _dir: tempfile::TempDir,
+    next: u64,
+}
+
+fn mqtt_err(e: mqttbytes::Error) -> BoxError {
+    format!("{e:?}").into()
+}
+
+impl HotPath {
+    pub fn new() -> Result<HotPath, BoxError> {
+        use base64::Engine;
+        let device_key = base64::engine::general_purpose::STANDARD.decode(dps_core::sas::derive_device_key(GROUP_KEY, "device-000042"))?;
+        let token = dps_core::sas::build(RESOURCE, &device_key, 4_000_000_000, Some("registration"));
+        let mut wire = BytesMut::new();
+        let mut c = mqttbytes::v4::Connect::new("device-000042");
+        c.login = Some(mqttbytes::v4::Login::new(format!("{RESOURCE}/api-version=2019-03-31&ClientVersion=bench"), token.clone()));
+        c.write(&mut wire).map_err(mqtt_err)?;
+        mqttbytes::v4::Subscribe::new("$dps/registrations/res/#", mqttbytes::QoS::AtLeastOnce).write(&mut wire).map_err(mqtt_err)?;
+        let mut p = mqttbytes::v4::Publish::new(
+            "$dps/registrations/PUT/iotdps-register/?$rid=1",
+            mqttbytes::QoS::AtLeastOnce,
+            "{\"registrationId\":\"device-000042\"}",
+        );
+        p.pkid = 2;
+        p.write(&mut wire).map_err(mqtt_err)?;
+        let state: dps_core::model::DeviceRegistrationState = serde_json::from_value(serde_json::json!({
+            "registrationId": "device-000042", "createdDateTimeUtc": "2026-11-26T12:00:00.0000000Z",
+            "assignedHub": "hub-a.example.net", "deviceId": "device-000042", "status": "assigned", "substatus": "initialAssignment",
+            "lastUpdatedDateTimeUtc": "2026-11-26T12:00:00.0000000Z", "etag": "\"0a1b2c3d\""}))?;
+        let status = dps_core::device::OperationStatus {
+            operation_id: dps_core::device::operation_id(42, "device-000042"),
+            status: dps_core::model::RegistrationStatus::Assigned,
+            registration_state: Some(dps_core::device::DeviceRegistrationResult {
+                state,
+                symmetric_key: Some(dps_core::device::SymmetricKeyResult { enrollment_group_id: Some("bench".into()) }),
+            }),
+        };
+        let dir = tempfile::tempdir()?;
+        let store = dps_storage::FjallStore::open(dir.path(), dps_storage::DataKey::new(&[7u8; 32]), 64 << 20)?;
+        let mut h = HotPath { device_key, token, wire: wire.freeze(), status, store, _dir: dir, next: 0 };
+        // Records for the reads.
+        h.store_put_group(1_000);
+        Ok(h)
+    }
+
+    /// A device's SAS token: parse, scope and expiry check, HMAC-SHA256 verify.
+    pub fn sas_verify(&self) -> bool {
+        match dps_core::sas::parse(black_box(&self.token)) {
+            Ok(t) => t.check_scope(RESOURCE, 1_000_000_000).is_ok() && t.signed_with(&self.device_key),
+            Err(_) => false,
+        }
+    }
+
+    /// A group device's key: HMAC-SHA256 of its id with the group key, base64.
+    pub fn derive_key(&self) -> String {
+        dps_core::sas::derive_device_key(GROUP_KEY, black_box("device-000042"))
+    }
+
+    /// Decodes the three packets a device pipelines.
+    pub fn mqtt_decode(&self) -> usize {
+        let mut b = BytesMut::from(&self.wire[..]);
+        (0..3).filter(|_| mqttbytes::v4::read(&mut b, 1 << 20).is_ok()).count()
+    }
+
+    /// The assigned answer: JSON rendering and the MQTT PUBLISH around it.
+    pub fn render_response(&self) -> usize {
+        let body = serde_json::to_vec(black_box(&self.status)).unwrap_or_default();
+        let topic = dps_core::device::response_topic(200, "1", None);
+        let mut b = BytesMut::with_capacity(body.len() + 64);
+        let _ = mqttbytes::v4::Publish::new(topic, mqttbytes::QoS::AtLeastOnce, body).write(&mut b);
+        b.len()
+    }
+
+    fn put(i: u64) -> Op {
+        let record = Record { etag: format!("\"{i:08x}\""), class: 0, body: vec![b'x'; 400] };
+        Op::Put { table: Table::Registrations, key: format!("device-{i:09}"), record, expect: Expect::Any, quota: None }
+    }
+
+    /// `n` registration-sized records committed as one group (one fsync).
+    pub fn store_put_group(&mut self, n: u64) -> bool {
+        let txns = (self.next..self.next + n).map(|i| Txn::one(Self::put(i))).collect();
+        self.next += n;
+        self.store.commit(txns).is_ok()
+    }
+
+    /// A read of a cached record: lookup and AES-256-GCM open.
+    pub fn store_get(&self, i: u64) -> bool {
+        let key = format!("device-{:09}", i % self.next.max(1));
+        matches!(self.store.get(Table::Registrations, &key), Ok(Some(_)))
+    }
+}
 
 /// Runs `f` repeatedly for about `budget`; the median of five slices, in ns per call.
 fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
@@ -24,117 +128,32 @@ fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
     slices[2]
 }
 
+/// Every piece timed for about `budget`: (name, ns per operation).
 pub fn run(budget: Duration) -> Result<Vec<(String, f64)>, BoxError> {
-    let mut out = Vec::new();
-    let group_key = b"0123456789abcdef0123456789abcdef";
-    let device_key = base64_decode(&dps_core::sas::derive_device_key(group_key, "device-000042"))?;
-    let resource = "0ne00000001/registrations/device-000042";
-    let token = dps_core::sas::build(resource, &device_key, 4_000_000_000, Some("registration"));
-
-    out.push((
-        "SAS token parse + scope + HMAC verify".into(),
-        time(budget, || {
-            let t = dps_core::sas::parse(black_box(&token));
-            if let Ok(t) = t {
-                black_box(t.check_scope(resource, 1_000_000_000).is_ok() && t.signed_with(&device_key));
-            }
-        }),
-    ));
-    out.push((
-        "group key derivation (HMAC-SHA256 + base64)".into(),
-        time(budget, || {
-            black_box(dps_core::sas::derive_device_key(group_key, black_box("device-000042")));
-        }),
-    ));
-
-    // The three packets a device pipelines, and the response the gateway writes.
-    let mut wire = BytesMut::new();
-    let mut c = mqttbytes::v4::Connect::new("device-000042");
-    c.login = Some(mqttbytes::v4::Login::new(format!("{resource}/api-version=2019-03-31&ClientVersion=bench"), token.clone()));
-    c.write(&mut wire).map_err(|e| format!("{e:?}"))?;
-    mqttbytes::v4::Subscribe::new("$dps/registrations/res/#", mqttbytes::QoS::AtLeastOnce)
-        .write(&mut wire)
-        .map_err(|e| format!("{e:?}"))?;
-    let mut p = mqttbytes::v4::Publish::new(
-        "$dps/registrations/PUT/iotdps-register/?$rid=1",
-        mqttbytes::QoS::AtLeastOnce,
-        "{\"registrationId\":\"device-000042\"}",
-    );
-    p.pkid = 2;
-    p.write(&mut wire).map_err(|e| format!("{e:?}"))?;
-    let wire = wire.freeze();
-    out.push((
-        "MQTT decode CONNECT + SUBSCRIBE + PUBLISH".into(),
-        time(budget, || {
-            let mut b = BytesMut::from(&wire[..]);
-            for _ in 0..3 {
-                black_box(mqttbytes::v4::read(&mut b, 1 << 20).is_ok());
-            }
-        }),
-    ));
-
-    let state: dps_core::model::DeviceRegistrationState = serde_json::from_value(serde_json::json!({
-        "registrationId": "device-000042", "createdDateTimeUtc": "2026-11-26T12:00:00.0000000Z",
-        "assignedHub": "hub-a.example.net", "deviceId": "device-000042", "status": "assigned", "substatus": "initialAssignment",
-        "lastUpdatedDateTimeUtc": "2026-11-26T12:00:00.0000000Z", "etag": "\"0a1b2c3d\""}))?;
-    let status = dps_core::device::OperationStatus {
-        operation_id: dps_core::device::operation_id(42, "device-000042"),
-        status: dps_core::model::RegistrationStatus::Assigned,
-        registration_state: Some(dps_core::device::DeviceRegistrationResult {
-            state,
-            symmetric_key: Some(dps_core::device::SymmetricKeyResult { enrollment_group_id: Some("bench".into()) }),
-        }),
-    };
-    out.push((
-        "response JSON + MQTT PUBLISH encode".into(),
-        time(budget, || {
-            let body = serde_json::to_vec(black_box(&status)).unwrap_or_default();
-            let topic = dps_core::device::response_topic(200, "1", None);
-            let mut b = BytesMut::with_capacity(body.len() + 64);
-            let _ = mqttbytes::v4::Publish::new(topic, mqttbytes::QoS::AtLeastOnce, body).write(&mut b);
-            black_box(b);
-        }),
-    ));
-
-    let dir = tempfile::tempdir()?;
-    let store = dps_storage::FjallStore::open(dir.path(), dps_storage::DataKey::new(&[7u8; 32]), 64 << 20)?;
-    let record = |i: u64| Record { etag: format!("\"{i:08x}\""), class: 0, body: vec![b'x'; 400] };
-    let put = |i: u64| Op::Put {
-        table: Table::Registrations,
-        key: format!("device-{i:09}"),
-        record: record(i),
-        expect: Expect::Any,
-        quota: None,
-    };
-    let mut i = 0u64;
-    out.push((
-        "store put, one transaction per commit (fsync)".into(),
-        time(budget, || {
-            i += 1;
-            black_box(store.commit(vec![Txn::one(put(i))]).is_ok());
-        }),
-    ));
-    let mut j = 1_000_000u64;
-    out.push((
-        "store put, per transaction in groups of 256 (one fsync each)".into(),
-        time(budget, || {
-            let txns = (0..256).map(|k| Txn::one(put(j + k))).collect();
-            j += 256;
-            black_box(store.commit(txns).is_ok());
-        }) / 256.0,
-    ));
+    let mut h = HotPath::new()?;
+    let mut out = vec![
+        ("SAS token parse + scope + HMAC verify".to_string(), time(budget, || assert!(h.sas_verify()))),
+        ("group key derivation (HMAC-SHA256 + base64)".to_string(), time(budget, || drop(black_box(h.derive_key())))),
+        ("MQTT decode CONNECT + SUBSCRIBE + PUBLISH".to_string(), time(budget, || assert_eq!(h.mqtt_decode(), 3))),
+        (
+            "response JSON + MQTT PUBLISH encode".to_string(),
+            time(budget, || {
+                black_box(h.render_response());
+            }),
+        ),
+    ];
     let mut k = 0u64;
     out.push((
         "store get (AES-GCM open), cached".into(),
         time(budget, || {
-            k = (k + 7919) % i.max(1);
-            black_box(store.get(Table::Registrations, &format!("device-{:09}", k + 1)).ok());
+            k += 7919;
+            assert!(h.store_get(k));
         }),
     ));
+    out.push(("store put, one transaction per commit (fsync)".into(), time(budget, || assert!(h.store_put_group(1)))));
+    out.push((
+        "store put, per transaction in groups of 256 (one fsync each)".into(),
+        time(budget, || assert!(h.store_put_group(256))) / 256.0,
+    ));
     Ok(out)
-}
-
-fn base64_decode(s: &str) -> Result<Vec<u8>, BoxError> {
-    use base64::Engine;
-    Ok(base64::engine::general_purpose::STANDARD.decode(s)?)
 }

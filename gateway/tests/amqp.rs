@@ -84,6 +84,21 @@ fn sasl_refusals_and_bad_input() {
     tls.write_all(&[0x01, 0x00, 0x00, 0x00, 2, 1, 0, 0]).unwrap();
     let all = read_all(&mut tls);
     assert!(all.len() < 200, "closed after the mechanisms frame");
+    // The plain AMQP header (the X.509 path) without a client certificate: our header, open,
+    // and a close with amqp:unauthorized-access.
+    let mut tls = open_tls(&s);
+    tls.write_all(&dps_core::amqp::AMQP_HEADER).unwrap();
+    let all = read_all(&mut tls);
+    assert!(all.starts_with(&dps_core::amqp::AMQP_HEADER));
+    assert!(all.windows(24).any(|w| w == b"amqp:unauthorized-access"), "{all:?}");
+    // After SASL, a frame over our 64 KiB max-frame-size: a close with framing-error.
+    let mut tls = open_tls(&s);
+    tls.write_all(&dps_core::amqp::SASL_HEADER).unwrap();
+    tls.write_all(&sasl_init("PLAIN", &good)).unwrap();
+    tls.write_all(&dps_core::amqp::AMQP_HEADER).unwrap();
+    tls.write_all(&[0x00, 0x02, 0x00, 0x00, 2, 0, 0, 0]).unwrap();
+    let all = read_all(&mut tls);
+    assert!(all.windows(29).any(|w| w == b"amqp:connection:framing-error"), "{all:?}");
     // The shard still serves.
     assert_eq!(s.send("GET", "/enrollments/x", None).status().as_u16(), 404);
 }

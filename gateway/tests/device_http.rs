@@ -2,7 +2,7 @@
 //! The HTTPS device API on the HTTPS port, beside the service API.
 
 mod common;
-use common::mqtt_client::device_token;
+use common::mqtt_client::{device_token, tls_config};
 use common::*;
 use serde_json::json;
 
@@ -64,6 +64,24 @@ fn register_poll_and_lookup_over_https() {
     // Malformed body.
     let r = s.client.put(format!("{base}/register?api-version=2019-03-31")).header("Authorization", &token).body("{nope").send().unwrap();
     assert_eq!(r.status().as_u16(), 400);
+    // An oversized register body: 413 with the DPS error code, not a reset.
+    let big = format!("{{\"registrationId\":\"http-dev\",\"payload\":\"{}\"}}", "x".repeat(200 * 1024));
+    let r = s.client.put(format!("{base}/register?api-version=2019-03-31")).header("Authorization", &token).body(big).send().unwrap();
+    let (st, v) = status_json(r);
+    assert_eq!((st, v["errorCode"].as_u64()), (413, Some(413001)));
+    // A malformed request head: 400.
+    {
+        use std::io::{Read, Write};
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.https)).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let conn =
+            rustls::ClientConnection::new(tls_config(s.ep.ca_certificate.as_ref().unwrap()), "localhost".try_into().unwrap()).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(b"PUT /x/registrations/y/register HTTP/1.1\r\nContent-Length: nope\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out);
+        assert!(out.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&out));
+    }
     // The service API still answers on the same port.
     assert_eq!(s.send("GET", "/registrations/http-dev", None).status().as_u16(), 200);
 }
