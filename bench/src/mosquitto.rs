@@ -34,7 +34,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "per_listener_settings false\nuser root\npersistence false\nlog_dest stderr\nlog_type error\n\
-                 allow_anonymous false\npassword_file {}\nmax_inflight_messages 20\n\
+                 allow_anonymous false\npassword_file {}\nmax_inflight_messages 20\nset_tcp_nodelay true\n\
                  listener {port} 127.0.0.1\ncertfile {}\nkeyfile {}\ncafile {}\n",
                 passwd.display(),
                 certs.join("server-ecdsa.pem").display(),

@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 struct Conn<'a, S> {
     s: &'a mut S,
     buf: BytesMut,
+    /// Packets queued for the device, written together before the next wait for input: a
+    /// client that pipelines CONNECT, SUBSCRIBE and PUBLISH gets CONNACK, SUBACK, PUBACK and the
+    /// response in one TLS record and one write, in order.
+    out: BytesMut,
     max: usize,
     next_pkid: u16,
 }
@@ -31,6 +35,7 @@ impl<S: ByteStream> Conn<'_, S> {
                 Err(mqttbytes::Error::PayloadSizeLimitExceeded(_)) => return Err(End::TooLarge),
                 Err(e) => return Err(End::Malformed(format!("{e:?}"))),
             }
+            self.flush().await?;
             let n = crate::stream::read_before(self.s, &mut chunk, deadline, stop).await.map_err(End::from)?;
             if n == 0 {
                 return Err(End::Closed);
@@ -39,10 +44,23 @@ impl<S: ByteStream> Conn<'_, S> {
         }
     }
 
-    async fn send(&mut self, write: impl FnOnce(&mut BytesMut) -> Result<usize, mqttbytes::Error>) -> Result<(), End> {
-        let mut out = BytesMut::with_capacity(256);
-        write(&mut out).map_err(|e| End::Malformed(format!("encode: {e:?}")))?;
+    /// Queues a packet (written at the next wait for input, or by [`Conn::send`]).
+    fn queue(&mut self, write: impl FnOnce(&mut BytesMut) -> Result<usize, mqttbytes::Error>) -> Result<(), End> {
+        write(&mut self.out).map(|_| ()).map_err(|e| End::Malformed(format!("encode: {e:?}")))
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = self.out.split();
         self.s.send(&out).await.map_err(|_| End::Closed)
+    }
+
+    /// Queues a packet and writes everything queued now.
+    async fn send(&mut self, write: impl FnOnce(&mut BytesMut) -> Result<usize, mqttbytes::Error>) -> Result<(), End> {
+        self.queue(write)?;
+        self.flush().await
     }
 
     fn pkid(&mut self) -> u16 {
@@ -59,7 +77,8 @@ pub async fn serve_mqtt<S: ByteStream>(
     stop: &AtomicBool,
     limits: &crate::config::Limits,
 ) -> End {
-    let mut c = Conn { s, buf: BytesMut::with_capacity(4096), max: limits.max_mqtt_packet_bytes, next_pkid: 0 };
+    let mut c =
+        Conn { s, buf: BytesMut::with_capacity(4096), out: BytesMut::with_capacity(1024), max: limits.max_mqtt_packet_bytes, next_pkid: 0 };
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let connect = match c.next(idle, stop).await {
         Ok(Packet::Connect(connect)) => connect,
@@ -89,7 +108,7 @@ pub async fn serve_mqtt<S: ByteStream>(
         return End::Refused("password is not a SAS token");
     }
     // Session present is always 0: DPS sessions are not persistent and C# aborts otherwise.
-    if let Err(e) = c.send(|b| ConnAck::new(ConnectReturnCode::Success, false).write(b)).await {
+    if let Err(e) = c.queue(|b| ConnAck::new(ConnectReturnCode::Success, false).write(b)) {
         return e;
     }
     let keep_alive = match connect.keep_alive {
@@ -115,7 +134,7 @@ pub async fn serve_mqtt<S: ByteStream>(
                         }
                     })
                     .collect();
-                c.send(|b| SubAck::new(sub.pkid, codes).write(b)).await
+                c.queue(|b| SubAck::new(sub.pkid, codes).write(b))
             }
             Packet::Publish(p) => {
                 if p.qos == QoS::ExactlyOnce {
@@ -126,7 +145,7 @@ pub async fn serve_mqtt<S: ByteStream>(
                 };
                 if p.qos == QoS::AtLeastOnce {
                     // C# needs the PUBACK before the response (spec device-protocol.md §3.6).
-                    if let Err(e) = c.send(|b| PubAck::new(p.pkid).write(b)).await {
+                    if let Err(e) = c.queue(|b| PubAck::new(p.pkid).write(b)) {
                         return e;
                     }
                 }
@@ -139,12 +158,16 @@ pub async fn serve_mqtt<S: ByteStream>(
                 let mut out =
                     Publish::new(response_topic(reply.status, &rid, reply.retry_after), QoS::AtLeastOnce, reply.body.into_bytes());
                 out.pkid = c.pkid();
-                c.send(|b| out.write(b)).await
+                c.queue(|b| out.write(b))
             }
             Packet::PubAck(_) => Ok(()),
-            Packet::PingReq => c.send(|b| PingResp.write(b)).await,
-            Packet::Unsubscribe(u) => c.send(|b| UnsubAck::new(u.pkid).write(b)).await,
-            Packet::Disconnect => return End::Disconnect,
+            Packet::PingReq => c.queue(|b| PingResp.write(b)),
+            Packet::Unsubscribe(u) => c.queue(|b| UnsubAck::new(u.pkid).write(b)),
+            Packet::Disconnect => {
+                // Answers to what came before the DISCONNECT still go out.
+                let _ = c.flush().await;
+                return End::Disconnect;
+            }
             Packet::Connect(_) => return End::ProtocolViolation("second CONNECT"),
             _ => return End::ProtocolViolation("packet a client does not send"),
         };
