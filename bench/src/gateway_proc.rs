@@ -10,12 +10,7 @@ use std::time::{Duration, Instant};
 /// The configuration every benchmark gateway runs with: loopback, ephemeral ports, two linked
 /// hubs (registry-only), no service or device rate limits.
 pub fn config(shards: usize, handshake_only: bool) -> dps_gateway::config::Config {
-    let mut c = dps_gateway::config::Config::default();
-    c.ports.https = 0;
-    c.ports.mqtt = 0;
-    c.ports.amqp = 0;
-    c.ports.admin = 0;
-    c.ports.bind = "127.0.0.1".into();
+    let mut c = dps_gateway::config::Config::loopback();
     c.shards = shards;
     c.handshake_only = handshake_only;
     c.limits.service_operations_per_minute = 0;

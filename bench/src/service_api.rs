@@ -13,14 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::BoxError;
+use dps_loadgen::service::ServiceClient as Client;
 
 fn config(shards: usize, batch: usize) -> dps_gateway::config::Config {
-    let mut c = dps_gateway::config::Config::default();
-    c.ports.https = 0;
-    c.ports.mqtt = 0;
-    c.ports.amqp = 0;
-    c.ports.admin = 0;
-    c.ports.bind = "127.0.0.1".into();
+    let mut c = dps_gateway::config::Config::loopback();
     c.shards = shards;
     c.limits.max_bulk_items = batch;
     c.limits.max_body_bytes = (batch * 400).max(96 * 1024);
@@ -28,36 +24,10 @@ fn config(shards: usize, batch: usize) -> dps_gateway::config::Config {
     c
 }
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Client {
-    fn new(ep: &dps_gateway::Endpoint) -> Result<Client, BoxError> {
-        let ca = std::fs::read(ep.ca_certificate.as_ref().ok_or("no CA")?)?;
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
-            .pool_max_idle_per_host(256)
-            .build()?;
-        let cs = dps_core::model::parse_connection_string(&ep.service_connection_string).ok_or("bad connection string")?;
-        let se = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64 + 24 * 3600;
-        let token = dps_core::sas::build(&cs.host_name, &B64.decode(&cs.key)?, se, Some(&cs.key_name));
-        Ok(Client { http, base: format!("https://localhost:{}", ep.ports.https), token })
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<String>) -> Result<(u16, String), BoxError> {
-        let mut r = self.http.request(method, format!("{}{path}?api-version=2021-10-01", self.base)).header("Authorization", &self.token);
-        if let Some(b) = body {
-            r = r.header("Content-Type", "application/json").body(b);
-        }
-        let resp = r.send().await?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.text().await?))
-    }
+/// The service API client loadgen uses, pointed at the gateway this benchmark started.
+fn connect(dir: &std::path::Path) -> Result<Arc<Client>, BoxError> {
+    let ep = dps_loadgen::endpoint::Endpoint::read(&dir.join("endpoint.json"), "127.0.0.1")?;
+    Ok(Arc::new(Client::new(&ep)?))
 }
 
 fn enrollment(i: usize) -> serde_json::Value {
@@ -136,7 +106,7 @@ pub fn run(a: &Sizes, rt: &tokio::runtime::Runtime) -> Result<Vec<String>, BoxEr
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().to_path_buf();
     let running = dps_gateway::start(config(a.shards, a.batch), &dir)?;
-    let client = Arc::new(Client::new(&running.endpoint)?);
+    let client = connect(&dir)?;
     let import_time = rt.block_on(import(client.clone(), a.enrollments, a.batch, a.concurrency))?;
     let (read_time, hist) = rt.block_on(point_reads(client, a.enrollments, a.reads, a.concurrency))?;
     running.shutdown()?;
@@ -145,7 +115,7 @@ pub fn run(a: &Sizes, rt: &tokio::runtime::Runtime) -> Result<Vec<String>, BoxEr
     // Restart on the same data: time from start until the first read is answered.
     let t = Instant::now();
     let running = dps_gateway::start(config(a.shards, a.batch), &dir)?;
-    let client = Arc::new(Client::new(&running.endpoint)?);
+    let client = connect(&dir)?;
     let (status, _) = rt.block_on(client.call(reqwest::Method::GET, "/enrollments/bench-000000001", None))?;
     let serving = t.elapsed();
     running.shutdown()?;

@@ -43,6 +43,15 @@ pub struct PolicyConfig {
     pub rights: String,
 }
 
+impl Config {
+    /// Every listener on 127.0.0.1 with an ephemeral port (tests, benchmarks, side-by-side
+    /// instances); the ports chosen are in endpoint.json.
+    pub fn loopback() -> Config {
+        let ports = Ports { mqtt: 0, amqp: 0, https: 0, bind: "127.0.0.1".into(), admin: 0, admin_bind: "127.0.0.1".into() };
+        Config { ports, ..Config::default() }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

@@ -78,12 +78,7 @@ fn operator_certificates_from_the_config() {
 #[test]
 fn shards_follow_the_cpu_list() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = dps_gateway::config::Config::default();
-    c.ports.https = 0;
-    c.ports.mqtt = 0;
-    c.ports.amqp = 0;
-    c.ports.admin = 0;
-    c.ports.bind = "127.0.0.1".into();
+    let mut c = dps_gateway::config::Config::loopback();
     c.cpus = vec![0, 1];
     c.shards = 3;
     let err = dps_gateway::start(c.clone(), dir.path()).err().unwrap();

@@ -23,12 +23,7 @@ pub struct TestServer {
 }
 
 pub fn test_config() -> Config {
-    let mut c = Config::default();
-    c.ports.https = 0;
-    c.ports.mqtt = 0;
-    c.ports.amqp = 0;
-    c.ports.admin = 0;
-    c.ports.bind = "127.0.0.1".into();
+    let mut c = Config::loopback();
     c.shards = 2;
     c
 }
