@@ -63,35 +63,124 @@ pub fn encode_frame(kind: u8, channel: u16, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Length of the one encoded AMQP value at the front of `b` (described values included).
+/// Length of the one encoded AMQP value at the front of `b` (described values included), if it
+/// and everything nested in it is well formed: every size, length and count fits inside what
+/// contains it, and nesting is at most 32 deep. serde_amqp allocates what a length prefix
+/// claims before it checks that the bytes are there (found by fuzzing: a 60-byte frame asked for
+/// 4 GiB), so no peer bytes reach it without passing here first.
 pub fn value_len(b: &[u8]) -> Option<usize> {
-    let code = *b.first()?;
-    if code == 0x00 {
-        let d = value_len(b.get(1..)?)?;
-        let v = value_len(b.get(1 + d..)?)?;
-        return Some(1 + d + v);
+    checked(b, 0)
+}
+
+const MAX_DEPTH: u32 = 32;
+
+fn checked(b: &[u8], depth: u32) -> Option<usize> {
+    if depth > MAX_DEPTH {
+        return None;
     }
-    let len = match code {
-        0x40..=0x4f => 1,
-        0x50..=0x5f => 2,
-        0x60..=0x6f => 3,
-        0x70..=0x7f => 5,
-        0x80..=0x8f => 9,
-        0x90..=0x9f => 17,
-        0xa0..=0xaf | 0xc0..=0xcf | 0xe0..=0xef => 2 + *b.get(1)? as usize,
-        0xb0..=0xbf | 0xd0..=0xdf | 0xf0..=0xff => {
-            let n = b.get(1..5)?;
-            5usize.checked_add(u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)?
+    match *b.first()? {
+        0x00 => {
+            let d = checked(b.get(1..)?, depth + 1)?;
+            let v = checked(b.get(1 + d..)?, depth + 1)?;
+            Some(1 + d + v)
         }
-        _ => return None,
+        code => Some(1 + bare(code, b.get(1..)?, depth)?),
+    }
+}
+
+fn u32_at(b: &[u8]) -> Option<usize> {
+    let n = b.get(..4)?;
+    Some(u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
+}
+
+/// `n` bytes, if `b` has them.
+fn take(b: &[u8], n: usize) -> Option<usize> {
+    (n <= b.len()).then_some(n)
+}
+
+/// Length of a value's encoding after its constructor `code`.
+fn bare(code: u8, b: &[u8], depth: u32) -> Option<usize> {
+    match code {
+        0x40..=0x4f => Some(0),
+        0x50..=0x5f => take(b, 1),
+        0x60..=0x6f => take(b, 2),
+        0x70..=0x7f => take(b, 4),
+        0x80..=0x8f => take(b, 8),
+        0x90..=0x9f => take(b, 16),
+        0xa0..=0xaf => take(b, 1 + *b.first()? as usize),
+        0xb0..=0xbf => take(b, 4usize.checked_add(u32_at(b)?)?),
+        // list8 / map8: size, count, items.
+        0xc0 | 0xc1 => {
+            let size = *b.first()? as usize;
+            let body = b.get(1..1 + size)?;
+            items(body.get(1..)?, *body.first()? as usize, depth)?;
+            Some(1 + size)
+        }
+        0xd0 | 0xd1 => {
+            let size = u32_at(b)?;
+            let body = b.get(4..4usize.checked_add(size)?)?;
+            items(body.get(4..)?, u32_at(body)?, depth)?;
+            Some(4 + size)
+        }
+        // array8 / array32: size, count, one constructor, the elements without theirs.
+        0xe0 => {
+            let size = *b.first()? as usize;
+            let body = b.get(1..1 + size)?;
+            array(body.get(1..)?, *body.first()? as usize, depth)?;
+            Some(1 + size)
+        }
+        0xf0 => {
+            let size = u32_at(b)?;
+            let body = b.get(4..4usize.checked_add(size)?)?;
+            array(body.get(4..)?, u32_at(body)?, depth)?;
+            Some(4 + size)
+        }
+        _ => None,
+    }
+}
+
+/// `count` complete values in `b` (a count larger than the bytes cannot be honest).
+fn items(mut b: &[u8], count: usize, depth: u32) -> Option<()> {
+    if count > b.len() {
+        return None;
+    }
+    for _ in 0..count {
+        let n = checked(b, depth + 1)?;
+        b = b.get(n..)?;
+    }
+    Some(())
+}
+
+fn array(b: &[u8], count: usize, depth: u32) -> Option<()> {
+    if count > b.len() || depth >= MAX_DEPTH {
+        return None;
+    }
+    let (code, mut rest) = match *b.first()? {
+        0x00 => {
+            let d = checked(b.get(1..)?, depth + 1)?;
+            (*b.get(1 + d)?, b.get(2 + d..)?)
+        }
+        c => (c, b.get(1..)?),
     };
-    (len <= b.len()).then_some(len)
+    for _ in 0..count {
+        let n = bare(code, rest, depth + 1)?;
+        rest = rest.get(n..)?;
+    }
+    Some(())
+}
+
+/// Decodes a value from peer bytes, after [`value_len`] has checked them.
+fn from_peer<'de, T: serde::Deserialize<'de>>(b: &'de [u8]) -> Result<T, String> {
+    match value_len(b) {
+        Some(n) if n == b.len() => serde_amqp::from_slice(b).map_err(|e| e.to_string()),
+        _ => Err("malformed or truncated AMQP value".into()),
+    }
 }
 
 /// A frame body split into the performative and what follows it (a transfer's payload).
 pub fn decode_performative(body: &[u8]) -> Result<(Performative, &[u8]), String> {
     let n = value_len(body).ok_or("truncated performative")?;
-    let p = serde_amqp::from_slice(&body[..n]).map_err(|e| format!("invalid performative: {e}"))?;
+    let p = from_peer(&body[..n]).map_err(|e| format!("invalid performative: {e}"))?;
     Ok((p, &body[n..]))
 }
 
@@ -144,16 +233,16 @@ pub fn parse_request(mut payload: &[u8]) -> Result<DpsRequest, String> {
         let section = &payload[..n];
         match descriptor_code(section) {
             Some(0x73) => {
-                let p: Properties = serde_amqp::from_slice(section).map_err(|e| format!("properties: {e}"))?;
+                let p: Properties = from_peer(section).map_err(|e| format!("properties: {e}"))?;
                 req.correlation_id = p.correlation_id;
             }
             Some(0x74) => {
-                let a: ApplicationProperties = serde_amqp::from_slice(section).map_err(|e| format!("application-properties: {e}"))?;
+                let a: ApplicationProperties = from_peer(section).map_err(|e| format!("application-properties: {e}"))?;
                 req.operation_type = a.0.get("iotdps-operation-type").and_then(as_string);
                 req.operation_id = a.0.get("iotdps-operation-id").and_then(as_string);
             }
             Some(0x75) => {
-                let d: Data = serde_amqp::from_slice(section).map_err(|e| format!("data: {e}"))?;
+                let d: Data = from_peer(section).map_err(|e| format!("data: {e}"))?;
                 req.body.extend_from_slice(d.0.as_ref());
             }
             // header, annotations, amqp-sequence, amqp-value, footer: nothing DPS needs.
@@ -217,7 +306,7 @@ pub mod reply {
 
     /// (mechanism, initial response) of a sasl-init frame body.
     pub fn sasl_init(body: &[u8]) -> Result<(String, Vec<u8>), String> {
-        let i: SaslInit = serde_amqp::from_slice(body).map_err(|e| format!("invalid sasl-init: {e}"))?;
+        let i: SaslInit = from_peer(body).map_err(|e| format!("invalid sasl-init: {e}"))?;
         Ok((i.mechanism.0, i.initial_response.map(|b| b.to_vec()).unwrap_or_default()))
     }
 
@@ -228,7 +317,7 @@ pub mod reply {
 
     /// The bytes of a sasl-response frame body.
     pub fn sasl_response(body: &[u8]) -> Result<Vec<u8>, String> {
-        let r: fe2o3_amqp_types::sasl::SaslResponse = serde_amqp::from_slice(body).map_err(|e| format!("invalid sasl-response: {e}"))?;
+        let r: fe2o3_amqp_types::sasl::SaslResponse = from_peer(body).map_err(|e| format!("invalid sasl-response: {e}"))?;
         Ok(r.response.to_vec())
     }
 
@@ -430,6 +519,33 @@ mod tests {
             Some(("0ne1/registrations/d".into(), "SharedAccessSignature x".into()))
         );
         assert_eq!(parse_plain(b"nozero"), None);
+    }
+
+    #[test]
+    fn lengths_are_checked_before_decoding() {
+        // A sasl-init whose mechanism (sym32) claims 4 GiB inside a 9-byte list: refused
+        // without decoding (serde_amqp would allocate the claimed length first).
+        let body = [0x00, 0x53, 0x41, 0xc0, 0x07, 0x01, 0xb3, 0xff, 0xff, 0xff, 0xff, b'P'];
+        assert_eq!(value_len(&body), None);
+        assert!(reply::sasl_init(&body).is_err());
+        // The same inside a list32 and inside an array.
+        let list32 = [0xd0, 0, 0, 0, 9, 0, 0, 0, 1, 0xb1, 0xff, 0xff, 0xff, 0xf0];
+        assert_eq!(value_len(&list32), None);
+        let array = [0xe0, 0x06, 0x02, 0xb1, 0, 0, 0, 1];
+        assert_eq!(value_len(&array), None, "two elements announced, one short one present");
+        // Counts larger than the bytes, and nesting deeper than 32.
+        assert_eq!(value_len(&[0xc0, 0x02, 0xff, 0x40]), None);
+        let mut deep = Vec::new();
+        for _ in 0..40 {
+            deep.extend_from_slice(&[0x00, 0x53, 0x01]);
+        }
+        deep.push(0x40);
+        assert_eq!(value_len(&deep), None);
+        // Well-formed values of every shape still pass, exactly.
+        let ok = [0xc0, 0x0b, 0x02, 0xa1, 0x02, b'h', b'i', 0xe0, 0x04, 0x02, 0x50, 0x07, 0x08, 0x40];
+        assert_eq!(value_len(&ok), Some(13), "list of a str8 and an array of two ubytes");
+        let open = encode_performative(&reply::open("c", 512)).unwrap();
+        assert_eq!(value_len(&open), Some(open.len()));
     }
 
     #[test]
