@@ -66,7 +66,7 @@ pub fn encode_frame(kind: u8, channel: u16, body: &[u8]) -> Vec<u8> {
 /// Length of the one encoded AMQP value at the front of `b` (described values included), if it
 /// and everything nested in it is well formed: every size, length and count fits inside what
 /// contains it, and nesting is at most 32 deep. serde_amqp allocates what a length prefix
-/// claims before it checks that the bytes are there (found by fuzzing: a 60-byte frame asked for
+/// claims before it checks that the bytes are there (found by fuzzing: an 84-byte input asked for
 /// 4 GiB), so no peer bytes reach it without passing here first.
 pub fn value_len(b: &[u8]) -> Option<usize> {
     checked(b, 0)
