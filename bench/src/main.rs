@@ -104,11 +104,11 @@ impl Bench {
 }
 
 fn fleet(ep: &Endpoint, ids: Identities, broker: Option<BrokerLogin>) -> Result<Arc<Fleet>, BoxError> {
-    Ok(Arc::new(Fleet { tls: dps_loadgen::tls::client_config(&ep.ca)?, ep: ep.clone(), ids, broker, amqp_max_frame: 65_536 }))
+    Ok(Arc::new(Fleet { broker, ..Fleet::new(ep.clone(), ids)? }))
 }
 
 /// A gateway with the `bench` group; returns it, its endpoint and the group key.
-fn dps_gateway(dir: &Path, shards: usize, rt: &tokio::runtime::Runtime) -> Result<(Gateway, Endpoint, Vec<u8>), BoxError> {
+fn start_dps(dir: &Path, shards: usize, rt: &tokio::runtime::Runtime) -> Result<(Gateway, Endpoint, Vec<u8>), BoxError> {
     std::fs::create_dir_all(dir)?;
     let g = Gateway::start(dir, shards, false)?;
     let ep = Endpoint::read(&g.endpoint, "127.0.0.1")?;
@@ -170,7 +170,7 @@ fn main() -> Result<(), BoxError> {
     g.stop()?;
 
     // 2. DPS over MQTT with 2 shards, and the peer.
-    let (g, ep, key) = dps_gateway(&work.path().join("dps2"), 2, &b.rt)?;
+    let (g, ep, key) = start_dps(&work.path().join("dps2"), 2, &b.rt)?;
     let group = |key: &[u8]| {
         let key = key.to_vec();
         move |prefix: &str| Identities::Group { prefix: prefix.to_string(), key: key.clone() }
@@ -243,7 +243,7 @@ fn main() -> Result<(), BoxError> {
     drop(m);
 
     // 3. Scaling: one shard.
-    let (g, ep1, key1) = dps_gateway(&work.path().join("dps1"), 1, &b.rt)?;
+    let (g, ep1, key1) = start_dps(&work.path().join("dps1"), 1, &b.rt)?;
     let ids1 = group(&key1);
     let (dps1, _) =
         b.measure("mqtt1", "DPS registration over MQTT, 1 shard", g.pid(), |p| fleet(&ep1, ids1(p), None), Transport::Mqtt, devices)?;
@@ -253,7 +253,7 @@ fn main() -> Result<(), BoxError> {
     if !a.quick {
         // 4. A million devices end to end.
         let dir = work.path().join("million");
-        let (g, epm, keym) = dps_gateway(&dir, 2, &b.rt)?;
+        let (g, epm, keym) = start_dps(&dir, 2, &b.rt)?;
         let f = fleet(&epm, Identities::Group { prefix: "m".into(), key: keym.clone() }, None)?;
         let r = b.load(f.clone(), Transport::Mqtt, million, 256)?;
         let rss = g.peak_rss();

@@ -169,10 +169,16 @@ fn array(b: &[u8], count: usize, depth: u32) -> Option<()> {
     Some(())
 }
 
-/// Decodes a value from peer bytes, after [`value_len`] has checked them.
+/// Decodes one value whose bytes [`value_len`] has already measured and checked; never call it
+/// on unchecked peer bytes.
+fn decode_checked<'de, T: serde::Deserialize<'de>>(b: &'de [u8]) -> Result<T, String> {
+    serde_amqp::from_slice(b).map_err(|e| e.to_string())
+}
+
+/// Decodes peer bytes that must hold exactly one value, checking them first.
 fn from_peer<'de, T: serde::Deserialize<'de>>(b: &'de [u8]) -> Result<T, String> {
     match value_len(b) {
-        Some(n) if n == b.len() => serde_amqp::from_slice(b).map_err(|e| e.to_string()),
+        Some(n) if n == b.len() => decode_checked(b),
         _ => Err("malformed or truncated AMQP value".into()),
     }
 }
@@ -180,7 +186,7 @@ fn from_peer<'de, T: serde::Deserialize<'de>>(b: &'de [u8]) -> Result<T, String>
 /// A frame body split into the performative and what follows it (a transfer's payload).
 pub fn decode_performative(body: &[u8]) -> Result<(Performative, &[u8]), String> {
     let n = value_len(body).ok_or("truncated performative")?;
-    let p = from_peer(&body[..n]).map_err(|e| format!("invalid performative: {e}"))?;
+    let p = decode_checked(&body[..n]).map_err(|e| format!("invalid performative: {e}"))?;
     Ok((p, &body[n..]))
 }
 
@@ -233,16 +239,16 @@ pub fn parse_request(mut payload: &[u8]) -> Result<DpsRequest, String> {
         let section = &payload[..n];
         match descriptor_code(section) {
             Some(0x73) => {
-                let p: Properties = from_peer(section).map_err(|e| format!("properties: {e}"))?;
+                let p: Properties = decode_checked(section).map_err(|e| format!("properties: {e}"))?;
                 req.correlation_id = p.correlation_id;
             }
             Some(0x74) => {
-                let a: ApplicationProperties = from_peer(section).map_err(|e| format!("application-properties: {e}"))?;
+                let a: ApplicationProperties = decode_checked(section).map_err(|e| format!("application-properties: {e}"))?;
                 req.operation_type = a.0.get("iotdps-operation-type").and_then(as_string);
                 req.operation_id = a.0.get("iotdps-operation-id").and_then(as_string);
             }
             Some(0x75) => {
-                let d: Data = from_peer(section).map_err(|e| format!("data: {e}"))?;
+                let d: Data = decode_checked(section).map_err(|e| format!("data: {e}"))?;
                 req.body.extend_from_slice(d.0.as_ref());
             }
             // header, annotations, amqp-sequence, amqp-value, footer: nothing DPS needs.

@@ -281,9 +281,10 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
         _ => "ok",
     };
     shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", result)]);
+    // The X.509 path (AMQP without SASL) needs to know whether the client presented one.
+    let cert = s.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
     match kind {
         Listener::Https => {
-            let cert = s.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
             if let Some((req, leftover)) = serve_http(&mut s, &shard.api, &shard.prov, &shard.stop, &shard.limits).await {
                 serve_websocket(&mut s, req, leftover, shard, cert).await;
             }
@@ -304,7 +305,6 @@ async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
             tracing::debug!(shard = shard.id, ?end, "MQTT connection ended");
         }
         Listener::Amqp => {
-            let cert = s.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
             let end = crate::amqp::serve_amqp(&mut s, "amqp", &shard.prov, &shard.stop, &shard.limits, cert).await;
             tracing::debug!(shard = shard.id, ?end, "AMQP connection ended");
         }

@@ -171,22 +171,30 @@ impl Session<'_> {
         }
     }
 
+    /// CONNECT (client id = registration id), SUBSCRIBE to `filter` and a QoS 1 PUBLISH of
+    /// `{"registrationId":…}` to `topic`, in one buffer: sent together, as a client that
+    /// pipelines does.
+    fn opening(&self, login: Login, filter: &str, topic: &str) -> Result<BytesMut, Failure> {
+        let mut out = BytesMut::with_capacity(1024);
+        let mut c = Connect::new(self.registration_id);
+        c.keep_alive = 60;
+        c.login = Some(login);
+        c.write(&mut out).map_err(|_| Failure::Protocol)?;
+        let mut sub = Subscribe::new(filter, QoS::AtLeastOnce);
+        sub.pkid = 1;
+        sub.write(&mut out).map_err(|_| Failure::Protocol)?;
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, format!("{{\"registrationId\":\"{}\"}}", self.registration_id));
+        p.pkid = 2;
+        p.write(&mut out).map_err(|_| Failure::Protocol)?;
+        Ok(out)
+    }
+
     async fn broker_session(&self) -> Result<(), Failure> {
         let login = self.broker.ok_or(Failure::Protocol)?;
         let mut w = Plain(self.tls_connect(self.ep.mqtt_port).await?);
         let topic = format!("loadgen/{}", self.registration_id);
-        let mut out = BytesMut::with_capacity(512);
-        let mut c = Connect::new(self.registration_id);
-        c.keep_alive = 60;
-        c.login = Some(Login::new(login.username.clone(), login.password.clone()));
-        c.write(&mut out).map_err(|_| Failure::Protocol)?;
-        let mut sub = Subscribe::new(&topic, QoS::AtLeastOnce);
-        sub.pkid = 1;
-        sub.write(&mut out).map_err(|_| Failure::Protocol)?;
-        let mut p = Publish::new(&topic, QoS::AtLeastOnce, format!("{{\"registrationId\":\"{}\"}}", self.registration_id));
-        p.pkid = 2;
-        p.write(&mut out).map_err(|_| Failure::Protocol)?;
-        w.send(&out).await.map_err(|_| Failure::Protocol)?;
+        let login = Login::new(login.username.clone(), login.password.clone());
+        w.send(&self.opening(login, &topic, &topic)?).await.map_err(|_| Failure::Protocol)?;
         let mut buf = BytesMut::with_capacity(4096);
         loop {
             match read_packet(&mut w, &mut buf).await? {
@@ -222,22 +230,10 @@ impl Session<'_> {
     /// then the answers; polls while `assigning`.
     async fn mqtt<W: Wire>(&self, mut w: W) -> Result<(), Failure> {
         let id = self.registration_id;
-        let mut out = BytesMut::with_capacity(1024);
-        let mut c = Connect::new(id);
-        c.keep_alive = 60;
-        c.login = Some(Login::new(
-            format!("{}/registrations/{id}/api-version=2019-03-31&ClientVersion=dps-loadgen", self.ep.id_scope),
-            self.token()?,
-        ));
-        c.write(&mut out).map_err(|_| Failure::Protocol)?;
-        let mut sub = Subscribe::new("$dps/registrations/res/#", QoS::AtLeastOnce);
-        sub.pkid = 1;
-        sub.write(&mut out).map_err(|_| Failure::Protocol)?;
-        let mut reg =
-            Publish::new("$dps/registrations/PUT/iotdps-register/?$rid=1", QoS::AtLeastOnce, format!("{{\"registrationId\":\"{id}\"}}"));
-        reg.pkid = 2;
-        reg.write(&mut out).map_err(|_| Failure::Protocol)?;
-        w.send(&out).await.map_err(|_| Failure::Protocol)?;
+        let login =
+            Login::new(format!("{}/registrations/{id}/api-version=2019-03-31&ClientVersion=dps-loadgen", self.ep.id_scope), self.token()?);
+        let opening = self.opening(login, "$dps/registrations/res/#", "$dps/registrations/PUT/iotdps-register/?$rid=1")?;
+        w.send(&opening).await.map_err(|_| Failure::Protocol)?;
         let mut buf = BytesMut::with_capacity(4096);
         let mut rid = 2u16;
         loop {

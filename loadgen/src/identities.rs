@@ -33,8 +33,9 @@ impl Identities {
     pub fn device(&self, i: usize) -> (String, Vec<u8>) {
         match self {
             Identities::Group { prefix, key } => {
+                // The raw bytes of the derived key (`derive_device_key` is their base64).
                 let id = format!("{prefix}-{i}");
-                let k = B64.decode(dps_core::sas::derive_device_key(key, &id)).unwrap_or_default();
+                let k = dps_core::sas::sign(key, &id);
                 (id, k)
             }
             Identities::Individual(v) => v[i % v.len()].clone(),

@@ -105,11 +105,9 @@ fn main() -> Result<(), BoxError> {
     };
     let devices = a.devices.or(ids.count()).unwrap_or(1000);
     let fleet = Arc::new(Fleet {
-        tls: dps_loadgen::tls::client_config(&ep.ca)?,
-        ep,
-        ids,
         broker: Some(BrokerLogin { username: a.username.clone(), password: a.password.clone() }),
         amqp_max_frame: a.amqp_max_frame,
+        ..Fleet::new(ep, ids)?
     });
     let plan = Plan {
         transport,

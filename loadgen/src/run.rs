@@ -37,6 +37,14 @@ pub struct Fleet {
     pub amqp_max_frame: u32,
 }
 
+impl Fleet {
+    /// Devices of `ep` with a full-handshake TLS client trusting its CA and AMQP's default
+    /// max-frame-size of 64 KiB.
+    pub fn new(ep: Endpoint, ids: Identities) -> Result<Fleet, crate::BoxError> {
+        Ok(Fleet { tls: crate::tls::client_config(&ep.ca)?, ep, ids, broker: None, amqp_max_frame: 65_536 })
+    }
+}
+
 struct Tally {
     hist: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<Failure, usize>>,
@@ -61,6 +69,11 @@ impl Tally {
         }
         self.done.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Device `i`'s TLS configuration: its own when it resumes, else the fleet's.
+fn tls_for(fleet: &Fleet, configs: &Option<Arc<Vec<Arc<rustls::ClientConfig>>>>, i: usize) -> Arc<rustls::ClientConfig> {
+    configs.as_ref().map_or_else(|| fleet.tls.clone(), |c| c[i].clone())
 }
 
 async fn one(fleet: &Fleet, tls: Arc<rustls::ClientConfig>, plan: &Plan, i: usize) -> Result<(), Failure> {
@@ -118,7 +131,6 @@ async fn pass(fleet: Arc<Fleet>, plan: &Plan, configs: Option<Arc<Vec<Arc<rustls
             }
         })
     });
-    let tls_for = |i: usize| configs.as_ref().map_or_else(|| fleet.tls.clone(), |c| c[i].clone());
     match plan.rate {
         Some(rate) => {
             let gate = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1)));
@@ -126,7 +138,7 @@ async fn pass(fleet: Arc<Fleet>, plan: &Plan, configs: Option<Arc<Vec<Arc<rustls
                 let intended = started + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(intended.into()).await;
                 let permit = gate.clone().acquire_owned().await?;
-                let (fleet, tally, plan, tls) = (fleet.clone(), tally.clone(), plan.clone(), tls_for(i));
+                let (fleet, tally, plan, tls) = (fleet.clone(), tally.clone(), plan.clone(), tls_for(&fleet, &configs, i));
                 tokio::spawn(async move {
                     let r = one(&fleet, tls, &plan, i).await;
                     tally.record(intended, r);
@@ -147,7 +159,7 @@ async fn pass(fleet: Arc<Fleet>, plan: &Plan, configs: Option<Arc<Vec<Arc<rustls
                         if i >= plan.devices {
                             break;
                         }
-                        let tls = configs.as_ref().map_or_else(|| fleet.tls.clone(), |c| c[i].clone());
+                        let tls = tls_for(&fleet, &configs, i);
                         let t = Instant::now();
                         let r = one(&fleet, tls, &plan, i).await;
                         tally.record(t, r);

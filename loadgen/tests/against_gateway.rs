@@ -52,22 +52,16 @@ fn every_transport_and_mode_assigns_every_device() {
     let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
     let service = ServiceClient::new(&ep).unwrap();
     let key = rt.block_on(service.group_key("lg")).unwrap();
-    let fleet = |prefix: &str| {
-        Arc::new(Fleet {
-            ep: ep.clone(),
-            tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
-            ids: Identities::Group { prefix: prefix.into(), key: key.clone() },
-            broker: None,
-            amqp_max_frame: 65_536,
-        })
-    };
+    let fleet = |prefix: &str| Arc::new(Fleet::new(ep.clone(), Identities::Group { prefix: prefix.into(), key: key.clone() }).unwrap());
     for (t, n) in [(Transport::Mqtt, 40), (Transport::MqttWs, 20), (Transport::Https, 4), (Transport::Amqp, 20), (Transport::AmqpWs, 20)] {
         let r = rt.block_on(run(fleet(t.name()), plan(t, n))).unwrap();
         assert_eq!((r.assigned, r.error_count()), (n as u64, 0), "{}: {:?}", t.name(), r.errors);
     }
     // AMQP devices announcing the smallest max-frame-size get the response in several frames.
-    let mut small = Arc::try_unwrap(fleet("amqp-small")).ok().unwrap();
-    small.amqp_max_frame = 512;
+    let small = Fleet {
+        amqp_max_frame: 512,
+        ..Fleet::new(ep.clone(), Identities::Group { prefix: "amqp-small".into(), key: key.clone() }).unwrap()
+    };
     let r = rt.block_on(run(Arc::new(small), plan(Transport::Amqp, 4))).unwrap();
     assert_eq!((r.assigned, r.error_count()), (4, 0), "{:?}", r.errors);
 
@@ -89,23 +83,11 @@ fn every_transport_and_mode_assigns_every_device() {
     let Identities::Individual(devices) = Identities::read_csv(csv).unwrap() else { unreachable!() };
     assert_eq!(rt.block_on(service.create_individual(&devices, 10)).unwrap(), 2);
     assert_eq!(rt.block_on(service.create_individual(&devices, 10)).unwrap(), 0);
-    let f = Arc::new(Fleet {
-        ep: ep.clone(),
-        tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
-        ids: Identities::Individual(devices.clone()),
-        broker: None,
-        amqp_max_frame: 65_536,
-    });
+    let f = Arc::new(Fleet::new(ep.clone(), Identities::Individual(devices.clone())).unwrap());
     let r = rt.block_on(run(f, plan(Transport::Mqtt, 2))).unwrap();
     assert_eq!((r.assigned, r.error_count()), (2, 0), "{:?}", r.errors);
     let wrong = vec![("csv-1".to_string(), b"not the enrolled key".to_vec())];
-    let f = Arc::new(Fleet {
-        ep: ep.clone(),
-        tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
-        ids: Identities::Individual(wrong),
-        broker: None,
-        amqp_max_frame: 65_536,
-    });
+    let f = Arc::new(Fleet::new(ep.clone(), Identities::Individual(wrong)).unwrap());
     let r = rt.block_on(run(f, plan(Transport::Mqtt, 1))).unwrap();
     assert_eq!(r.errors.get("status 401 errorCode 401002"), Some(&1), "{:?}", r.errors);
     let json = r.json();
@@ -120,9 +102,7 @@ fn handshake_only_gateway_completes_handshakes_and_nothing_else() {
     let gw = dps_gateway::start(config(true), dir.path()).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
-    let fleet = |ids| {
-        Arc::new(Fleet { ep: ep.clone(), tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(), ids, broker: None, amqp_max_frame: 65_536 })
-    };
+    let fleet = |ids| Arc::new(Fleet::new(ep.clone(), ids).unwrap());
     let r = rt.block_on(run(fleet(Identities::Group { prefix: "h".into(), key: vec![] }), plan(Transport::TlsHandshake, 30))).unwrap();
     assert_eq!((r.assigned, r.error_count()), (30, 0), "{:?}", r.errors);
     // A registration gets no MQTT answer there.
@@ -165,8 +145,7 @@ fn refusals_on_every_transport() {
         ("unknown ID scope", refused, unknown_scope, Identities::Individual(vec![("enabled-dev".into(), key.clone())])),
     ];
     for (what, expected, ep, ids) in cases {
-        let fleet =
-            Arc::new(Fleet { tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(), ep, ids, broker: None, amqp_max_frame: 65_536 });
+        let fleet = Arc::new(Fleet::new(ep, ids).unwrap());
         for t in [Transport::Mqtt, Transport::MqttWs, Transport::Https, Transport::Amqp, Transport::AmqpWs] {
             let r = rt.block_on(run(fleet.clone(), plan(t, 1))).unwrap();
             assert_eq!(r.assigned, 0, "{what} over {}", t.name());
@@ -174,13 +153,7 @@ fn refusals_on_every_transport() {
         }
     }
     // The control: the enabled device with its key is assigned on every transport.
-    let ok = Arc::new(Fleet {
-        tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
-        ep: ep.clone(),
-        ids: Identities::Individual(vec![("enabled-dev".into(), key)]),
-        broker: None,
-        amqp_max_frame: 65_536,
-    });
+    let ok = Arc::new(Fleet::new(ep.clone(), Identities::Individual(vec![("enabled-dev".into(), key)])).unwrap());
     for t in [Transport::Mqtt, Transport::MqttWs, Transport::Https, Transport::Amqp, Transport::AmqpWs] {
         let r = rt.block_on(run(ok.clone(), plan(t, 1))).unwrap();
         assert_eq!((r.assigned, r.error_count()), (1, 0), "{}: {:?}", t.name(), r.errors);
@@ -201,13 +174,7 @@ fn resumption_follows_the_ticket_knobs() {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
         let key = rt.block_on(ServiceClient::new(&ep).unwrap().group_key("lg")).unwrap();
-        let fleet = Arc::new(Fleet {
-            tls: dps_loadgen::tls::client_config(&ep.ca).unwrap(),
-            ep: ep.clone(),
-            ids: Identities::Group { prefix: "t".into(), key },
-            broker: None,
-            amqp_max_frame: 65_536,
-        });
+        let fleet = Arc::new(Fleet::new(ep.clone(), Identities::Group { prefix: "t".into(), key }).unwrap());
         // Counted around the run only: the service API client (reqwest) may resume a session of
         // its own when it opens a second connection.
         let before = metric(gw.endpoint.ports.admin, "dps_tls_handshakes_total", "result=\"resumed\"");
