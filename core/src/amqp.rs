@@ -2,6 +2,7 @@
 //! the request/response messages, encoded with fe2o3-amqp's types and serde_amqp. Pure: the
 //! gateway's connection task feeds bytes in and writes what these functions produce.
 
+use crate::request::Operation;
 use fe2o3_amqp_types::messaging::{ApplicationProperties, Data, MessageId, Properties};
 use fe2o3_amqp_types::performatives::Performative;
 use fe2o3_amqp_types::primitives::{Binary, SimpleValue};
@@ -203,15 +204,12 @@ pub fn parse_plain(initial_response: &[u8]) -> Option<(String, String)> {
     Some((user, pass))
 }
 
-/// A DPS request message (spec device-protocol.md §4.7).
+/// A DPS request message (spec device-protocol.md §4.7): the operation it asks for and the
+/// correlation id its response must carry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DpsRequest {
-    /// `iotdps-register` or `iotdps-get-operationstatus`.
-    pub operation_type: Option<String>,
-    pub operation_id: Option<String>,
     pub correlation_id: Option<MessageId>,
-    /// Data sections concatenated (C# sends an amqp-value string on polls: ignored).
-    pub body: Vec<u8>,
+    pub operation: Operation,
 }
 
 fn descriptor_code(section: &[u8]) -> Option<u64> {
@@ -231,32 +229,54 @@ fn as_string(v: &SimpleValue) -> Option<String> {
     }
 }
 
+/// What DPS reads from a message's sections.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Sections {
+    pub correlation_id: Option<MessageId>,
+    pub operation_type: Option<String>,
+    pub operation_id: Option<String>,
+    /// Data sections concatenated (C# sends an amqp-value string on polls: ignored).
+    pub body: Vec<u8>,
+}
+
 /// Reads the sections of a transfer payload.
-pub fn parse_request(mut payload: &[u8]) -> Result<DpsRequest, String> {
-    let mut req = DpsRequest { operation_type: None, operation_id: None, correlation_id: None, body: Vec::new() };
+pub fn read_sections(mut payload: &[u8]) -> Result<Sections, String> {
+    let mut m = Sections::default();
     while !payload.is_empty() {
         let n = value_len(payload).ok_or("truncated message section")?;
         let section = &payload[..n];
         match descriptor_code(section) {
             Some(0x73) => {
                 let p: Properties = decode_checked(section).map_err(|e| format!("properties: {e}"))?;
-                req.correlation_id = p.correlation_id;
+                m.correlation_id = p.correlation_id;
             }
             Some(0x74) => {
                 let a: ApplicationProperties = decode_checked(section).map_err(|e| format!("application-properties: {e}"))?;
-                req.operation_type = a.0.get("iotdps-operation-type").and_then(as_string);
-                req.operation_id = a.0.get("iotdps-operation-id").and_then(as_string);
+                m.operation_type = a.0.get("iotdps-operation-type").and_then(as_string);
+                m.operation_id = a.0.get("iotdps-operation-id").and_then(as_string);
             }
             Some(0x75) => {
                 let d: Data = decode_checked(section).map_err(|e| format!("data: {e}"))?;
-                req.body.extend_from_slice(d.0.as_ref());
+                m.body.extend_from_slice(d.0.as_ref());
             }
             // header, annotations, amqp-sequence, amqp-value, footer: nothing DPS needs.
             _ => {}
         }
         payload = &payload[n..];
     }
-    Ok(req)
+    Ok(m)
+}
+
+/// A request message: `iotdps-operation-type` says which operation; a register's body is the
+/// data sections.
+pub fn parse_request(payload: &[u8]) -> Result<DpsRequest, String> {
+    let m = read_sections(payload)?;
+    let operation = match m.operation_type.as_deref() {
+        Some("iotdps-register") => Operation::Register { body: m.body },
+        Some("iotdps-get-operationstatus") => Operation::OperationStatus { operation_id: m.operation_id.unwrap_or_default() },
+        other => return Err(format!("unknown iotdps-operation-type {other:?}")),
+    };
+    Ok(DpsRequest { correlation_id: m.correlation_id, operation })
 }
 
 /// A response message: properties (correlation id), application properties (retry-after,
@@ -461,14 +481,8 @@ pub mod reply {
 /// SDKs use: plain (Node, C#), leading `/` (Java), `amqps://host/...` (C).
 pub fn link_address_identity(address: &str) -> Option<(String, String)> {
     let a = address.strip_prefix("amqps://").map(|r| r.split_once('/').map_or("", |(_, p)| p)).unwrap_or(address);
-    let a = a.trim_start_matches('/');
-    let mut parts = a.split('/');
-    let scope = parts.next()?.to_string();
-    if !parts.next()?.eq_ignore_ascii_case("registrations") {
-        return None;
-    }
-    let id = parts.next()?.to_string();
-    (parts.next().is_none() && !scope.is_empty() && !id.is_empty()).then_some((scope, id))
+    let p = crate::request::RegistrationPath::parse(a.trim_start_matches('/'))?;
+    p.rest.is_empty().then(|| (p.id_scope.to_string(), p.registration_id.to_string()))
 }
 
 #[cfg(test)]
@@ -563,11 +577,11 @@ mod tests {
         payload.extend(serde_amqp::to_vec(&ApplicationProperties(map)).unwrap());
         payload.extend(serde_amqp::to_vec(&Data(Binary::from(b"{\"registrationId\":\"d\"}".to_vec()))).unwrap());
         let r = parse_request(&payload).unwrap();
-        assert_eq!(r.operation_type.as_deref(), Some("iotdps-register"));
+        assert_eq!(r.operation, Operation::Register { body: b"{\"registrationId\":\"d\"}".to_vec() });
         assert_eq!(r.correlation_id, Some(MessageId::String("abc".into())));
-        assert_eq!(r.body, b"{\"registrationId\":\"d\"}");
         let resp = encode_response(r.correlation_id.clone(), "{\"status\":\"assigned\"}", Some(2)).unwrap();
-        let back = parse_request(&resp).unwrap();
+        assert!(parse_request(&resp).is_err(), "a message without an operation type");
+        let back = read_sections(&resp).unwrap();
         assert_eq!(back.correlation_id, r.correlation_id);
         assert_eq!(back.body, b"{\"status\":\"assigned\"}");
         assert!(parse_request(&payload[..payload.len() - 1]).is_err());

@@ -8,8 +8,10 @@
 //! transfers (possibly in several frames) and their dispositions, responses split to the peer's
 //! max-frame-size, detach, end and close.
 
-use crate::amqp::{self, reply, DpsRequest, FRAME_AMQP, FRAME_SASL};
+use crate::amqp::{self, reply, FRAME_AMQP, FRAME_SASL};
 use crate::error::ServiceError;
+pub use crate::request::Credential;
+use crate::request::DeviceRequest;
 use fe2o3_amqp_types::definitions::{Handle, Role};
 use fe2o3_amqp_types::messaging::{MessageId, TargetArchetype};
 use fe2o3_amqp_types::performatives::{Attach, Performative};
@@ -33,17 +35,6 @@ pub struct Settings {
     pub client_certificate: bool,
 }
 
-/// What the device proved, as far as the transport knows; the host verifies it per request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Credential {
-    /// SASL PLAIN password: a SAS token.
-    SasToken(String),
-    /// The SAS token of the TPM mechanism's last step, signed with the key from the challenge.
-    TpmSasToken(String),
-    /// No SASL layer: the TLS client certificate.
-    ClientCertificate,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub id_scope: String,
@@ -54,7 +45,7 @@ pub struct Identity {
 #[derive(Debug, PartialEq)]
 pub enum Event {
     /// A register or operation-status request; answer it with [`Connection::answer`].
-    Request { delivery_id: u32, request: DpsRequest },
+    Request { delivery_id: u32, correlation_id: Option<MessageId>, request: DeviceRequest },
     /// A request that cannot be carried out; answer it with [`Connection::answer`] (the host
     /// renders the DPS error body, which carries a timestamp).
     Invalid { delivery_id: u32, error: ServiceError },
@@ -136,8 +127,13 @@ fn parse_tpm_init(b: &[u8]) -> Option<(String, String, Vec<u8>)> {
 }
 
 impl Connection {
-    pub fn new(settings: Settings) -> Connection {
-        Connection {
+    /// A connection with these settings; refused when `max_frame` is below the 512 bytes every
+    /// AMQP peer must accept (AMQP 1.0 §2.7.1), since responses are split to it.
+    pub fn new(settings: Settings) -> Result<Connection, String> {
+        if settings.max_frame < MIN_MAX_FRAME {
+            return Err(format!("max_frame {} is below the AMQP minimum of {MIN_MAX_FRAME}", settings.max_frame));
+        }
+        Ok(Connection {
             settings,
             phase: Phase::Header,
             input: Vec::new(),
@@ -150,7 +146,7 @@ impl Connection {
             next_outgoing: 0,
             next_incoming: 0,
             partial: None,
-        }
+        })
     }
 
     pub fn receive(&mut self, bytes: &[u8]) {
@@ -343,6 +339,9 @@ impl Connection {
                         self.write_sasl(reply::sasl_outcome(false))?;
                         return self.fail(Failure::Refused("SASL TPM: expected 0x00 after an interim segment"));
                     }
+                    if rest.is_empty() {
+                        return self.fail(Failure::Malformed("TPM segments ran out".into()));
+                    }
                     let next = rest.remove(0);
                     self.write_sasl(reply::sasl_challenge(&next))?;
                     self.phase = if rest.is_empty() { Phase::TpmToken } else { Phase::TpmSegments { rest } };
@@ -427,15 +426,21 @@ impl Connection {
                 }
                 self.next_incoming = id.wrapping_add(1);
                 self.spend_credit()?;
-                let request = match amqp::parse_request(&data) {
-                    Ok(r) => r,
-                    Err(e) => return Ok(Some(Event::Invalid { delivery_id: id, error: ServiceError::invalid(e) })),
+                let Some(me) = self.identity.clone() else {
+                    return self.close_with("amqp:unauthorized-access", "a transfer before the device is known".into());
                 };
-                return Ok(Some(match request.operation_type.as_deref() {
-                    Some("iotdps-register" | "iotdps-get-operationstatus") => Event::Request { delivery_id: id, request },
-                    other => {
-                        Event::Invalid { delivery_id: id, error: ServiceError::invalid(format!("unknown iotdps-operation-type {other:?}")) }
-                    }
+                return Ok(Some(match amqp::parse_request(&data) {
+                    Ok(m) => Event::Request {
+                        delivery_id: id,
+                        correlation_id: m.correlation_id,
+                        request: DeviceRequest {
+                            id_scope: me.id_scope,
+                            registration_id: me.registration_id,
+                            credential: me.credential,
+                            operation: m.operation,
+                        },
+                    },
+                    Err(e) => Event::Invalid { delivery_id: id, error: ServiceError::invalid(e) },
                 }));
             }
             Performative::Flow(_) | Performative::Disposition(_) => {}
@@ -548,7 +553,11 @@ impl Connection {
         if !matches!(self.phase, Phase::TpmWaitingForHost) {
             return self.fail(Failure::Malformed("TPM challenge outside the TPM exchange".into()));
         }
-        let n = blob.len().div_ceil(TPM_SEGMENT).max(1);
+        let n = blob.len().div_ceil(TPM_SEGMENT);
+        if n == 0 {
+            self.write_sasl(reply::sasl_outcome(false))?;
+            return self.fail(Failure::Refused("SASL TPM: the challenge is empty"));
+        }
         if n > TPM_MAX_SEGMENTS {
             self.write_sasl(reply::sasl_outcome(false))?;
             return self.fail(Failure::Refused("SASL TPM: the challenge needs more than four segments"));
@@ -563,9 +572,11 @@ impl Connection {
                 s
             })
             .collect();
-        let first = segments.remove(0);
-        self.write_sasl(reply::sasl_challenge(&first))?;
-        self.phase = if segments.is_empty() { Phase::TpmToken } else { Phase::TpmSegments { rest: segments } };
+        let rest = segments.split_off(1);
+        for first in segments {
+            self.write_sasl(reply::sasl_challenge(&first))?;
+        }
+        self.phase = if rest.is_empty() { Phase::TpmToken } else { Phase::TpmSegments { rest } };
         Ok(())
     }
 
@@ -659,7 +670,7 @@ mod tests {
 
     /// SASL PLAIN through attach of both links, with `max_frame` announced; returns the connection.
     fn opened(max_frame: u32) -> Connection {
-        let mut c = Connection::new(settings(false));
+        let mut c = Connection::new(settings(false)).unwrap();
         c.receive(&amqp::SASL_HEADER);
         assert_eq!(c.poll(), Ok(None));
         let out = c.take_output();
@@ -696,10 +707,11 @@ mod tests {
     fn responses_are_split_to_the_peer_max_frame_size() {
         let mut c = opened(100); // below the minimum: 512 applies
         c.receive(&frame(&reply::transfer(&Handle(1), 0, false), &request_payload("iotdps-register", b"{}")));
-        let Ok(Some(Event::Request { delivery_id: 0, request })) = c.poll() else { panic!("no request") };
-        assert_eq!(request.correlation_id, Some(MessageId::String("c-1".into())));
+        let Ok(Some(Event::Request { delivery_id: 0, correlation_id, request })) = c.poll() else { panic!("no request") };
+        assert_eq!(correlation_id, Some(MessageId::String("c-1".into())));
+        assert_eq!((request.registration_id.as_str(), request.credential), (ID, Credential::SasToken(token())));
         let body = format!("{{\"status\":\"assigned\",\"pad\":\"{}\"}}", "x".repeat(1500));
-        c.answer(0, request.correlation_id, 200, &body, None).unwrap();
+        c.answer(0, correlation_id, 200, &body, None).unwrap();
         let out = c.take_output();
         let ps = performatives(&out, 0);
         assert!(matches!(&ps[0].0, Performative::Disposition(d) if d.settled && d.first == 0));
@@ -712,7 +724,7 @@ mod tests {
             assert_eq!(t.more, i + 1 < transfers.len());
             message.extend_from_slice(payload);
         }
-        let back = amqp::parse_request(&message).unwrap();
+        let back = amqp::read_sections(&message).unwrap();
         assert_eq!(back.body, body.as_bytes());
         assert_eq!(back.correlation_id, Some(MessageId::String("c-1".into())));
 
@@ -734,8 +746,8 @@ mod tests {
         let (a, b) = payload.split_at(300);
         c.receive(&frame(&reply::transfer(&Handle(1), 0, true), a));
         c.receive(&frame(&reply::transfer(&Handle(1), 0, false), b));
-        let Ok(Some(Event::Request { delivery_id: 0, request })) = c.poll() else { panic!() };
-        assert_eq!(request.body.len(), 600);
+        let Ok(Some(Event::Request { delivery_id: 0, request, .. })) = c.poll() else { panic!() };
+        assert!(matches!(request.operation, crate::request::Operation::Register { body } if body.len() == 600));
         // Unknown operation types and undecodable messages come back as Invalid.
         c.receive(&frame(&reply::transfer(&Handle(1), 1, false), &request_payload("iotdps-delete", b"{}")));
         assert!(matches!(c.poll(), Ok(Some(Event::Invalid { delivery_id: 1, .. }))));
@@ -775,13 +787,13 @@ mod tests {
     #[test]
     fn headers_without_sasl() {
         // Not AMQP: our header back, then the end.
-        let mut c = Connection::new(settings(false));
+        let mut c = Connection::new(settings(false)).unwrap();
         c.receive(b"GET / HTTP/1.1\r\n");
         assert!(matches!(c.poll(), Err(Failure::Malformed(_))));
         assert_eq!(c.take_output(), amqp::SASL_HEADER);
 
         // No SASL and no client certificate: refused after open, with an AMQP error.
-        let mut c = Connection::new(settings(false));
+        let mut c = Connection::new(settings(false)).unwrap();
         c.receive(&amqp::AMQP_HEADER);
         assert!(matches!(c.poll(), Err(Failure::Refused(_))));
         let out = c.take_output();
@@ -789,7 +801,7 @@ mod tests {
         assert!(matches!(&ps[1].0, Performative::Close(cl) if cl.error.is_some()));
 
         // X.509: the certificate's device names itself in the link address.
-        let mut c = Connection::new(settings(true));
+        let mut c = Connection::new(settings(true)).unwrap();
         c.receive(&amqp::AMQP_HEADER);
         c.receive(&frame(&reply::open("client", 4096), &[]));
         c.receive(&frame(&reply::begin(0), &[]));
@@ -813,7 +825,7 @@ mod tests {
 
     #[test]
     fn tpm_mechanism_segments_the_challenge() {
-        let mut c = Connection::new(settings(false));
+        let mut c = Connection::new(settings(false)).unwrap();
         c.receive(&amqp::SASL_HEADER);
         let mut init = vec![0u8];
         init.extend_from_slice(format!("{SCOPE}\0{ID}\0").as_bytes());
@@ -847,19 +859,34 @@ mod tests {
         assert_eq!(c.identity().map(|i| i.credential.clone()), Some(Credential::TpmSasToken(token())));
 
         // A blob needing five segments cannot be sent (two bits of sequence number).
-        let mut c = Connection::new(settings(false));
+        let mut c = Connection::new(settings(false)).unwrap();
         c.receive(&amqp::SASL_HEADER);
         c.receive(&sasl_init("TPM", &init));
         c.receive(&sasl_response(&[0, 9]));
         assert!(matches!(c.poll(), Ok(Some(Event::TpmKeys { .. }))));
         assert!(matches!(c.tpm_challenge(&vec![0u8; 4 * TPM_SEGMENT + 1]), Err(Failure::Refused(_))));
+        // Regression: an empty challenge panicked (segments.remove(0) on no segments).
+        let mut c = Connection::new(settings(false)).unwrap();
+        c.receive(&amqp::SASL_HEADER);
+        c.receive(&sasl_init("TPM", &init));
+        c.receive(&sasl_response(&[0, 9]));
+        assert!(matches!(c.poll(), Ok(Some(Event::TpmKeys { .. }))));
+        assert!(matches!(c.tpm_challenge(&[]), Err(Failure::Refused(_))));
         // And the host may refuse the keys outright.
-        let mut c = Connection::new(settings(false));
+        let mut c = Connection::new(settings(false)).unwrap();
         c.receive(&amqp::SASL_HEADER);
         c.receive(&sasl_init("TPM", &init));
         c.receive(&sasl_response(&[0, 9]));
         assert!(matches!(c.poll(), Ok(Some(Event::TpmKeys { .. }))));
         assert!(matches!(c.refuse("no"), Err(Failure::Refused("no"))));
         assert_eq!(c.poll(), Err(Failure::Refused("no")));
+    }
+
+    #[test]
+    fn a_max_frame_below_the_amqp_minimum_is_refused() {
+        // Regression: max_frame < 512 made `clamp` panic on the peer's open.
+        let small = Settings { max_frame: 511, ..settings(false) };
+        assert!(Connection::new(small).is_err());
+        assert!(Connection::new(Settings { max_frame: MIN_MAX_FRAME, ..settings(false) }).is_ok());
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::error::{ErrorKind, ServiceError};
 use crate::model::{DeviceRegistrationState, RegistrationStatus};
+use crate::request::{Operation, RegistrationPath};
 use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -21,52 +22,38 @@ pub struct DeviceUsername {
 /// `{idScope}/registrations/{registrationId}/api-version=...&ClientVersion=...`: everything after
 /// the third `/` is a query string (it may itself contain `/`).
 pub fn parse_username(u: &str) -> Option<DeviceUsername> {
-    let mut parts = u.splitn(4, '/');
-    let id_scope = parts.next()?.to_string();
-    if !parts.next()?.eq_ignore_ascii_case("registrations") {
-        return None;
-    }
-    let registration_id = parts.next()?.to_string();
-    if id_scope.is_empty() || registration_id.is_empty() {
-        return None;
-    }
-    let query = parts.next().unwrap_or("");
+    let p = RegistrationPath::parse(u)?;
     let param = |name: &str| {
-        query.split('&').find_map(|kv| {
+        p.rest.split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=')?;
             k.eq_ignore_ascii_case(name).then(|| percent_decode_str(v).decode_utf8_lossy().into_owned())
         })
     };
     Some(DeviceUsername {
-        id_scope,
-        registration_id,
+        id_scope: p.id_scope.to_string(),
+        registration_id: p.registration_id.to_string(),
         api_version: param("api-version").unwrap_or_else(|| DEFAULT_DEVICE_API_VERSION.to_string()),
         client_version: param("ClientVersion"),
     })
 }
 
-/// A request a device publishes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TopicRequest {
-    Register { rid: String },
-    OperationStatus { rid: String, operation_id: String },
-}
-
 /// Parses `$dps/registrations/PUT/iotdps-register/?$rid={rid}` and
-/// `$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={id}`. The rid
-/// is kept byte-for-byte (it is echoed back as received); the operation id is decoded.
-pub fn parse_request_topic(topic: &str) -> Option<TopicRequest> {
+/// `$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={id}` into the
+/// request id and the operation (a register's body is the PUBLISH payload). The rid is kept
+/// byte-for-byte (it is echoed back as received); the operation id is decoded.
+pub fn parse_request_topic(topic: &str, payload: &[u8]) -> Option<(String, Operation)> {
     let (path, query) = topic.split_once('?')?;
     let param = |name: &str| query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v.to_string()));
     let rid = param("$rid")?;
-    match path.trim_end_matches('/') {
-        "$dps/registrations/PUT/iotdps-register" => Some(TopicRequest::Register { rid }),
+    let op = match path.trim_end_matches('/') {
+        "$dps/registrations/PUT/iotdps-register" => Operation::Register { body: payload.to_vec() },
         "$dps/registrations/GET/iotdps-get-operationstatus" => {
             let op = param("operationId")?;
-            Some(TopicRequest::OperationStatus { rid, operation_id: percent_decode_str(&op).decode_utf8_lossy().into_owned() })
+            Operation::OperationStatus { operation_id: percent_decode_str(&op).decode_utf8_lossy().into_owned() }
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    Some((rid, op))
 }
 
 /// The filter every SDK subscribes to.
@@ -172,15 +159,15 @@ mod tests {
     #[test]
     fn topics() {
         assert_eq!(
-            parse_request_topic("$dps/registrations/PUT/iotdps-register/?$rid=abc%2D1"),
-            Some(TopicRequest::Register { rid: "abc%2D1".into() })
+            parse_request_topic("$dps/registrations/PUT/iotdps-register/?$rid=abc%2D1", b"{}"),
+            Some(("abc%2D1".into(), Operation::Register { body: b"{}".to_vec() }))
         );
         assert_eq!(
-            parse_request_topic("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId=1.00.6162"),
-            Some(TopicRequest::OperationStatus { rid: "2".into(), operation_id: "1.00.6162".into() })
+            parse_request_topic("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId=1.00.6162", b""),
+            Some(("2".into(), Operation::OperationStatus { operation_id: "1.00.6162".into() }))
         );
-        assert_eq!(parse_request_topic("$dps/registrations/PUT/iotdps-register/"), None);
-        assert_eq!(parse_request_topic("devices/x/messages/events/?$rid=1"), None);
+        assert_eq!(parse_request_topic("$dps/registrations/PUT/iotdps-register/", b""), None);
+        assert_eq!(parse_request_topic("devices/x/messages/events/?$rid=1", b""), None);
         assert_eq!(response_topic(202, "7", Some(1)), "$dps/registrations/res/202/?$rid=7&retry-after=1");
     }
 

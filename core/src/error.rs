@@ -111,19 +111,44 @@ impl ErrorKind {
     }
 }
 
-/// An error with the human message that goes into the DPS error body.
+/// The one failure type: what went wrong (its kind maps to the status and DPS code), the
+/// human message for the DPS error body, when to retry, and for logs only, the exact check
+/// that failed (a device sees just "Unauthorized"; the operator's log says why).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceError {
     pub kind: ErrorKind,
     pub message: String,
+    /// Seconds after which a retry may succeed (throttling, a busy store): `Retry-After`.
+    pub retry_after: Option<u64>,
+    /// The detail for logs and metrics, never sent to the peer.
+    pub reason: Option<String>,
 }
 
 impl ServiceError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ServiceError { kind, message: message.into() }
+        ServiceError { kind, message: message.into(), retry_after: None, reason: None }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         ServiceError::new(ErrorKind::InvalidArgument, message)
+    }
+    /// A device or operator that failed authentication: the peer sees only "Unauthorized".
+    pub fn unauthorized(reason: impl Into<String>) -> Self {
+        ServiceError::new(ErrorKind::Unauthorized, "Unauthorized").because(reason)
+    }
+    pub fn throttled(message: impl Into<String>, retry_after: u64) -> Self {
+        ServiceError::new(ErrorKind::Throttled, message).retry_after(retry_after)
+    }
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+    pub fn because(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+    /// What the logs say: the reason when there is one, else the message.
+    pub fn detail(&self) -> &str {
+        self.reason.as_deref().unwrap_or(&self.message)
     }
 }
 

@@ -21,6 +21,12 @@ impl TokenBucket {
         self.last = self.last.max(now);
     }
 
+    /// True when the bucket would be back at its burst by `now` (it then carries no state).
+    pub fn is_full(&self, now: u64) -> bool {
+        let elapsed = now.saturating_sub(self.last) as f64;
+        self.tokens + elapsed * self.per_nano >= self.capacity
+    }
+
     /// Takes a token, or says how many whole seconds until one is available.
     pub fn try_take(&mut self, now: u64) -> Result<(), u64> {
         self.refill(now);

@@ -184,6 +184,39 @@ fn check_common(c: &EnrollmentCommon) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// On an update, secrets the caller left out are the stored ones. GET and query hide symmetric
+/// keys and certificate bodies (as DPS does), so the official SDKs' update flow (get, change a
+/// field, createOrUpdate with the etag) sends them back empty; generating new ones there would
+/// lock out every device of the enrollment. New keys are generated only on create, or when the
+/// attestation type changes.
+fn keep_stored_secrets(a: &mut AttestationMechanism, previous: Option<&AttestationMechanism>) {
+    let Some(p) = previous.filter(|p| p.kind == a.kind) else { return };
+    if let (AttestationType::SymmetricKey, Some(pk)) = (a.kind, p.symmetric_key.as_ref()) {
+        let k = a.symmetric_key.get_or_insert_with(Default::default);
+        for (slot, stored) in [(&mut k.primary_key, &pk.primary_key), (&mut k.secondary_key, &pk.secondary_key)] {
+            if slot.as_deref().is_none_or(str::is_empty) {
+                slot.clone_from(stored);
+            }
+        }
+    }
+    if let (Some(x), Some(px)) = (a.x509.as_mut(), p.x509.as_ref()) {
+        let pairs = [
+            (x.client_certificates.as_mut(), px.client_certificates.as_ref()),
+            (x.signing_certificates.as_mut(), px.signing_certificates.as_ref()),
+        ];
+        for (certs, stored) in pairs {
+            let (Some(certs), Some(stored)) = (certs, stored) else { continue };
+            for (slot, old) in [(certs.primary.as_mut(), stored.primary.as_ref()), (certs.secondary.as_mut(), stored.secondary.as_ref())] {
+                if let (Some(c), Some(old)) = (slot, old) {
+                    if c.certificate.as_deref().is_none_or(|t| t.trim().is_empty()) {
+                        c.certificate.clone_from(&old.certificate);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Validates and completes an individual enrollment for storage. `path_id` is the id from the
 /// URL (None for bulk items); `previous` supplies the creation time on update.
 pub fn prepare_enrollment(
@@ -207,6 +240,7 @@ pub fn prepare_enrollment(
             return Err(ServiceError::invalid("deviceId must be 1 to 128 printable characters"));
         }
     }
+    keep_stored_secrets(&mut e.common.attestation, previous.map(|p| &p.common.attestation));
     complete_attestation(&mut e.common.attestation, false, random_key)?;
     check_common(&e.common)?;
     e.registration_state = None;
@@ -237,6 +271,7 @@ pub fn prepare_group(
             ));
         }
     }
+    keep_stored_secrets(&mut g.common.attestation, previous.map(|p| &p.common.attestation));
     complete_attestation(&mut g.common.attestation, true, random_key)?;
     check_common(&g.common)?;
     g.common.created_date_time_utc = Some(previous.and_then(|p| p.common.created_date_time_utc).unwrap_or(now));
@@ -292,6 +327,52 @@ mod tests {
         );
         assert_eq!(e.common.created_date_time_utc, None);
         assert!(e.registration_state.is_none());
+    }
+
+    #[test]
+    fn an_update_without_secrets_keeps_the_stored_ones() {
+        // Regression: GET hides keys, so GET -> modify -> PUT arrived without them and new keys
+        // were generated, locking out every device of the enrollment.
+        let now = UtcTime::from_unix_secs(5);
+        let created = prepare_enrollment(
+            enrollment(r#"{"registrationId":"d1","attestation":{"type":"symmetricKey"}}"#),
+            Some("d1"),
+            None,
+            now,
+            &mut keygen(),
+        )
+        .unwrap();
+        let view = serde_json::to_string(&IndividualEnrollment {
+            common: EnrollmentCommon { attestation: created.common.attestation.without_secrets(), ..created.common.clone() },
+            ..created.clone()
+        })
+        .unwrap();
+        let mut edited = enrollment(&view);
+        edited.device_id = Some("renamed".into());
+        let mut fresh = || B64.encode([7u8; GENERATED_KEY_BYTES]);
+        let updated = prepare_enrollment(edited, Some("d1"), Some(&created), now, &mut fresh).unwrap();
+        assert_eq!(updated.common.attestation.symmetric_key, created.common.attestation.symmetric_key);
+        assert_eq!(updated.device_id.as_deref(), Some("renamed"));
+        // Keys given on the update replace the stored ones; a new type starts afresh.
+        let given = enrollment(
+            r#"{"registrationId":"d1","attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}}"#,
+        );
+        let k = prepare_enrollment(given, None, Some(&created), now, &mut fresh).unwrap().common.attestation.symmetric_key.unwrap();
+        assert_eq!(k.primary_key.as_deref(), Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="));
+        assert_eq!(k.secondary_key, created.common.attestation.symmetric_key.as_ref().unwrap().secondary_key);
+        // Groups too.
+        let g = |j: &str| -> EnrollmentGroup { parse_input(j.as_bytes()).unwrap() };
+        let made =
+            prepare_group(g(r#"{"enrollmentGroupId":"g","attestation":{"type":"symmetricKey"}}"#), None, None, now, &mut keygen()).unwrap();
+        let again = prepare_group(
+            g(r#"{"enrollmentGroupId":"g","attestation":{"type":"symmetricKey","symmetricKey":{}}}"#),
+            None,
+            Some(&made),
+            now,
+            &mut fresh,
+        )
+        .unwrap();
+        assert_eq!(again.common.attestation.symmetric_key, made.common.attestation.symmetric_key);
     }
 
     #[test]

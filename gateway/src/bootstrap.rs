@@ -1,9 +1,9 @@
 //! First start and every start: the data dir, the data key, the store, the instance record
 //! (ID scope and access policies), linked hubs from the config and the TLS material.
 
-use crate::certs::{self, CertFiles};
 use crate::config::Config;
 use crate::service::{random_bytes, random_key, InstanceRecord, StoredPolicy};
+use crate::tls::certs::{self, CertFiles};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use dps_core::model::LinkedHub;

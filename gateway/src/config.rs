@@ -29,6 +29,9 @@ pub struct Config {
     /// Benchmark only: the MQTT listener completes TLS handshakes and nothing else (it waits
     /// for the client's close), to measure the handshake limit of the same shards.
     pub handshake_only: bool,
+    /// `DPS_*` environment variables that were not configuration keys (warned about, skipped).
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,6 +69,7 @@ impl Default for Config {
             linked_hubs: Vec::new(),
             access_policies: Vec::new(),
             handshake_only: false,
+            ignored_env: Vec::new(),
         }
     }
 }
@@ -226,6 +230,24 @@ pub struct HubConfig {
 
 /// Environment variables with the `DPS_` prefix that are not configuration keys.
 const RESERVED_ENV: &[&str] = &["DPS_DATA_KEY", "DPS_LOG", "DPS_LOG_FORMAT"];
+/// Top-level keys an environment variable may set (`DPS_SHARDS=2`).
+const TOP_LEVEL_ENV: &[&str] = &["data_dir", "host_names", "shards", "cpus", "handshake_only"];
+/// Sections an environment variable may set a key of (`DPS_LIMITS__MAX_BULK_ITEMS=1000`).
+const SECTIONS_ENV: &[&str] = &["ports", "tls", "limits", "store"];
+
+/// Where a `DPS_*` variable goes in the configuration, or None when it is not of our shape.
+/// Scripts commonly export their own `DPS_HOST` or `DPS_URL`: such a variable is not ours and
+/// is skipped with a warning, never a reason to refuse to start. A variable that names one of
+/// our sections (`DPS_LIMITS__…`) is ours, so an unknown key in it is refused as a typo.
+fn env_path(var: &str) -> Option<Vec<String>> {
+    let rest = var.strip_prefix("DPS_")?;
+    let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+    match path.as_slice() {
+        [key] if TOP_LEVEL_ENV.contains(&key.as_str()) => Some(path),
+        [section, key] if SECTIONS_ENV.contains(&section.as_str()) && !key.is_empty() => Some(path),
+        _ => None,
+    }
+}
 
 impl Config {
     /// Reads the file (if any), applies `DPS_*` variables from `env`, and checks the result.
@@ -237,11 +259,16 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let mut ignored = Vec::new();
         for (k, v) in env {
             if !k.starts_with("DPS_") || RESERVED_ENV.contains(&k.as_str()) {
                 continue;
             }
-            let path: Vec<String> = k["DPS_".len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
+            let Some(path) = env_path(&k) else {
+                tracing::warn!(variable = %k, "ignoring environment variable: not a configuration key (DPS_<SECTION>__<KEY> or a top-level key)");
+                ignored.push(k);
+                continue;
+            };
             let mut t = &mut table;
             for seg in &path[..path.len() - 1] {
                 let entry = t.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -249,8 +276,10 @@ impl Config {
             }
             t.insert(path[path.len() - 1].clone(), env_value(&v));
         }
-        let cfg: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| format!("configuration: {}", e.message()))?;
+        let mut cfg: Config =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| format!("configuration: {}", e.message()))?;
         cfg.check()?;
+        cfg.ignored_env = ignored;
         Ok(cfg)
     }
 
@@ -303,6 +332,15 @@ mod tests {
         assert_eq!(c.host_names, ["a", "b"]);
         let err = Config::load(None, vec![("DPS_LIMITS__MAX_BULK".to_string(), "1".to_string())].into_iter()).unwrap_err();
         assert!(err.contains("max_bulk"), "{err}");
+    }
+
+    #[test]
+    fn unrelated_dps_variables_are_skipped_not_fatal() {
+        // Regression: DPS_HOST (common in scripts) became a config key and refused the start.
+        let env = [("DPS_HOST", "example.net"), ("DPS_URL", "https://x"), ("DPS_A__B__C", "1"), ("DPS_SHARDS", "3"), ("DPS_", "")];
+        let c = Config::load(None, env.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap();
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.ignored_env, ["DPS_HOST", "DPS_URL", "DPS_A__B__C", "DPS_"]);
     }
 
     #[test]

@@ -1,22 +1,16 @@
 //! The `dps` gateway: configuration, start-up, shards, TLS, HTTP and the service API.
 
-pub mod amqp;
+pub mod api;
 pub mod bootstrap;
-pub mod certs;
+pub mod clock;
 pub mod config;
-pub mod device_http;
-pub mod enrollment_cache;
-pub mod http;
 pub mod latency;
 pub mod metrics;
-pub mod mqtt;
 pub mod provisioning;
-pub mod server;
 pub mod service;
-pub mod service_api;
-pub mod stream;
+pub mod shard;
 pub mod tls;
-pub mod ws;
+pub mod transport;
 
 use config::Config;
 use serde::Serialize;
@@ -110,6 +104,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
         store,
         limits: cfg.limits.clone(),
         shards: cfg.shards,
+        boot: u32::from_be_bytes(service::random_bytes::<4>()),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let ip: std::net::IpAddr = cfg.ports.bind.parse().map_err(|_| format!("ports.bind '{}' is not an IP address", cfg.ports.bind))?;
@@ -123,9 +118,9 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     // The enrollment cache's channel mesh; shards join it once every shard is bound (`go`), so
     // a shard that fails to bind cannot leave the others waiting for it.
     let mesh = (cfg.shards > 1).then(|| glommio::channels::channel_mesh::MeshBuilder::full(cfg.shards, 1024));
-    let go = Arc::new(std::sync::atomic::AtomicU8::new(server::WAIT));
+    let go = Arc::new(std::sync::atomic::AtomicU8::new(shard::WAIT));
     let fail = |shards: Vec<glommio::ExecutorJoinHandle<()>>, stop: &AtomicBool, msg: String| {
-        go.store(server::ABORT, Ordering::Release);
+        go.store(shard::ABORT, Ordering::Release);
         stop.store(true, Ordering::Relaxed);
         for s in shards {
             let _ = s.join();
@@ -135,7 +130,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     // Shard 0 binds first, so an ephemeral port (0) becomes one port every shard shares.
     for id in 0..cfg.shards {
         let (tx, rx) = std::sync::mpsc::channel();
-        let spec = server::ShardSpec {
+        let spec = shard::ShardSpec {
             id,
             cpu: if cfg.cpus.is_empty() { (cfg.shards <= cores).then_some(id) } else { cfg.cpus.get(id).copied() },
             svc: svc.clone(),
@@ -149,7 +144,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             mesh: mesh.clone(),
             go: go.clone(),
         };
-        match server::spawn_shard(spec, tx) {
+        match shard::spawn_shard(spec, tx) {
             Ok(h) => shards.push(h),
             Err(e) => return fail(shards, &stop, e),
         }
@@ -166,7 +161,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             Err(_) => return fail(shards, &stop, format!("shard {id} ended during start-up")),
         }
     }
-    go.store(server::GO, Ordering::Release);
+    go.store(shard::GO, Ordering::Release);
     let owner = prepared.instance.policies.iter().find(|p| p.key_name == bootstrap::OWNER_POLICY).or(prepared.instance.policies.first());
     let host = cfg.host_names[0].clone();
     let endpoint = Endpoint {

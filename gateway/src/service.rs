@@ -60,6 +60,8 @@ pub struct Service {
     pub store: StoreService,
     pub limits: Limits,
     pub shards: usize,
+    /// Random per process start: the first part of every tracking id.
+    pub boot: u32,
 }
 
 impl Service {

@@ -10,13 +10,7 @@ const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 fn server() -> TestServer {
     let mut cfg = test_config();
-    cfg.linked_hubs.push(dps_gateway::config::HubConfig {
-        host_name: "hub-a.example".into(),
-        connection_string: "HostName=hub-a.example;SharedAccessKeyName=o;SharedAccessKey=aHViLWtleQ==".into(),
-        allocation_weight: None,
-        apply_allocation_policy: None,
-        location: None,
-    });
+    cfg.linked_hubs.push(hub("hub-a.example"));
     TestServer::start(cfg)
 }
 

@@ -11,16 +11,6 @@ use serde_json::json;
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const GROUP_KEY: &str = "Z3JvdXAta2V5LWdyb3VwLWtleS1ncm91cC1rZXktIQ==";
 
-fn hub(name: &str) -> dps_gateway::config::HubConfig {
-    dps_gateway::config::HubConfig {
-        host_name: name.into(),
-        connection_string: format!("HostName={name};SharedAccessKeyName=iothubowner;SharedAccessKey=aHViLWtleQ=="),
-        allocation_weight: None,
-        apply_allocation_policy: None,
-        location: None,
-    }
-}
-
 fn server_with_hubs(hubs: &[&str]) -> TestServer {
     let mut cfg = test_config();
     cfg.limits.service_operations_per_minute = 0;

@@ -2,7 +2,7 @@
 //! [`DataKey`]. Commits hold a lock, so preconditions, quotas and counts are exact.
 
 use crate::crypt::DataKey;
-use crate::record::{Expect, Op, Record, Table, Txn, TxnError, TxnResult};
+use crate::record::{by_group_key, registration_group, Expect, Op, Record, Table, Txn, TxnError, TxnResult};
 use crate::{Store, StoreError};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::collections::HashMap;
@@ -58,6 +58,24 @@ impl FjallStore {
             }
             Some(v) => self.key.open(t, key, &v).map(Some).ok_or_else(|| StoreError::Corrupt { table: t.name(), key: key.to_string() }),
         }
+    }
+}
+
+type Staged = Vec<((Table, String), Option<Record>)>;
+
+/// The store owns the by-group index: a registration record written or deleted moves its entry
+/// with it, so no caller can leave one behind.
+fn index_registration(staged: &mut Staged, key: &str, old: Option<&Record>, new: Option<&Record>) {
+    let (was, is) = (old.and_then(registration_group), new.and_then(registration_group));
+    if was == is {
+        return;
+    }
+    if let Some(g) = was {
+        staged.push(((Table::RegistrationsByGroup, by_group_key(&g, key)), None));
+    }
+    if let Some(g) = is {
+        staged
+            .push(((Table::RegistrationsByGroup, by_group_key(&g, key)), Some(Record { etag: String::new(), class: 0, body: Vec::new() })));
     }
 }
 
@@ -123,13 +141,13 @@ impl Store for FjallStore {
         let mut batch = self.db.batch();
         let mut results = Vec::with_capacity(txns.len());
         for txn in txns {
-            let mut staged: Vec<((Table, String), Option<Record>)> = Vec::new();
+            let mut staged: Staged = Vec::new();
             let mut previous = Vec::with_capacity(txn.ops.len());
             let mut delta: HashMap<(Table, u8), i64> = HashMap::new();
             let mut failed = None;
             for op in &txn.ops {
                 let (table, key) = match op {
-                    Op::Put { table, key, .. } | Op::Delete { table, key, .. } | Op::Index { table, key, .. } => (*table, key.clone()),
+                    Op::Put { table, key, .. } | Op::Delete { table, key, .. } => (*table, key.clone()),
                 };
                 let current = match staged.iter().rev().find(|(k, _)| k.0 == table && k.1 == key) {
                     Some((_, v)) => v.clone(),
@@ -160,10 +178,12 @@ impl Store for FjallStore {
                         }
                         None
                     }),
-                    Op::Index { present, .. } => Ok(present.then(|| Record { etag: String::new(), class: 0, body: Vec::new() })),
                 };
                 match outcome {
                     Ok(new) => {
+                        if table == Table::Registrations {
+                            index_registration(&mut staged, &key, current.as_ref(), new.as_ref());
+                        }
                         previous.push(current);
                         staged.push(((table, key), new));
                     }

@@ -9,7 +9,7 @@ mod service;
 
 pub use crypt::DataKey;
 pub use fjall_store::FjallStore;
-pub use record::{Expect, Op, Record, Table, Txn, TxnError, TxnResult};
+pub use record::{by_group_key, Expect, Op, Record, Table, Txn, TxnError, TxnResult};
 pub use service::{CommitStats, ServiceError as StoreCallError, StoreService, StoreServiceConfig, StoreThreads, COMMIT_BUCKETS_US};
 
 /// A failure of the store itself (I/O, corruption, a key that does not decrypt). After one, the

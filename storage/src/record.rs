@@ -7,6 +7,7 @@ pub enum Table {
     Groups,
     Registrations,
     /// Index `{groupId}\0{registrationId}` → empty record, for the by-group registration query.
+    /// The store maintains it from the registration records it writes ([`by_group_key`]).
     RegistrationsByGroup,
     Hubs,
     Meta,
@@ -58,8 +59,6 @@ pub enum Op {
     Put { table: Table, key: String, record: Record, expect: Expect, quota: Option<u64> },
     /// With `Expect::Any` a missing record is fine; `Present`/`Etag` need it (else `NotFound`).
     Delete { table: Table, key: String, expect: Expect },
-    /// An unconditional index entry write or removal.
-    Index { table: Table, key: String, present: bool },
 }
 
 /// Operations applied together or not at all.
@@ -84,3 +83,20 @@ pub enum TxnError {
 
 /// On success, the previous value of each op's key.
 pub type TxnResult = Result<Vec<Option<Record>>, TxnError>;
+
+/// Key of the by-group registration index: `{group key}\0{registration key}`; with an empty
+/// registration key, the prefix of one group's entries.
+pub fn by_group_key(group: &str, registration_key: &str) -> String {
+    format!("{}\u{0}{registration_key}", dps_core::ids::id_key(group))
+}
+
+/// The enrollment group a stored registration state came through (its `_enrollmentGroupId`),
+/// which decides its by-group index entry.
+pub(crate) fn registration_group(r: &Record) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct GroupOf {
+        #[serde(default, rename = "_enrollmentGroupId")]
+        group: Option<String>,
+    }
+    serde_json::from_slice::<GroupOf>(&r.body).ok()?.group
+}

@@ -42,6 +42,27 @@ pub enum ServiceError {
     Closed,
 }
 
+/// The one mapping from a store call's failure to what a client is told, device or operator.
+/// A full queue and a shutdown are both "unavailable, retry": every SDK retries a 503 with
+/// `Retry-After` (Python and Node treat any status of 429 and above as retryable), and neither
+/// applied anything. A failed store is a 500: the write in flight was not acknowledged.
+impl From<ServiceError> for dps_core::error::ServiceError {
+    fn from(e: ServiceError) -> Self {
+        use dps_core::error::{ErrorKind, ServiceError as Failure};
+        match e {
+            ServiceError::Busy => {
+                Failure::new(ErrorKind::Unavailable, "the service is busy; retry later").retry_after(1).because("store queue full")
+            }
+            ServiceError::Closed => {
+                Failure::new(ErrorKind::Unavailable, "the service is shutting down; retry later").retry_after(1).because("store closed")
+            }
+            ServiceError::Failed(m) => {
+                Failure::new(ErrorKind::Internal, "the store failed; the operation was not applied").because(format!("store failure: {m}"))
+            }
+        }
+    }
+}
+
 type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;
 
 enum Read {
@@ -161,17 +182,22 @@ impl StoreService {
         Self::wait(rx).await
     }
 
-    /// Commits several transactions; each is independent, all are durable together.
-    pub async fn commit_many(&self, txns: Vec<Txn>) -> Result<Vec<TxnResult>, ServiceError> {
-        let mut rxs = Vec::with_capacity(txns.len());
+    /// Commits several transactions, each independent, and answers for each: its result, or why
+    /// it was not attempted (the queue filled part-way, or the store stopped). Items queued
+    /// before a refusal still commit, so the caller learns exactly what was applied.
+    pub async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<TxnResult, ServiceError>> {
+        let mut pending = Vec::with_capacity(txns.len());
         for txn in txns {
-            rxs.push(Self::send(&self.writes, |reply| Write { txn, reply })?);
+            pending.push(Self::send(&self.writes, |reply| Write { txn, reply }));
         }
-        let mut out = Vec::with_capacity(rxs.len());
-        for rx in rxs {
-            out.push(Self::wait(rx).await?);
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Ok(rx) => Self::wait(rx).await,
+                Err(e) => Err(e),
+            });
         }
-        Ok(out)
+        out
     }
 
     pub fn count(&self, table: Table, class: u8) -> u64 {

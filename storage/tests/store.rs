@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
-use dps_storage::{DataKey, Expect, FjallStore, Op, Record, Store, Table, Txn, TxnError};
+use dps_storage::{by_group_key, DataKey, Expect, FjallStore, Op, Record, Store, Table, Txn, TxnError};
 use std::path::Path;
 
 fn open(dir: &Path) -> FjallStore {
@@ -43,15 +43,46 @@ fn failed_transaction_leaves_nothing_behind() {
     let s = open(d.path());
     let txn = Txn {
         ops: vec![
-            Op::Put { table: Table::Registrations, key: "r1".into(), record: rec("\"1\"", 0, "r"), expect: Expect::Any, quota: None },
-            Op::Index { table: Table::RegistrationsByGroup, key: "g\0r1".into(), present: true },
+            Op::Put {
+                table: Table::Registrations,
+                key: "r1".into(),
+                record: rec("\"1\"", 0, r#"{"_enrollmentGroupId":"g"}"#),
+                expect: Expect::Any,
+                quota: None,
+            },
             Op::Delete { table: Table::Enrollments, key: "missing".into(), expect: Expect::Present },
         ],
     };
     assert_eq!(s.commit(vec![txn]).unwrap()[0], Err(TxnError::NotFound));
     assert!(s.get(Table::Registrations, "r1").unwrap().is_none());
-    assert!(s.scan(Table::RegistrationsByGroup, "g\0", None, 10).unwrap().is_empty());
+    assert!(s.scan(Table::RegistrationsByGroup, &by_group_key("g", ""), None, 10).unwrap().is_empty());
     assert_eq!(s.count(Table::Registrations, 0), 0);
+}
+
+#[test]
+fn the_store_keeps_the_by_group_index_with_the_registration_records() {
+    let d = tempfile::tempdir().unwrap();
+    let s = open(d.path());
+    let entries = |g: &str| -> Vec<String> {
+        s.scan(Table::RegistrationsByGroup, &by_group_key(g, ""), None, 10).unwrap().into_iter().map(|(k, _)| k).collect()
+    };
+    let state = |g: Option<&str>| match g {
+        Some(g) => format!(r#"{{"registrationId":"r1","status":"assigned","_enrollmentGroupId":"{g}"}}"#),
+        None => r#"{"registrationId":"r1","status":"assigned"}"#.to_string(),
+    };
+    let write = |g: Option<&str>| put(Table::Registrations, "r1", rec("\"e\"", 0, &state(g)), Expect::Any, None);
+    assert!(s.commit(vec![write(Some("G1"))]).unwrap()[0].is_ok());
+    assert_eq!(entries("g1"), [by_group_key("g1", "r1")]);
+    // Re-registered through another group: the entry moves; then through none: it goes.
+    assert!(s.commit(vec![write(Some("g2"))]).unwrap()[0].is_ok());
+    assert!(entries("g1").is_empty());
+    assert_eq!(entries("g2").len(), 1);
+    assert!(s.commit(vec![write(None)]).unwrap()[0].is_ok());
+    assert!(entries("g2").is_empty());
+    assert!(s.commit(vec![write(Some("g2"))]).unwrap()[0].is_ok());
+    let del = Txn::one(Op::Delete { table: Table::Registrations, key: "r1".into(), expect: Expect::Present });
+    assert!(s.commit(vec![del]).unwrap()[0].is_ok());
+    assert!(entries("g2").is_empty(), "deleting the record drops its entry");
 }
 
 #[test]

@@ -60,3 +60,29 @@ for (const transport of Object.keys(transports)) {
     });
   });
 }
+
+// The SDK's update flow: GET hides the keys, so the enrollment comes back without them; an
+// update must keep the stored keys, or every device of the enrollment is locked out.
+test('an update (get, change, createOrUpdate with the etag) keeps the keys: devices still register', async () => {
+  const id = 'node-update-keeps-keys';
+  await service.createOrUpdateIndividualEnrollment({ registrationId: id, attestation: { type: 'symmetricKey' } });
+  const before = body(await service.getIndividualEnrollmentAttestationMechanism(id)).symmetricKey;
+  const read = body(await service.getIndividualEnrollment(id));
+  assert.ok(!read.attestation.symmetricKey || !read.attestation.symmetricKey.primaryKey, 'GET hides the keys');
+  read.initialTwin = { tags: { updated: true }, properties: { desired: {} } };
+  const updated = body(await service.createOrUpdateIndividualEnrollment(read));
+  assert.notEqual(updated.etag, read.etag);
+  assert.deepEqual(body(await service.getIndividualEnrollmentAttestationMechanism(id)).symmetricKey, before);
+  assert.equal((await register('mqtt', id, before.primaryKey)).status, 'assigned');
+
+  const gid = 'node-update-keeps-group-keys';
+  await service.createOrUpdateEnrollmentGroup({ enrollmentGroupId: gid, attestation: { type: 'symmetricKey' } });
+  const groupBefore = body(await service.getEnrollmentGroupAttestationMechanism(gid)).symmetricKey;
+  const group = body(await service.getEnrollmentGroup(gid));
+  group.capabilities = { iotEdge: true };
+  await service.createOrUpdateEnrollmentGroup(group);
+  assert.deepEqual(body(await service.getEnrollmentGroupAttestationMechanism(gid)).symmetricKey, groupBefore);
+  const dev = 'node-update-group-dev';
+  const deviceKey = crypto.createHmac('sha256', Buffer.from(groupBefore.primaryKey, 'base64')).update(dev).digest('base64');
+  assert.equal((await register('mqtt', dev, deviceKey)).status, 'assigned');
+});

@@ -82,3 +82,26 @@ def test_wrong_key_is_refused(service, transport):
         chain.append(repr(err))
         err = err.__cause__
     assert any("401" in c for c in chain), chain
+
+
+def test_an_update_keeps_the_keys_and_devices_still_register(service):
+    """The SDK's update flow: GET hides the keys, so the enrollment comes back without them; an
+    update must keep the stored keys, or every device of the enrollment is locked out."""
+    rid = "py-update-keeps-keys"
+    service.enrollment.create_or_update(id=rid, enrollment={"registrationId": rid, "attestation": {"type": "symmetricKey"}})
+    before = service.enrollment.get_attestation_mechanism(id=rid)["symmetricKey"]
+    read = service.enrollment.get(id=rid)
+    read["initialTwin"] = {"tags": {"updated": True}, "properties": {"desired": {}}}
+    service.enrollment.create_or_update(id=rid, enrollment=read, if_match=read["etag"])
+    assert service.enrollment.get_attestation_mechanism(id=rid)["symmetricKey"] == before
+    assert device(rid, before["primaryKey"], False).register().status == "assigned"
+
+    gid = "py-update-keeps-group-keys"
+    service.enrollment_group.create_or_update(id=gid, enrollment_group={"enrollmentGroupId": gid, "attestation": {"type": "symmetricKey"}})
+    group_before = service.enrollment_group.get_attestation_mechanism(id=gid)["symmetricKey"]
+    group = service.enrollment_group.get(id=gid)
+    group["capabilities"] = {"iotEdge": True}
+    service.enrollment_group.create_or_update(id=gid, enrollment_group=group, if_match=group["etag"])
+    assert service.enrollment_group.get_attestation_mechanism(id=gid)["symmetricKey"] == group_before
+    dev = "py-update-group-dev"
+    assert device(dev, derive(group_before["primaryKey"], dev), False).register().status == "assigned"

@@ -40,7 +40,7 @@ fn official_device_sdks_provision_devices() {
         .env("NODE_EXTRA_CA_CERTS", ep.ca_certificate.as_ref().unwrap()));
     running.shutdown().unwrap();
     assert!(node.status.success(), "Node device SDK interop failed");
-    assert!(String::from_utf8_lossy(&node.stdout).contains("# pass 15"), "all Node device tests ran");
+    assert!(String::from_utf8_lossy(&node.stdout).contains("# pass 16"), "all Node device tests ran");
     assert!(python.status.success(), "Python device SDK interop failed");
-    assert!(String::from_utf8_lossy(&python.stdout).contains("6 passed"), "all Python device tests ran");
+    assert!(String::from_utf8_lossy(&python.stdout).contains("7 passed"), "all Python device tests ran");
 }

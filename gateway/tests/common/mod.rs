@@ -109,3 +109,14 @@ pub fn status_json(r: Response) -> (u16, Value) {
 pub fn sym_enrollment(id: &str) -> Value {
     serde_json::json!({"registrationId": id, "attestation": {"type": "symmetricKey"}})
 }
+
+/// A registry-only linked hub.
+pub fn hub(name: &str) -> dps_gateway::config::HubConfig {
+    dps_gateway::config::HubConfig {
+        host_name: name.into(),
+        connection_string: format!("HostName={name};SharedAccessKeyName=iothubowner;SharedAccessKey=aHViLWtleQ=="),
+        allocation_weight: None,
+        apply_allocation_policy: None,
+        location: None,
+    }
+}

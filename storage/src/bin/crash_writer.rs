@@ -28,9 +28,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
             })
             .collect();
-        let results = futures::executor::block_on(svc.commit_many(batch))?;
+        let results = futures::executor::block_on(svc.commit_many(batch));
         for r in results {
-            r.map_err(|e| format!("write {n} refused: {e:?}"))?;
+            r?.map_err(|e| format!("write {n} refused: {e:?}"))?;
             writeln!(out, "ack {n}")?;
             n += 1;
         }

@@ -1,37 +1,16 @@
-//! Device attestation with symmetric keys and the registration decision: which enrollment
-//! admits the device and what registration state results (spec service-api.md §6).
+//! The registration state a registration ends in, once an enrollment has admitted the device:
+//! disabled, assigned to a hub by the allocation policy (kept or moved by the reprovision
+//! policy), or failed (spec service-api.md §5, §6).
 
 use crate::allocation::{allocate, AllocationError};
 use crate::model::*;
-use crate::sas::{derive_device_key, SasToken};
 use crate::time::UtcTime;
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
 use serde_json::Value;
 
 /// DPS code for "no IoT hub available for assignment" (spec device-protocol.md, C SDK).
 pub const NO_HUB_ERROR: i32 = 400208;
 /// Our code for an allocation policy we cannot serve.
 pub const UNSUPPORTED_POLICY_ERROR: i32 = 400209;
-
-/// The resource a device token must be for.
-pub fn device_resource(id_scope: &str, registration_id: &str) -> String {
-    format!("{id_scope}/registrations/{registration_id}")
-}
-
-/// True when the token was signed with one of the base64 keys.
-pub fn signed_with_any(token: &SasToken, keys: [Option<&str>; 2]) -> bool {
-    keys.into_iter().flatten().filter_map(|k| B64.decode(k).ok()).any(|k| token.signed_with(&k))
-}
-
-/// True when the token was signed with a device key derived from the group's keys.
-pub fn signed_with_group(token: &SasToken, group: &EnrollmentGroup, registration_id: &str) -> bool {
-    let Some(k) = &group.common.attestation.symmetric_key else { return false };
-    [k.primary_key.as_deref(), k.secondary_key.as_deref()].into_iter().flatten().filter_map(|gk| B64.decode(gk).ok()).any(|gk| {
-        let derived = derive_device_key(&gk, registration_id);
-        B64.decode(derived).is_ok_and(|d| token.signed_with(&d))
-    })
-}
 
 /// The enrollment that admitted a device.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +34,8 @@ impl<'a> Matched<'a> {
     }
 }
 
-pub struct Decision<'a> {
+/// What the next state depends on.
+pub struct StateInputs<'a> {
     pub matched: Matched<'a>,
     pub linked: &'a [LinkedHub],
     pub previous: Option<&'a DeviceRegistrationState>,
@@ -68,7 +48,7 @@ pub struct Decision<'a> {
 
 /// The registration state a registration ends in. Hubs are `registry-only` for now: the
 /// assignment is recorded, no identity is created on a hub, so the state is final at once.
-pub fn decide(d: Decision<'_>) -> DeviceRegistrationState {
+pub fn next_state(d: StateInputs<'_>) -> DeviceRegistrationState {
     let common = d.matched.common();
     let prev = d.previous;
     let device_id = match d.matched {
@@ -135,24 +115,14 @@ pub fn decide(d: Decision<'_>) -> DeviceRegistrationState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sas;
-
-    fn hub(name: &str) -> LinkedHub {
-        LinkedHub {
-            name: name.into(),
-            connection_string: String::new(),
-            location: None,
-            allocation_weight: None,
-            apply_allocation_policy: None,
-        }
-    }
+    use crate::registration::tests::hub;
 
     fn enrollment(j: serde_json::Value) -> IndividualEnrollment {
         serde_json::from_value(j).unwrap()
     }
 
     fn run<'a>(m: Matched<'a>, hubs: &'a [LinkedHub], prev: Option<&'a DeviceRegistrationState>) -> DeviceRegistrationState {
-        decide(Decision {
+        next_state(StateInputs {
             matched: m,
             linked: hubs,
             previous: prev,
@@ -191,18 +161,5 @@ mod tests {
         let e = enrollment(serde_json::json!({"registrationId":"dev1","attestation":{"type":"symmetricKey"}}));
         let s = run(Matched::Individual(&e), &[], None);
         assert_eq!((s.status, s.error_code), (RegistrationStatus::Failed, Some(NO_HUB_ERROR)));
-    }
-
-    #[test]
-    fn group_device_keys() {
-        let g: EnrollmentGroup = serde_json::from_value(serde_json::json!({"enrollmentGroupId":"g","attestation":{"type":"symmetricKey",
-            "symmetricKey":{"primaryKey":"Z3JvdXAta2V5LWdyb3VwLWtleQ==","secondaryKey":"c2Vjb25kYXJ5LWtleS1zZWNvbmRhcnk="}}}))
-        .unwrap();
-        let derived = B64.decode(derive_device_key(&B64.decode("c2Vjb25kYXJ5LWtleS1zZWNvbmRhcnk=").unwrap(), "dev1")).unwrap();
-        let t = sas::parse(&sas::build(&device_resource("0ne1", "dev1"), &derived, 99, Some("registration"))).unwrap();
-        assert!(signed_with_group(&t, &g, "dev1"));
-        assert!(!signed_with_group(&t, &g, "dev2"));
-        let wrong = sas::parse(&sas::build(&device_resource("0ne1", "dev1"), b"other", 99, Some("registration"))).unwrap();
-        assert!(!signed_with_group(&wrong, &g, "dev1"));
     }
 }

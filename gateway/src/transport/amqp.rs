@@ -2,10 +2,9 @@
 //! a WebSocket with subprotocol `AMQPWSB10`): feeds the bytes to the sans-IO connection in
 //! `dps_core::amqp_connection`, writes what it answers, and carries out its requests.
 
-use crate::provisioning::{DeviceAuth, Provisioning};
-use crate::server::{mono_nanos, utc_now};
-use crate::stream::{ByteStream, End};
-use dps_core::amqp_connection::{Connection, Credential, Event, Failure, Settings};
+use crate::provisioning::{Provisioning, Via};
+use crate::transport::stream::{ByteStream, End};
+use dps_core::amqp_connection::{Connection, Event, Failure, Settings};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -16,14 +15,17 @@ pub const MAX_FRAME: u32 = 64 * 1024;
 /// (the X.509 path, no SASL layer).
 pub async fn serve_amqp<S: ByteStream>(
     s: &mut S,
-    protocol: &'static str,
+    via: Via,
     prov: &Provisioning,
     stop: &AtomicBool,
     limits: &crate::config::Limits,
     client_certificate: bool,
 ) -> End {
-    let mut conn =
-        Connection::new(Settings { max_frame: MAX_FRAME, max_message: limits.max_mqtt_packet_bytes, link_credit: 100, client_certificate });
+    let settings = Settings { max_frame: MAX_FRAME, max_message: limits.max_mqtt_packet_bytes, link_credit: 100, client_certificate };
+    let mut conn = match Connection::new(settings) {
+        Ok(c) => c,
+        Err(e) => return End::Malformed(e),
+    };
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
@@ -38,7 +40,7 @@ pub async fn serve_amqp<S: ByteStream>(
             Err(Failure::Refused(r)) => return End::Refused(r),
         };
         match event {
-            None => match crate::stream::read_before(s, &mut chunk, Instant::now() + idle, stop).await {
+            None => match crate::transport::stream::read_before(s, &mut chunk, Instant::now() + idle, stop).await {
                 Ok(0) => return End::Closed,
                 Ok(n) => conn.receive(&chunk[..n]),
                 Err(i) => return End::from(i),
@@ -50,25 +52,12 @@ pub async fn serve_amqp<S: ByteStream>(
                 let _ = conn.refuse("TPM attestation is not supported yet");
             }
             Some(Event::Invalid { delivery_id, error }) => {
-                let body = dps_core::error::error_body(&error, "", utc_now());
-                let _ = conn.answer(delivery_id, None, error.kind.status(), &body, None);
+                let reply = prov.refuse(error, via);
+                let _ = conn.answer(delivery_id, None, reply.status, &reply.body, None);
             }
-            Some(Event::Request { delivery_id, request }) => {
-                let Some(me) = conn.identity().cloned() else { continue };
-                let token = match &me.credential {
-                    Credential::SasToken(t) | Credential::TpmSasToken(t) => Some(t.as_str()),
-                    // X.509 attestation is not served yet: without a token the request is
-                    // refused with 401 like any unauthenticated device.
-                    Credential::ClientCertificate => None,
-                };
-                let auth = DeviceAuth { id_scope: &me.id_scope, registration_id: &me.registration_id, token, protocol };
-                let answer = match request.operation_type.as_deref() {
-                    Some("iotdps-get-operationstatus") => {
-                        prov.operation_status(auth, request.operation_id.as_deref().unwrap_or(""), utc_now(), mono_nanos()).await
-                    }
-                    _ => prov.register(auth, &request.body, utc_now(), mono_nanos()).await,
-                };
-                let _ = conn.answer(delivery_id, request.correlation_id, answer.status, &answer.body, answer.retry_after);
+            Some(Event::Request { delivery_id, correlation_id, request }) => {
+                let reply = prov.handle(request, via).await;
+                let _ = conn.answer(delivery_id, correlation_id, reply.status, &reply.body, reply.retry_after);
             }
         }
     }

@@ -52,6 +52,17 @@ impl Response {
         self.headers.push((k.to_string(), v.into()));
         self
     }
+    /// A DPS error answer: the error body with its tracking id, `x-ms-error-code`,
+    /// `x-ms-request-id` and, when throttled or busy, `Retry-After`.
+    pub fn error(err: &dps_core::error::ServiceError, tracking_id: &str, now: dps_core::time::UtcTime) -> Response {
+        let mut r = Response::json(err.kind.status(), dps_core::error::error_body(err, tracking_id, now))
+            .header("x-ms-error-code", err.kind.code().to_string())
+            .header("x-ms-request-id", tracking_id);
+        if let Some(s) = err.retry_after {
+            r = r.header("Retry-After", s.to_string());
+        }
+        r
+    }
 }
 
 /// Why no request could be read. Each maps to what the peer is told (if anything).

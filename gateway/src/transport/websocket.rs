@@ -1,8 +1,8 @@
 //! WebSockets on the HTTPS port (`/$iothub/websocket`): the upgrade and a [`ByteStream`] over
 //! binary frames, so MQTT (subprotocol `mqtt`) runs on it unchanged.
 
-use crate::http::{Request, Response};
-use crate::stream::ByteStream;
+use crate::transport::http::{Request, Response};
+use crate::transport::stream::ByteStream;
 use dps_core::websocket::{accept_key, encode_frame, parse_client_frame, FrameError, Opcode};
 use std::io;
 

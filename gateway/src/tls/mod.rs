@@ -2,7 +2,9 @@
 //! certificate chosen by what the client offers, and a client certificate requested but not
 //! required (X.509 attestation checks the chain against enrollments, not against a root store).
 
-use crate::certs::CertFiles;
+pub mod certs;
+
+use crate::tls::certs::CertFiles;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{ring as provider, CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};

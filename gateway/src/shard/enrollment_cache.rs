@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 
-type Lookup = Result<Option<Record>, String>;
+/// The owner's answer, with the store's own error: a busy store stays "busy, retry" (503) at
+/// the asking shard instead of becoming an internal error.
+type Lookup = Result<Option<Record>, StoreCallError>;
 /// One shard's metric series.
 type Series = Vec<(String, i64)>;
 
@@ -51,10 +53,6 @@ pub fn owner_of(key: &str, peers: usize) -> usize {
     let mut h = std::hash::SipHasher::new();
     key.hash(&mut h);
     (h.finish() % peers.max(1) as u64) as usize
-}
-
-fn failed(e: StoreCallError) -> String {
-    e.to_string()
 }
 
 impl EnrollmentCache {
@@ -117,11 +115,7 @@ impl EnrollmentCache {
             self.found.borrow_mut().remove(&req);
             return Err(StoreCallError::Closed);
         }
-        match rx.await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreCallError::Failed(e)),
-            Err(_) => Err(StoreCallError::Closed),
-        }
+        rx.await.unwrap_or(Err(StoreCallError::Closed))
     }
 
     async fn local_get(&self, key: &str) -> Result<Option<Record>, StoreCallError> {
@@ -215,7 +209,7 @@ impl EnrollmentCache {
             }
             Msg::Lookup { key, from, req } => {
                 glommio::spawn_local(async move {
-                    let value = self.local_get(&key).await.map_err(failed);
+                    let value = self.local_get(&key).await;
                     if let Some(s) = &self.senders {
                         let _ = s.send_to(from, Msg::Found { req, value }).await;
                     }

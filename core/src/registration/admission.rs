@@ -1,0 +1,64 @@
+//! Rate limits on device operations: the service-wide registration rate (each shard holds its
+//! share) and DPS's per-device limit on operation status polls. Budgets are spent only after
+//! the device's signature verified, so an unauthenticated peer cannot spend a real device's.
+
+use crate::error::ServiceError;
+use crate::rate::TokenBucket;
+use std::collections::HashMap;
+
+/// Poll buckets held at most; past it, buckets that have refilled completely (they carry no
+/// state worth keeping) are dropped first.
+pub const MAX_POLL_BUCKETS: usize = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// This shard's share of the registrations per minute (0: unlimited).
+    pub registrations_per_minute: f64,
+    /// Operation status polls a device may make per window (0: unlimited).
+    pub polls_per_device: u64,
+    pub poll_window_secs: u64,
+}
+
+#[derive(Debug)]
+pub struct Admission {
+    limits: Limits,
+    registrations: Option<TokenBucket>,
+    polls: HashMap<String, TokenBucket>,
+}
+
+impl Admission {
+    pub fn new(limits: Limits, mono: u64) -> Admission {
+        let per_min = limits.registrations_per_minute;
+        let registrations = (per_min > 0.0).then(|| TokenBucket::new(per_min.max(1.0), 60.0, per_min.max(1.0), mono));
+        Admission { limits, registrations, polls: HashMap::new() }
+    }
+
+    pub fn take_registration(&mut self, mono: u64) -> Result<(), ServiceError> {
+        match self.registrations.as_mut().map(|b| b.try_take(mono)) {
+            Some(Err(wait)) => Err(ServiceError::throttled("registration rate limit exceeded", wait).because("service registration rate")),
+            _ => Ok(()),
+        }
+    }
+
+    /// DPS limits a device to 5 status polls per 10 s (configurable).
+    pub fn take_poll(&mut self, key: &str, mono: u64) -> Result<(), ServiceError> {
+        let l = self.limits;
+        if l.polls_per_device == 0 {
+            return Ok(());
+        }
+        let n = l.polls_per_device as f64;
+        let window = l.poll_window_secs as f64;
+        if self.polls.len() >= MAX_POLL_BUCKETS && !self.polls.contains_key(key) {
+            self.polls.retain(|_, b| !b.is_full(mono));
+            if self.polls.len() >= MAX_POLL_BUCKETS {
+                // Every bucket is in use: a new device starts with a fresh one rather than being
+                // refused for others' polling.
+                self.polls.clear();
+            }
+        }
+        let bucket = self.polls.entry(key.to_string()).or_insert_with(|| TokenBucket::new(n, window, n, mono));
+        bucket
+            .try_take(mono)
+            .map_err(|wait| ServiceError::throttled("operation status polling limit exceeded", wait).because("device polling rate"))
+    }
+}

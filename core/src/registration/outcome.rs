@@ -1,0 +1,80 @@
+//! The one result of a device request, and its rendering: a status (the HTTP status, the MQTT
+//! response topic's status, or the AMQP settlement), a JSON body and, when throttled, a
+//! retry-after. Each transport carries the [`Reply`] its own way.
+
+use crate::device::{DeviceRegistrationResult, OperationStatus, SymmetricKeyResult};
+use crate::error::{error_body, ServiceError};
+use crate::model::{DeviceRegistrationState, RegistrationStatus};
+use crate::time::UtcTime;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// A register or an operation status poll: the operation and the state it is in.
+    Operation { operation_id: String, state: DeviceRegistrationState },
+    /// A registration lookup (HTTPS only).
+    Registration { state: DeviceRegistrationState },
+    /// Refused, with the error the device is told.
+    Refused(ServiceError),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub retry_after: Option<u64>,
+}
+
+/// Seconds a device waits before polling an operation that is not final yet. The C SDK raises
+/// smaller values to 1; the Python SDK waits 2 s after a 202 whatever it is told.
+pub const POLL_AFTER_SECS: u64 = 1;
+
+fn result(state: &DeviceRegistrationState) -> DeviceRegistrationResult {
+    let symmetric_key = Some(SymmetricKeyResult { enrollment_group_id: state.enrollment_group_id.clone() });
+    DeviceRegistrationResult { state: state.clone().public(), symmetric_key }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    // Our own model types always serialise (no maps with non-string keys).
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
+}
+
+impl Outcome {
+    /// The answer on MQTT and AMQP, and to HTTPS polls and lookups. A final state is answered
+    /// 200 at once, also to the register request: every SDK treats a 200 with a terminal
+    /// status as done, which saves the 2 s the Python SDK waits after a 202.
+    pub fn reply(&self, tracking_id: &str, now: UtcTime) -> Reply {
+        match self {
+            Outcome::Operation { operation_id, state } => {
+                let status =
+                    OperationStatus { operation_id: operation_id.clone(), status: state.status, registration_state: Some(result(state)) };
+                let done = !matches!(state.status, RegistrationStatus::Assigning | RegistrationStatus::Unassigned);
+                let (code, retry_after) = if done { (200, None) } else { (202, Some(POLL_AFTER_SECS)) };
+                Reply { status: code, body: json(&status), retry_after }
+            }
+            Outcome::Registration { state } => Reply { status: 200, body: json(&result(state)), retry_after: None },
+            Outcome::Refused(e) => Reply { status: e.kind.status(), body: error_body(e, tracking_id, now), retry_after: e.retry_after },
+        }
+    }
+
+    /// The answer to an HTTPS register: 202 `assigning` with the operation id, whatever the
+    /// state (C# and the IoT Edge identity service accept nothing else); the device then polls
+    /// the operation.
+    pub fn http_register_reply(&self, tracking_id: &str, now: UtcTime) -> Reply {
+        match self {
+            Outcome::Operation { operation_id, .. } => Reply {
+                status: 202,
+                body: serde_json::json!({"operationId": operation_id, "status": "assigning"}).to_string(),
+                retry_after: Some(POLL_AFTER_SECS),
+            },
+            other => other.reply(tracking_id, now),
+        }
+    }
+
+    /// The error, when refused.
+    pub fn refusal(&self) -> Option<&ServiceError> {
+        match self {
+            Outcome::Refused(e) => Some(e),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Registration states: GET, DELETE and the query by enrollment group.
+
+use super::*;
+use dps_storage::{by_group_key, Expect, Op, Txn};
+
+impl ServiceApi {
+    pub(super) async fn get_registration(&self, id: &str) -> Handled {
+        let (rec, r) =
+            self.read::<DeviceRegistrationState>(Table::Registrations, id).await?.ok_or_else(|| not_found(Table::Registrations, id))?;
+        Ok(json(200, &registration_view(r)).header("ETag", rec.etag))
+    }
+
+    pub(super) async fn delete_registration(&self, id: &str, req: &Request) -> Handled {
+        // The store drops the state's group index entry with it.
+        let expect = if_match(req).map(Expect::Etag).unwrap_or(Expect::Present);
+        let op = Op::Delete { table: Table::Registrations, key: id_key(id), expect };
+        self.svc.store.commit(Txn::one(op)).await?.map_err(|e| txn_error(e, Table::Registrations, id))?;
+        Ok(Response::new(204))
+    }
+
+    pub(super) async fn query_registrations(&self, group: &str, req: &Request) -> Handled {
+        Self::check_query_body(req)?;
+        let (size, after) = self.paging(req)?;
+        let prefix = by_group_key(group, "");
+        let after_key = after.map(|a| format!("{prefix}{a}"));
+        let mut rows = self.svc.store.scan(Table::RegistrationsByGroup, &prefix, after_key.as_deref(), size + 1).await?;
+        let more = rows.len() > size;
+        rows.truncate(size);
+        let mut items = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for (k, _) in rows {
+            let Some(reg_key) = k.strip_prefix(&prefix).map(str::to_string) else { continue };
+            if let Some(r) = self.svc.store.get(Table::Registrations, &reg_key).await? {
+                let state: DeviceRegistrationState = parse_stored(&r)?;
+                items.push(
+                    serde_json::to_value(registration_view(state))
+                        .map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?,
+                );
+            }
+            last = Some(reg_key);
+        }
+        Ok(Self::page_response(items, last.filter(|_| more), size, "deviceRegistration"))
+    }
+}

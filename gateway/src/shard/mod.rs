@@ -1,0 +1,256 @@
+//! Shards: one glommio executor per core, each with its own `SO_REUSEPORT` listeners, accept
+//! loop and connections. A connection is owned by the task that accepted it, start to end.
+
+mod admin;
+pub mod enrollment_cache;
+
+use crate::api::ServiceApi;
+use crate::clock::mono_nanos;
+use crate::metrics::Metrics;
+use crate::provisioning::Provisioning;
+use crate::service::Service;
+use crate::transport::serve_tls;
+use dps_core::tracking::TrackingIds;
+use enrollment_cache::{EnrollmentCache, Msg};
+use futures::FutureExt;
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use std::cell::Cell;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct ShardSpec {
+    pub id: usize,
+    pub cpu: Option<usize>,
+    pub svc: Arc<Service>,
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Benchmark: the MQTT listener only completes handshakes (config `handshake_only`).
+    pub handshake_only: bool,
+    pub https: SocketAddr,
+    pub mqtt: SocketAddr,
+    pub amqp: SocketAddr,
+    /// The admin (metrics) listener; shard 0 only.
+    pub admin: Option<SocketAddr>,
+    pub stop: Arc<AtomicBool>,
+    pub mesh: Option<MeshBuilder<Msg, Full>>,
+    /// `WAIT` until every shard is bound, then `GO` (or `ABORT` when one failed).
+    pub go: Arc<AtomicU8>,
+}
+
+pub const WAIT: u8 = 0;
+pub const GO: u8 = 1;
+pub const ABORT: u8 = 2;
+
+/// The ports a shard bound.
+#[derive(Debug, Clone, Copy)]
+pub struct BoundPorts {
+    pub https: u16,
+    pub mqtt: u16,
+    pub amqp: u16,
+    pub admin: Option<u16>,
+}
+
+/// What a shard reports once its listeners are bound (or why they could not be).
+pub type Bound = Result<BoundPorts, String>;
+
+fn bind_error(what: &str, addr: SocketAddr, e: std::io::Error) -> String {
+    let flag = what.to_ascii_lowercase();
+    let hint = if addr.port() < 1024 {
+        format!("ports below 1024 need root or CAP_NET_BIND_SERVICE (sudo setcap cap_net_bind_service=+ep $(which dps)); or choose another port with --{flag}-port")
+    } else {
+        format!("another process may hold it (ss -ltnp 'sport = :{}'); or choose another port with --{flag}-port", addr.port())
+    };
+    format!("cannot bind the {what} port {} on {}: {e}; {hint}", addr.port(), addr.ip())
+}
+
+pub fn spawn_shard(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) -> Result<glommio::ExecutorJoinHandle<()>, String> {
+    let placement = match spec.cpu {
+        Some(c) => Placement::Fixed(c),
+        None => Placement::Unbound,
+    };
+    LocalExecutorBuilder::new(placement)
+        .name(&format!("shard-{}", spec.id))
+        // Network I/O does not use glommio's registered DMA buffers; keep the locked
+        // reservation small so several shards fit under the default memlock limit.
+        .io_memory(256 << 10)
+        .spawn(move || shard_main(spec, bound))
+        .map_err(|e| format!("cannot start shard: {e}"))
+}
+
+/// Everything a shard's connection tasks share.
+pub(crate) struct Shard {
+    pub id: usize,
+    pub api: ServiceApi,
+    pub prov: Provisioning,
+    pub cache: Rc<EnrollmentCache>,
+    pub metrics: Rc<Metrics>,
+    pub svc: Arc<Service>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub handshake_only: bool,
+    pub stop: Arc<AtomicBool>,
+    pub limits: crate::config::Limits,
+    /// One tracking-id sequence for every answer this shard gives (device, service API, framing
+    /// errors).
+    pub tracking: Rc<TrackingIds>,
+    conns: Cell<usize>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Listener {
+    Https,
+    Mqtt,
+    Amqp,
+}
+
+async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
+    let bind = |what: &str, addr: SocketAddr| TcpListener::bind(addr).map_err(|e| bind_error(what, addr, e.into()));
+    let admin = spec.admin.map(|a| bind("admin", a)).transpose();
+    let (https, mqtt, amqp, admin) = match (bind("HTTPS", spec.https), bind("MQTT", spec.mqtt), bind("AMQP", spec.amqp), admin) {
+        (Ok(h), Ok(m), Ok(q), Ok(a)) => (h, m, q, a),
+        (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
+            let _ = bound.send(Err(e));
+            return;
+        }
+    };
+    let port = |l: &TcpListener, fallback: u16| l.local_addr().map(|a| a.port()).unwrap_or(fallback);
+    let ports = BoundPorts {
+        https: port(&https, spec.https.port()),
+        mqtt: port(&mqtt, spec.mqtt.port()),
+        amqp: port(&amqp, spec.amqp.port()),
+        admin: admin.as_ref().map(|l| port(l, 0)),
+    };
+    let _ = bound.send(Ok(ports));
+    loop {
+        match spec.go.load(Ordering::Acquire) {
+            GO => break,
+            ABORT => return,
+            _ => glommio::timer::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    let mesh = match spec.mesh {
+        Some(m) => match m.join().await {
+            Ok(j) => Some(j),
+            Err(_) => {
+                tracing::error!(shard = spec.id, "cannot join the shard channel mesh");
+                return;
+            }
+        },
+        None => None,
+    };
+    let metrics = Rc::new(Metrics::default());
+    let cache = EnrollmentCache::start(spec.svc.store.clone(), mesh, spec.svc.limits.enrollment_cache_entries, metrics.clone());
+    let tracking = Rc::new(TrackingIds::new(spec.svc.boot, spec.id));
+    let shard = Rc::new(Shard {
+        id: spec.id,
+        api: ServiceApi::new(spec.svc.clone(), cache.clone(), metrics.clone(), tracking.clone(), mono_nanos()),
+        prov: Provisioning::new(spec.svc.clone(), cache.clone(), metrics.clone(), tracking.clone(), spec.id),
+        tracking,
+        cache,
+        metrics,
+        svc: spec.svc.clone(),
+        tls: spec.tls.clone(),
+        handshake_only: spec.handshake_only,
+        stop: spec.stop.clone(),
+        limits: spec.svc.limits.clone(),
+        conns: Cell::new(0),
+    });
+    tracing::info!(shard = spec.id, https = ports.https, mqtt = ports.mqtt, amqp = ports.amqp, "shard serving");
+    let a = glommio::spawn_local(accept_loop(https, Listener::Https, shard.clone()));
+    let b = glommio::spawn_local(accept_loop(mqtt, Listener::Mqtt, shard.clone()));
+    let q = glommio::spawn_local(accept_loop(amqp, Listener::Amqp, shard.clone()));
+    let c = admin.map(|l| glommio::spawn_local(admin::admin_loop(l, shard.clone())));
+    glommio::spawn_local(watch_stalls(shard.clone())).detach();
+    a.await;
+    b.await;
+    q.await;
+    if let Some(c) = c {
+        c.await;
+    }
+    // Drain: connections finish their current request and close; give them a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shard.conns.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(shard = spec.id, "shard stopped");
+}
+
+/// Counts the times this shard's event loop ran late: a timer due every 10 ms that fires more
+/// than 10 ms late means some task kept the core that long.
+async fn watch_stalls(shard: Rc<Shard>) {
+    let period = Duration::from_millis(10);
+    let sid = shard.id.to_string();
+    while !shard.stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        glommio::timer::sleep(period).await;
+        let late = t.elapsed().saturating_sub(period);
+        if late > period {
+            shard.metrics.inc("dps_shard_stalls_total", &[("shard", &sid)]);
+            shard.metrics.add("dps_shard_stall_microseconds_total", &[("shard", &sid)], late.as_micros() as i64);
+        }
+    }
+}
+
+type PendingAccept<'l> = Pin<Box<dyn Future<Output = glommio::Result<TcpStream, ()>> + 'l>>;
+
+/// Accepts connections until `stop`. The pending accept is never cancelled while serving: an
+/// io_uring accept dropped mid-flight can take a connection from the backlog that nobody then
+/// serves, so the stop flag is checked beside it, not by abandoning it.
+pub(crate) async fn next_connection<'l>(
+    listener: &'l TcpListener,
+    pending: &mut Option<PendingAccept<'l>>,
+    stop: &AtomicBool,
+) -> Option<glommio::Result<TcpStream, ()>> {
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        let accept = pending.get_or_insert_with(|| Box::pin(listener.accept()));
+        match futures::future::select(accept.as_mut(), glommio::timer::sleep(Duration::from_millis(200)).boxed_local()).await {
+            futures::future::Either::Left((r, _)) => {
+                *pending = None;
+                return Some(r);
+            }
+            futures::future::Either::Right(_) => continue,
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
+    let mut pending = None;
+    while let Some(accepted) = next_connection(&listener, &mut pending, &shard.stop).await {
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if shard.conns.get() >= shard.limits.max_connections_per_shard {
+            drop(stream);
+            continue;
+        }
+        shard.conns.set(shard.conns.get() + 1);
+        let sid = shard.id.to_string();
+        let listener = match kind {
+            Listener::Https => "https",
+            Listener::Mqtt => "mqtt",
+            Listener::Amqp => "amqp",
+        };
+        shard.metrics.inc("dps_connections_accepted_total", &[("shard", &sid), ("listener", listener)]);
+        shard.metrics.add("dps_connections_open", &[("shard", &sid)], 1);
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            serve_tls(stream, kind, &shard).await;
+            shard.conns.set(shard.conns.get() - 1);
+            shard.metrics.add("dps_connections_open", &[("shard", &sid)], -1);
+        })
+        .detach();
+    }
+}

@@ -1,0 +1,16 @@
+//! The HTTPS device API on the HTTPS port, told apart from the service API by its path
+//! (`/{idScope}/registrations/{registrationId}/...`, parsed by `dps_core::request::from_http`).
+
+use crate::provisioning::{Provisioning, Via};
+use crate::transport::http::{Request, Response};
+
+/// Answers a device API request, or None when the path is not one.
+pub async fn handle(prov: &Provisioning, req: &Request) -> Option<Response> {
+    let request = dps_core::request::from_http(&req.method, &req.path, req.header("authorization"), &req.body)?;
+    let reply = prov.handle(request, Via::Https).await;
+    let mut r = Response::json(reply.status, reply.body);
+    if let Some(s) = reply.retry_after {
+        r = r.header("Retry-After", s.to_string());
+    }
+    Some(r)
+}

@@ -1,0 +1,174 @@
+//! Device and operator transports: each connection is served by the task that accepted it,
+//! from the TLS handshake to its end. The listener decides the protocol: HTTPS (device API,
+//! service API and WebSocket upgrades to MQTT or AMQP), MQTT, AMQP.
+
+pub mod amqp;
+pub mod http;
+pub mod https;
+pub mod mqtt;
+pub mod stream;
+pub mod websocket;
+
+use crate::clock::{mono_nanos, utc_now};
+use crate::provisioning::Via;
+use crate::shard::{Listener, Shard};
+use dps_core::error::{ErrorKind, ServiceError};
+use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use http::{ReadError, Response};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
+    let _ = stream.set_nodelay(true);
+    let acceptor = futures_rustls::TlsAcceptor::from(shard.tls.clone());
+    let handshake = Duration::from_secs(shard.limits.handshake_timeout_secs);
+    let sid = shard.id.to_string();
+    let mut s = match glommio::timer::timeout(handshake, async { Ok(acceptor.accept(stream).await) }).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", "failed")]);
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", "timeout")]);
+            return;
+        }
+    };
+    let result = match s.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        _ => "ok",
+    };
+    shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", result)]);
+    // The X.509 path (AMQP without SASL) needs to know whether the client presented one.
+    let cert = s.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+    match kind {
+        Listener::Https => {
+            if let Some((req, leftover)) = serve_http(&mut s, shard).await {
+                serve_websocket(&mut s, req, leftover, shard, cert).await;
+            }
+        }
+        Listener::Mqtt if shard.handshake_only => {
+            // The benchmark's limit: nothing after the handshake but waiting for the close.
+            use futures::io::AsyncReadExt;
+            let mut sink = [0u8; 512];
+            let idle = Duration::from_secs(shard.limits.idle_timeout_secs);
+            let _ = glommio::timer::timeout(idle, async {
+                while !matches!(s.read(&mut sink).await, Ok(0) | Err(_)) {}
+                Ok(())
+            })
+            .await;
+        }
+        Listener::Mqtt => {
+            let end = mqtt::serve_mqtt(&mut s, Via::Mqtt, &shard.prov, &shard.stop, &shard.limits).await;
+            tracing::debug!(shard = shard.id, ?end, "MQTT connection ended");
+        }
+        Listener::Amqp => {
+            let end = amqp::serve_amqp(&mut s, Via::Amqp, &shard.prov, &shard.stop, &shard.limits, cert).await;
+            tracing::debug!(shard = shard.id, ?end, "AMQP connection ended");
+        }
+    }
+    let _ = s.close().await;
+}
+
+/// Reads and discards what the client is still sending (e.g. the rest of an oversized body),
+/// for at most 2 s and 4 MiB, so it can read the error answer instead of seeing a reset.
+async fn linger<S: AsyncRead + Unpin>(s: &mut S) {
+    use futures::io::AsyncReadExt;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut left = 4usize << 20;
+    let mut chunk = [0u8; 16384];
+    while left > 0 {
+        let Some(remaining) = deadline.checked_duration_since(Instant::now()) else { return };
+        match glommio::timer::timeout(remaining, async { Ok(s.read(&mut chunk).await) }).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
+        }
+    }
+}
+
+/// Answers a WebSocket upgrade and runs the device protocol it asks for.
+async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    req: http::Request,
+    leftover: Vec<u8>,
+    shard: &Shard,
+    client_certificate: bool,
+) {
+    match websocket::handshake(&req, &[websocket::MQTT, websocket::AMQP]) {
+        Ok((resp, protocol)) => {
+            if http::write_response(s, &resp, false).await.is_err() {
+                return;
+            }
+            let mut ws = websocket::WsStream::new(s, leftover, shard.limits.max_mqtt_packet_bytes + 16);
+            if protocol == websocket::AMQP {
+                let end = amqp::serve_amqp(&mut ws, Via::AmqpWs, &shard.prov, &shard.stop, &shard.limits, client_certificate).await;
+                tracing::debug!(shard = shard.id, ?end, "AMQP over WebSocket ended");
+            } else {
+                let end = mqtt::serve_mqtt(&mut ws, Via::MqttWs, &shard.prov, &shard.stop, &shard.limits).await;
+                tracing::debug!(shard = shard.id, ?end, "MQTT over WebSocket ended");
+            }
+        }
+        Err(why) => {
+            let err = ServiceError::invalid(format!("WebSocket upgrade refused: {why}"));
+            let _ = http::write_response(s, &Response::error(&err, &shard.tracking.next(), utc_now()), true).await;
+        }
+    }
+}
+
+/// Request/response loop on an established (TLS) stream. Returns a WebSocket upgrade request
+/// (and the bytes that followed it) for the caller to serve.
+async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, shard: &Shard) -> Option<(http::Request, Vec<u8>)> {
+    let (stop, limits) = (&shard.stop, &shard.limits);
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    let mut buf = Vec::new();
+    loop {
+        // Wait for the next request in short slices, so an idle keep-alive connection notices
+        // shutdown; reading is cancellation-safe (http::read_request consumes nothing early).
+        let deadline = Instant::now() + idle;
+        let read = loop {
+            if stop.load(Ordering::Relaxed) && buf.is_empty() {
+                return None;
+            }
+            match glommio::timer::timeout(Duration::from_millis(250), async {
+                Ok(http::read_request(s, &mut buf, limits.max_body_bytes).await)
+            })
+            .await
+            {
+                Ok(r) => break r,
+                Err(_) if Instant::now() >= deadline => return None,
+                Err(_) => continue,
+            }
+        };
+        let req = match read {
+            Ok(r) => r,
+            Err(e) => {
+                let err = match e {
+                    ReadError::Closed | ReadError::Io => return None,
+                    ReadError::BodyTooLarge => {
+                        ServiceError::new(ErrorKind::PayloadTooLarge, format!("request body exceeds {} bytes", limits.max_body_bytes))
+                    }
+                    ReadError::HeadTooLarge => ServiceError::invalid("request head too large"),
+                    ReadError::Malformed(m) => ServiceError::invalid(format!("malformed HTTP request: {m}")),
+                };
+                let resp = Response::error(&err, &shard.tracking.next(), utc_now());
+                if http::write_response(s, &resp, true).await.is_ok() {
+                    linger(s).await;
+                }
+                return None;
+            }
+        };
+        if websocket::is_upgrade(&req) {
+            return Some((req, std::mem::take(&mut buf)));
+        }
+        let resp = match https::handle(&shard.prov, &req).await {
+            Some(r) => r,
+            None => shard.api.handle(&req, utc_now(), mono_nanos()).await,
+        };
+        let close = req.close || stop.load(Ordering::Relaxed);
+        if http::write_response(s, &resp, close).await.is_err() || close {
+            return None;
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! DPS over MQTT 3.1.1 on any byte stream (TLS on the MQTT port, or a WebSocket on the HTTPS
+//! port): feeds the bytes to the sans-IO session in `dps_core::mqtt_session`, writes what it
+//! answers, and hands its requests to the registration driver.
+
+use crate::provisioning::{Provisioning, Via};
+use crate::transport::stream::{read_before, ByteStream, End};
+use dps_core::mqtt_session::{Ended, Event, Session, Settings};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+impl From<Ended> for End {
+    fn from(e: Ended) -> End {
+        match e {
+            Ended::Disconnect => End::Disconnect,
+            Ended::TooLarge => End::TooLarge,
+            Ended::Malformed(m) => End::Malformed(m),
+            Ended::Refused(r) => End::Refused(r),
+            Ended::ProtocolViolation(v) => End::ProtocolViolation(v),
+        }
+    }
+}
+
+/// Serves one MQTT connection to its end.
+pub async fn serve_mqtt<S: ByteStream>(s: &mut S, via: Via, prov: &Provisioning, stop: &AtomicBool, limits: &crate::config::Limits) -> End {
+    let mut session = Session::new(Settings { max_packet: limits.max_mqtt_packet_bytes, idle_secs: limits.idle_timeout_secs });
+    let mut chunk = [0u8; 4096];
+    loop {
+        let event = session.poll();
+        // Answers queued before this point go out together, also when the session just ended
+        // (a refusing CONNACK, answers before a DISCONNECT).
+        let out = session.take_output();
+        if !out.is_empty() && s.send(&out).await.is_err() {
+            return End::Closed;
+        }
+        match event {
+            Err(e) => return e.into(),
+            Ok(Some(Event::Request { rid, request })) => {
+                let reply = prov.handle(request, via).await;
+                if let Err(e) = session.answer(&rid, reply.status, &reply.body, reply.retry_after) {
+                    return e.into();
+                }
+            }
+            Ok(None) => {
+                let deadline = Instant::now() + Duration::from_secs(session.read_timeout_secs());
+                match read_before(s, &mut chunk, deadline, stop).await {
+                    Ok(0) => return End::Closed,
+                    Ok(n) => session.receive(&chunk[..n]),
+                    Err(i) => return End::from(i),
+                }
+            }
+        }
+    }
+}
