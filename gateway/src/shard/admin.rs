@@ -1,6 +1,7 @@
 //! The admin listener: plain HTTP, loopback by default, `GET /metrics` for Prometheus.
 
-use super::{next_connection, Shard};
+use super::{next_connection, Answer, Request, Shard, ShardMesh};
+use crate::metrics::Metrics;
 use crate::transport::http::{self, Response};
 use futures::io::AsyncWriteExt;
 use glommio::net::TcpListener;
@@ -20,7 +21,7 @@ pub(super) async fn admin_loop(listener: TcpListener, shard: Rc<Shard>) {
             let resp = match read {
                 Ok(Ok(req)) if req.method == "GET" && req.path == "/metrics" => {
                     let extra = crate::metrics::store_series(&shard.svc.store.stats, shard.svc.store.queued_writes());
-                    let text = crate::metrics::render(shard.cache.scrape_all().await, extra);
+                    let text = crate::metrics::render(scrape_all(&shard.metrics, shard.cache.mesh()).await, extra);
                     let mut r = Response::new(200).header("Content-Type", "text/plain; version=0.0.4");
                     r.body = text.into_bytes();
                     r
@@ -33,4 +34,21 @@ pub(super) async fn admin_loop(listener: TcpListener, shard: Rc<Shard>) {
         })
         .detach();
     }
+}
+
+/// This shard's metric series, with the cross-shard calls in flight as they are now.
+pub(super) fn snapshot(metrics: &Metrics, mesh: &ShardMesh) -> Vec<(String, i64)> {
+    metrics.set("dps_cross_shard_pending", &[("shard", &mesh.me().to_string())], mesh.pending() as i64);
+    metrics.snapshot()
+}
+
+/// Every shard's series: this one's and, over the mesh, the others'.
+async fn scrape_all(metrics: &Metrics, mesh: &ShardMesh) -> Vec<Vec<(String, i64)>> {
+    let mut all = vec![snapshot(metrics, mesh)];
+    for peer in (0..mesh.peers()).filter(|p| *p != mesh.me()) {
+        if let Ok(Answer::Scraped(series)) = mesh.call(peer, Request::Scrape).await {
+            all.push(series);
+        }
+    }
+    all
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 pub mod enrollment_cache;
+pub mod mesh;
 
 use crate::api::ServiceApi;
 use crate::clock::mono_nanos;
@@ -11,11 +12,12 @@ use crate::provisioning::Provisioning;
 use crate::service::Service;
 use crate::transport::serve_tls;
 use dps_core::tracking::TrackingIds;
-use enrollment_cache::{EnrollmentCache, Msg};
+use enrollment_cache::{EnrollmentCache, Lookup};
 use futures::FutureExt;
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
+use mesh::{Envelope, Mesh};
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,7 +40,7 @@ pub struct ShardSpec {
     /// The admin (metrics) listener; shard 0 only.
     pub admin: Option<SocketAddr>,
     pub stop: Arc<AtomicBool>,
-    pub mesh: Option<MeshBuilder<Msg, Full>>,
+    pub mesh: Option<MeshBuilder<Envelope<Request, Answer>, Full>>,
     /// `WAIT` until every shard is bound, then `GO` (or `ABORT` when one failed).
     pub go: Arc<AtomicU8>,
 }
@@ -101,6 +103,42 @@ pub(crate) struct Shard {
     conns: Cell<usize>,
 }
 
+/// What one shard asks another.
+pub enum Request {
+    /// An individual enrollment from its owner's cache partition.
+    Lookup(String),
+    /// Forget these keys in the owner's partition.
+    Invalidate(Vec<String>),
+    /// The peer's metric series.
+    Scrape,
+}
+
+pub enum Answer {
+    Found(Lookup),
+    Invalidated,
+    Scraped(Vec<(String, i64)>),
+}
+
+pub type ShardMesh = Mesh<Request, Answer>;
+
+/// How a shard answers its peers.
+fn serve_peers(cache: std::rc::Weak<EnrollmentCache>, metrics: Rc<Metrics>) -> mesh::Serve<Request, Answer> {
+    Rc::new(move |req| {
+        let (cache, metrics) = (cache.upgrade(), metrics.clone());
+        Box::pin(async move {
+            let Some(cache) = cache else { return Answer::Found(Err(dps_storage::StoreCallError::Closed)) };
+            match req {
+                Request::Lookup(key) => Answer::Found(cache.local_get(&key).await),
+                Request::Invalidate(keys) => {
+                    cache.local_invalidate(&keys);
+                    Answer::Invalidated
+                }
+                Request::Scrape => Answer::Scraped(admin::snapshot(&metrics, cache.mesh())),
+            }
+        })
+    })
+}
+
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Listener {
     Https,
@@ -144,7 +182,13 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
         None => None,
     };
     let metrics = Rc::new(Metrics::default());
-    let cache = EnrollmentCache::start(spec.svc.store.clone(), mesh, spec.svc.limits.enrollment_cache_entries, metrics.clone());
+    let (store, entries) = (spec.svc.store.clone(), spec.svc.limits.enrollment_cache_entries);
+    // The cache serves the mesh's calls and makes them: built together, the handler holding the
+    // cache weakly.
+    let cache = Rc::new_cyclic(|cache| {
+        let mesh = Mesh::start(mesh, serve_peers(cache.clone(), metrics.clone()));
+        EnrollmentCache::new(mesh, store, entries, metrics.clone())
+    });
     let tracking = Rc::new(TrackingIds::new(spec.svc.boot, spec.id));
     let shard = Rc::new(Shard {
         id: spec.id,
