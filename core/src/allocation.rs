@@ -1,4 +1,4 @@
-//! Choosing a linked hub for a device (spec service-api.md §5).
+//! Choosing a linked hub for a device (docs/service-api.md §5).
 
 use crate::model::{AllocationPolicy, LinkedHub};
 use ring::digest;

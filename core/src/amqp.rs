@@ -1,4 +1,4 @@
-//! AMQP 1.0 for DPS (spec device-protocol.md §4): protocol headers, frames, SASL PLAIN, and
+//! AMQP 1.0 for DPS (docs/device-protocol.md §4): protocol headers, frames, SASL PLAIN, and
 //! the request/response messages, encoded with fe2o3-amqp's types and serde_amqp. Pure: the
 //! gateway's connection task feeds bytes in and writes what these functions produce.
 
@@ -204,7 +204,7 @@ pub fn parse_plain(initial_response: &[u8]) -> Option<(String, String)> {
     Some((user, pass))
 }
 
-/// A DPS request message (spec device-protocol.md §4.7): the operation it asks for and the
+/// A DPS request message (docs/device-protocol.md §4.7): the operation it asks for and the
 /// correlation id its response must carry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DpsRequest {
@@ -281,7 +281,7 @@ pub fn parse_request(payload: &[u8]) -> Result<DpsRequest, String> {
 
 /// A response message: properties (correlation id), application properties (retry-after,
 /// spelled both ways since C# looks up `Retry-After` exactly) and one data section with the
-/// JSON (spec device-protocol.md §4.8).
+/// JSON (docs/device-protocol.md §4.8).
 pub fn encode_response(correlation_id: Option<MessageId>, json: &str, retry_after: Option<u64>) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     let props = Properties { correlation_id, ..Default::default() };
@@ -296,7 +296,7 @@ pub fn encode_response(correlation_id: Option<MessageId>, json: &str, retry_afte
     Ok(out)
 }
 
-/// The error condition for a DPS status (spec device-protocol.md §4.9; Node retries only
+/// The error condition for a DPS status (docs/device-protocol.md §4.9; Node retries only
 /// internal-error and device-container-throttled).
 pub fn condition_for(status: u16) -> &'static str {
     match status {

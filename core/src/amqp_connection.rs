@@ -2,7 +2,7 @@
 //! bytes out ([`Connection::take_output`]), and events for the host ([`Connection::poll`]).
 //!
 //! Phases: protocol header; SASL (PLAIN with a SAS token; the `TPM` mechanism's nonce
-//! challenge, spec device-protocol.md §4.4) or no SASL layer at all when the device presented
+//! challenge, docs/device-protocol.md §4.4) or no SASL layer at all when the device presented
 //! a TLS client certificate (X.509, §4.2); the AMQP header; then open, begin, the attach of the
 //! device's two links at `{idScope}/registrations/{registrationId}`, link credit, request
 //! transfers (possibly in several frames) and their dispositions, responses split to the peer's
@@ -516,7 +516,7 @@ impl Connection {
     }
 
     /// Answers request `delivery_id`: a failure (status ≥ 300) settles it Rejected with the DPS
-    /// error (spec device-protocol.md §4.9); success settles it Accepted and sends the response
+    /// error (docs/device-protocol.md §4.9); success settles it Accepted and sends the response
     /// on the device's receiver link, in as many frames as its max-frame-size needs.
     pub fn answer(
         &mut self,

@@ -1,4 +1,4 @@
-//! Device-facing wire shapes shared by every transport (spec device-protocol.md §3, §6): the
+//! Device-facing wire shapes shared by every transport (docs/device-protocol.md §3, §6): the
 //! MQTT username, request/response topics, the register body and the operation status.
 
 use crate::error::{ErrorKind, ServiceError};
@@ -8,7 +8,7 @@ use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// API version assumed when a client names none (spec device-protocol.md §3.2).
+/// API version assumed when a client names none (docs/device-protocol.md §3.2).
 pub const DEFAULT_DEVICE_API_VERSION: &str = "2019-03-31";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +69,7 @@ pub fn response_topic(status: u16, rid: &str, retry_after: Option<u64>) -> Strin
 }
 
 /// The register body. Every field is optional: C# sends an empty body, Python `"payload": null`,
-/// the C SDK repeats it on status queries (spec device-protocol.md §3.5).
+/// the C SDK repeats it on status queries (docs/device-protocol.md §3.5).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceRegistration {

@@ -1,7 +1,7 @@
 //! The catalogue of errors a request can end in, each mapped to its HTTP status and 6-digit DPS
 //! error code (the first three digits are the status, as in every code DPS is known to send).
-//! Only 401002, 404201, 404202, 400208 and 400209 are evidenced in public sources (spec
-//! service-api.md §1.7); the remaining numbers are ours and stable.
+//! Only 401002, 404201, 404202, 400208 and 400209 are evidenced in public sources
+//! (docs/service-api.md §1.7); the remaining numbers are ours and stable.
 
 use std::fmt;
 

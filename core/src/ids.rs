@@ -2,12 +2,12 @@
 
 use crate::error::ServiceError;
 
-/// Longest registration or enrollment group id (spec service-api.md §1.3 notes).
+/// Longest registration or enrollment group id (docs/service-api.md §1.3 notes).
 pub const MAX_ID_LEN: usize = 128;
 
 /// Registration ids and enrollment group ids: 1..=128 characters, alphanumerics plus `- . _ :`,
 /// the last character alphanumeric or `-`, and no special first character
-/// (TypeSpec text quoted in spec service-api.md §1.3).
+/// (TypeSpec text quoted in docs/service-api.md §1.3).
 pub fn validate_id(what: &str, id: &str) -> Result<(), ServiceError> {
     let bad = |why: &str| Err(ServiceError::invalid(format!("{what} '{}' is invalid: {why}", printable(id))));
     if id.is_empty() {
@@ -35,7 +35,7 @@ pub fn id_key(id: &str) -> String {
     id.to_ascii_lowercase()
 }
 
-/// An ID scope: `0ne` and 8 upper-case hex digits (spec service-api.md §4.2).
+/// An ID scope: `0ne` and 8 upper-case hex digits (docs/service-api.md §4.2).
 pub fn id_scope_from(random: [u8; 4]) -> String {
     format!("0ne{:08X}", u32::from_be_bytes(random))
 }
@@ -47,7 +47,7 @@ pub fn etag_from(r: [u8; 16]) -> String {
 }
 
 /// Etag comparison for If-Match: an optional `W/` prefix and surrounding quotes are ignored on
-/// both sides; `*` matches any existing entity (spec service-api.md §1.6).
+/// both sides; `*` matches any existing entity (docs/service-api.md §1.6).
 pub fn etag_matches(if_match: &str, stored: &str) -> bool {
     fn bare(s: &str) -> &str {
         let s = s.trim();

@@ -1,4 +1,4 @@
-//! The service's records and their JSON wire shapes (spec service-api.md §2). Property names are
+//! The service's records and their JSON wire shapes (docs/service-api.md §2). Property names are
 //! camelCase exactly as DPS writes them; absent optional members are omitted, never `null`
 //! (§2.10); enum values are accepted case-insensitively because SDK typings differ (§2).
 
@@ -149,7 +149,7 @@ pub struct AttestationMechanism {
 
 impl AttestationMechanism {
     /// The view returned by GET, PUT and query: symmetric keys and certificate bodies are left
-    /// out; they are read through `.../attestationmechanism` (spec service-api.md §2.10).
+    /// out; they are read through `.../attestationmechanism` (docs/service-api.md §2.10).
     pub fn without_secrets(&self) -> AttestationMechanism {
         let mut a = self.clone();
         if let Some(k) = a.symmetric_key.as_mut() {
@@ -341,7 +341,7 @@ pub struct BulkOperationResult {
     pub errors: Vec<BulkItemError>,
 }
 
-/// A linked IoT hub (ARM `IotHubDefinitionDescription`, spec service-api.md §4.3).
+/// A linked IoT hub (ARM `IotHubDefinitionDescription`, docs/service-api.md §4.3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LinkedHub {
@@ -373,7 +373,7 @@ impl LinkedHub {
 }
 
 /// Parses `HostName=..;SharedAccessKeyName=..;SharedAccessKey=..` (keys case-insensitive, as
-/// the Python SDK does; spec service-api.md §3.2).
+/// the Python SDK does; docs/service-api.md §3.2).
 pub fn parse_connection_string(s: &str) -> Option<ConnectionString> {
     let mut host = None;
     let mut name = None;

@@ -1,4 +1,4 @@
-//! The MQTT 3.1.1 session of a device, without I/O (spec device-protocol.md §3): bytes in
+//! The MQTT 3.1.1 session of a device, without I/O (docs/device-protocol.md §3): bytes in
 //! ([`Session::receive`]), packets out ([`Session::take_output`]), device requests raised as
 //! [`Event`]s and answered with [`Session::answer`]. The host only moves bytes and enforces the
 //! read deadline the session names ([`Session::read_timeout_secs`]).
@@ -151,7 +151,7 @@ impl Session {
         }
     }
 
-    /// CONNECT rules (spec device-protocol.md §3.2). An unusable credential is refused at
+    /// CONNECT rules (docs/device-protocol.md §3.2). An unusable credential is refused at
     /// CONNACK; a well-formed token is judged against the enrollment list when the device
     /// registers, and a failure there answers 401 on the response topic (§3.3).
     fn connect(&mut self, c: Connect) -> Result<(), Ended> {
@@ -188,7 +188,7 @@ impl Session {
             return self.end(Ended::ProtocolViolation("publish to a topic DPS does not serve"));
         };
         if p.qos == QoS::AtLeastOnce {
-            // C# needs the PUBACK before the response (spec device-protocol.md §3.6).
+            // C# needs the PUBACK before the response (docs/device-protocol.md §3.6).
             if let Err(e) = self.queue(|b| PubAck::new(p.pkid).write(b)) {
                 return self.end(e);
             }

@@ -17,7 +17,7 @@ pub enum Credential {
     None,
 }
 
-/// The three device operations (spec device-protocol.md §3.4, §4.7, §5).
+/// The three device operations (docs/device-protocol.md §3.4, §4.7, §5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
     /// `iotdps-register`, with the JSON body as sent (may be empty).
@@ -75,7 +75,7 @@ pub fn device_resource(id_scope: &str, registration_id: &str) -> String {
     format!("{id_scope}/registrations/{registration_id}")
 }
 
-/// The HTTPS device API (spec device-protocol.md §5): `PUT …/register`, `GET
+/// The HTTPS device API (docs/device-protocol.md §5): `PUT …/register`, `GET
 /// …/operations/{operationId}`, `POST /{idScope}/registrations/{registrationId}`. None when the
 /// request is not one of them (it is then the service API's).
 pub fn from_http(method: &str, path: &str, authorization: Option<&str>, body: &[u8]) -> Option<DeviceRequest> {

@@ -1,4 +1,4 @@
-//! Shared access policy rights (spec service-api.md §3.1).
+//! Shared access policy rights (docs/service-api.md §3.1).
 
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,4 @@
-//! Shared access signature tokens (spec service-api.md §3.3):
+//! Shared access signature tokens (docs/service-api.md §3.3):
 //! `SharedAccessSignature sr={url-encoded resource}&sig={url-encoded base64 HMAC}&se={expiry}&skn={key name}`.
 //! The signature is HMAC-SHA256 over `{sr as sent}\n{se}` under the base64-decoded key.
 
@@ -144,7 +144,7 @@ fn lower_escapes(s: &str) -> String {
     out
 }
 
-/// base64 of HMAC-SHA256(groupKey, registrationId): a group device's key (spec service-api.md §2.2).
+/// base64 of HMAC-SHA256(groupKey, registrationId): a group device's key (docs/service-api.md §2.2).
 pub fn derive_device_key(group_key: &[u8], registration_id: &str) -> String {
     B64.encode(sign(group_key, registration_id))
 }

@@ -1,5 +1,5 @@
 //! Routing of the service (management) REST API: method and path to an operation and the right
-//! it needs (spec service-api.md §1.3, §3.1). Literal segments match case-insensitively (Node
+//! it needs (docs/service-api.md §1.3, §3.1). Literal segments match case-insensitively (Node
 //! calls `/enrollmentgroups/{id}/attestationmechanism` in lower case); ids are percent-decoded once.
 
 use crate::error::{ErrorKind, ServiceError};
@@ -75,7 +75,7 @@ impl Route {
         }
     }
 
-    /// The right a caller's policy must hold (spec service-api.md §3.1 mapping).
+    /// The right a caller's policy must hold (docs/service-api.md §3.1 mapping).
     pub fn required_right(&self) -> Rights {
         match self {
             Route::Get(..) | Route::AttestationMechanism(..) | Route::Query(_) => Rights::ENROLLMENT_READ,
@@ -87,7 +87,7 @@ impl Route {
     }
 }
 
-/// The api-versions the official clients send (spec service-api.md §1.2); any other is refused.
+/// The api-versions the official clients send (docs/service-api.md §1.2); any other is refused.
 pub const API_VERSIONS: &[&str] = &[
     "2017-08-31-preview",
     "2017-11-15",

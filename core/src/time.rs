@@ -1,5 +1,5 @@
 //! UTC timestamps in the form DPS emits: `2022-07-05T21:27:16.8123235Z` (7 fractional digits,
-//! trailing `Z`; the Java SDK splits on `.` and `Z`, so no offsets). spec service-api.md §2.10.
+//! trailing `Z`; the Java SDK splits on `.` and `Z`, so no offsets). docs/service-api.md §2.10.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;

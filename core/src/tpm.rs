@@ -1,5 +1,5 @@
 //! TPM 2.0 public areas as DPS clients send them: base64 of a marshalled TPM2B_PUBLIC (big-endian
-//! u16 size, then TPMT_PUBLIC). spec service-api.md §7.1, TPM 2.0 Part 2 structures.
+//! u16 size, then TPMT_PUBLIC). docs/service-api.md §7.1, TPM 2.0 Part 2 structures.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TpmKey {

@@ -8,7 +8,7 @@ use crate::time::UtcTime;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
-/// Symmetric keys are 16..=64 bytes after base64 decoding (spec service-api.md §2.3).
+/// Symmetric keys are 16..=64 bytes after base64 decoding (docs/service-api.md §2.3).
 pub const MIN_KEY_BYTES: usize = 16;
 pub const MAX_KEY_BYTES: usize = 64;
 /// Length of keys the service generates when the caller omits them.

@@ -1,5 +1,5 @@
 //! X.509 certificates in enrollments: PEM or base64 DER on input; the server fills in
-//! `X509CertificateInfo` (spec service-api.md §2.3).
+//! `X509CertificateInfo` (docs/service-api.md §2.3).
 
 use crate::model::X509CertificateInfo;
 use crate::time::UtcTime;

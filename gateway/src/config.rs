@@ -130,7 +130,7 @@ impl Default for Tls {
     }
 }
 
-/// Limits; defaults follow the DPS limits table (spec service-api.md §4.6).
+/// Limits; defaults follow the DPS limits table (docs/service-api.md §4.6).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {

@@ -1,7 +1,7 @@
 //! Metrics: each shard counts into its own map (no sharing, no locks); a scrape of the admin
 //! endpoint on shard 0 asks every other shard for its map over the channel mesh and sums them,
 //! then renders the Prometheus text format. Series names follow the DPS metrics
-//! (RegistrationAttempts, DeviceAssignments, AttestationAttempts, spec service-api.md §4.8)
+//! (RegistrationAttempts, DeviceAssignments, AttestationAttempts, docs/service-api.md §4.8)
 //! plus gateway internals.
 
 use std::cell::RefCell;

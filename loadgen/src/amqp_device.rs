@@ -2,7 +2,7 @@
 //! implementation written by someone else checks the gateway from the other side. SASL PLAIN
 //! with the SAS token, one session, a receiver and a sender link at
 //! `{idScope}/registrations/{registrationId}`, the register request (then polls while
-//! `assigning`), as the official SDKs do (spec device-protocol.md §4).
+//! `assigning`), as the official SDKs do (docs/device-protocol.md §4).
 
 use crate::device::Failure;
 use fe2o3_amqp::connection::Connection;
@@ -37,7 +37,7 @@ fn request(operation: &str, operation_id: Option<&str>, rid: u64, body: &str) ->
 }
 
 /// The status and DPS error code a Rejected outcome carries (the description is the DPS error
-/// JSON, spec device-protocol.md §4.9).
+/// JSON, docs/device-protocol.md §4.9).
 fn rejected(description: Option<&str>) -> Failure {
     let v: serde_json::Value = description.and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
     let code = v["errorCode"].as_u64().map(|c| c as u32);

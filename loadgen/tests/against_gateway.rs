@@ -118,8 +118,8 @@ fn handshake_only_gateway_completes_handshakes_and_nothing_else() {
 }
 
 /// Wrong key and unknown ID scope, over every device transport: refused with 401 and DPS error
-/// code 401002; a disabled enrollment ends with the final status `disabled` (spec
-/// device-protocol.md §3.4: 200 with status disabled). None is assigned.
+/// code 401002; a disabled enrollment ends with the final status `disabled`
+/// (docs/device-protocol.md §2.3: 200 with status disabled). None is assigned.
 #[test]
 fn refusals_on_every_transport() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,6 @@
 //! What the store holds and the writes it accepts.
 
-/// The partitions of the keyspace (design.md "State").
+/// The partitions of the keyspace (ARCHITECTURE.md, "Threads and state").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {
     Enrollments,

@@ -1,5 +1,5 @@
 //! Symmetric-key attestation: which enrollment admits a device whose SAS token verified against
-//! it (spec service-api.md §6.1). An individual enrollment for the registration id takes
+//! it (docs/service-api.md §6.1). An individual enrollment for the registration id takes
 //! precedence over every group, even when it is disabled or uses another attestation type;
 //! otherwise the first group whose derived device key signed the token.
 

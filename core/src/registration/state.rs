@@ -1,13 +1,13 @@
 //! The registration state a registration ends in, once an enrollment has admitted the device:
 //! disabled, assigned to a hub by the allocation policy (kept or moved by the reprovision
-//! policy), or failed (spec service-api.md §5, §6).
+//! policy), or failed (docs/service-api.md §5, §6).
 
 use crate::allocation::{allocate, AllocationError};
 use crate::model::*;
 use crate::time::UtcTime;
 use serde_json::Value;
 
-/// DPS code for "no IoT hub available for assignment" (spec device-protocol.md, C SDK).
+/// DPS code for "no IoT hub available for assignment" (docs/device-protocol.md, C SDK).
 pub const NO_HUB_ERROR: i32 = 400208;
 /// Our code for an allocation policy we cannot serve.
 pub const UNSUPPORTED_POLICY_ERROR: i32 = 400209;

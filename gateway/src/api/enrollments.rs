@@ -62,7 +62,7 @@ impl ServiceApi {
         };
         let expect = match if_match {
             Some(m) => Expect::Etag(m),
-            // No If-Match means create-only (spec service-api.md §1.6).
+            // No If-Match means create-only (docs/service-api.md §1.6).
             None => Expect::Absent,
         };
         let result = self.svc.store.commit(Txn::one(Op::Put { table, key: key.clone(), record, expect, quota: Some(quota) })).await?;

@@ -187,7 +187,7 @@ impl ServiceApi {
         }
     }
 
-    /// Checks the SAS token (spec service-api.md §3.3) and returns the policy's rights.
+    /// Checks the SAS token (docs/service-api.md §3.3) and returns the policy's rights.
     fn authenticate(&self, req: &Request, now: UtcTime) -> Result<dps_core::rights::Rights, ServiceError> {
         let unauthorized = |why: &str| ServiceError::unauthorized(why);
         let header = req.header("authorization").ok_or_else(|| unauthorized("no Authorization header"))?;

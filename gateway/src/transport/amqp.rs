@@ -1,4 +1,4 @@
-//! DPS over AMQP 1.0 (spec device-protocol.md §4) on any byte stream (TLS on the AMQP port, or
+//! DPS over AMQP 1.0 (docs/device-protocol.md §4) on any byte stream (TLS on the AMQP port, or
 //! a WebSocket with subprotocol `AMQPWSB10`): feeds the bytes to the sans-IO connection in
 //! `dps_core::amqp_connection`, writes what it answers, and carries out its requests.
 

@@ -17,7 +17,7 @@ pub fn is_upgrade(req: &Request) -> bool {
 
 /// The 101 answer and the subprotocol chosen, or a 400 naming what is wrong. Any path is
 /// accepted (C# and Java connect to `/`), and the subprotocol token is echoed exactly as the
-/// client offered it (the C SDK offers `MQTT`), spec device-protocol.md §3.1.
+/// client offered it (the C SDK offers `MQTT`), docs/device-protocol.md §3.1.
 pub fn handshake(req: &Request, supported: &[&str]) -> Result<(Response, String), String> {
     let key = req.header("sec-websocket-key").ok_or("missing Sec-WebSocket-Key")?;
     if req.header("sec-websocket-version") != Some("13") {
