@@ -87,7 +87,8 @@ impl Provisioning {
             Err(e) => Outcome::Refused(e),
         };
         self.record(&outcome, operation, &registration_id, via);
-        let tracking = self.tracking.next();
+        // Only error bodies carry a tracking id.
+        let tracking = if outcome.refusal().is_some() { self.tracking.next() } else { String::new() };
         if http_register {
             outcome.http_register_reply(&tracking, now)
         } else {

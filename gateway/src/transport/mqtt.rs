@@ -25,22 +25,29 @@ pub async fn serve_mqtt<S: ByteStream>(s: &mut S, via: Via, prov: &Provisioning,
     let mut session = Session::new(Settings { max_packet: limits.max_mqtt_packet_bytes, idle_secs: limits.idle_timeout_secs });
     let mut chunk = [0u8; 4096];
     loop {
-        let event = session.poll();
-        // Answers queued before this point go out together, also when the session just ended
-        // (a refusing CONNACK, answers before a DISCONNECT).
-        let out = session.take_output();
-        if !out.is_empty() && s.send(&out).await.is_err() {
-            return End::Closed;
-        }
-        match event {
-            Err(e) => return e.into(),
+        match session.poll() {
             Ok(Some(Event::Request { rid, request })) => {
                 let reply = prov.handle(request, via).await;
                 if let Err(e) = session.answer(&rid, reply.status, &reply.body, reply.retry_after) {
                     return e.into();
                 }
             }
+            // Everything queued goes out in one write just before the next wait for input (or
+            // the end): a pipelining client gets CONNACK, SUBACK, PUBACK and the response in one
+            // TLS record. Also when the session just ended (a refusing CONNACK, answers before
+            // a DISCONNECT).
+            Err(e) => {
+                let out = session.take_output();
+                if !out.is_empty() {
+                    let _ = s.send(&out).await;
+                }
+                return e.into();
+            }
             Ok(None) => {
+                let out = session.take_output();
+                if !out.is_empty() && s.send(&out).await.is_err() {
+                    return End::Closed;
+                }
                 let deadline = Instant::now() + Duration::from_secs(session.read_timeout_secs());
                 match read_before(s, &mut chunk, deadline, stop).await {
                     Ok(0) => return End::Closed,
