@@ -54,6 +54,7 @@ impl HotPath {
             registration_state: Some(dps_core::device::DeviceRegistrationResult {
                 state,
                 symmetric_key: Some(dps_core::device::SymmetricKeyResult { enrollment_group_id: Some("bench".into()) }),
+                x509: None,
             }),
         };
         let dir = tempfile::tempdir()?;

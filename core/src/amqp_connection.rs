@@ -31,8 +31,8 @@ pub struct Settings {
     pub max_message: usize,
     /// Credit granted to the device's request link, topped up at half.
     pub link_credit: u32,
-    /// The TLS handshake carried a client certificate (the X.509 path needs one).
-    pub client_certificate: bool,
+    /// The client certificate chain the TLS handshake carried (the X.509 path needs one).
+    pub client_certificate: Option<crate::request::CertChain>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,7 +257,7 @@ impl Connection {
                         self.phase = Phase::SaslInit;
                     } else if h == amqp::AMQP_HEADER {
                         self.output.extend_from_slice(&amqp::AMQP_HEADER);
-                        if !self.settings.client_certificate {
+                        if self.settings.client_certificate.is_none() {
                             // Without SASL the device must be known by its certificate.
                             self.write(&reply::open("dps", self.settings.max_frame), &[])?;
                             let why = "no SASL layer and no TLS client certificate".to_string();
@@ -465,14 +465,14 @@ impl Connection {
 
     fn attach(&mut self, a: Attach) -> Result<(), Failure> {
         let named = address_of(&a).and_then(|addr| amqp::link_address_identity(&addr));
-        if self.identity.is_none() && self.settings.client_certificate {
+        if let (None, Some(chain)) = (&self.identity, &self.settings.client_certificate) {
             // The X.509 path: the device names itself in the link address; the host checks
             // the certificate against that registration.
             if let Some((id_scope, registration_id)) = &named {
                 self.identity = Some(Identity {
                     id_scope: id_scope.clone(),
                     registration_id: registration_id.clone(),
-                    credential: Credential::ClientCertificate,
+                    credential: Credential::ClientCertificate(chain.clone()),
                 });
             }
         }
@@ -603,7 +603,8 @@ mod tests {
     const ID: &str = "dev-1";
 
     fn settings(client_certificate: bool) -> Settings {
-        Settings { max_frame: 64 * 1024, max_message: 4096, link_credit: 4, client_certificate }
+        let chain = client_certificate.then(|| std::sync::Arc::new(vec![vec![0x30, 0x00]]));
+        Settings { max_frame: 64 * 1024, max_message: 4096, link_credit: 4, client_certificate: chain }
     }
 
     fn token() -> String {
@@ -808,7 +809,8 @@ mod tests {
         c.receive(&frame(&client_attach(Role::Receiver, 0, &format!("amqps://host/{SCOPE}/registrations/{ID}")), &[]));
         assert_eq!(c.poll(), Ok(None));
         let me = c.identity().unwrap();
-        assert_eq!((me.id_scope.as_str(), me.registration_id.as_str(), &me.credential), (SCOPE, ID, &Credential::ClientCertificate));
+        assert_eq!((me.id_scope.as_str(), me.registration_id.as_str()), (SCOPE, ID));
+        assert!(matches!(&me.credential, Credential::ClientCertificate(c) if **c == [vec![0x30, 0x00]]));
         // A second link for another device is detached with an error.
         c.take_output();
         c.receive(&frame(&client_attach(Role::Sender, 1, &format!("{SCOPE}/registrations/other")), &[]));

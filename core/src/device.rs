@@ -105,6 +105,8 @@ pub struct DeviceRegistrationResult {
     pub state: DeviceRegistrationState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub x509: Option<crate::model::X509RegistrationResult>,
 }
 
 /// `RegistrationOperationStatus`.

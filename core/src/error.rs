@@ -30,6 +30,8 @@ pub enum ErrorKind {
     RegistrationNotFound,
     /// Linked hub not found.
     HubNotFound,
+    /// CA certificate not found.
+    CertificateNotFound,
     /// No such route.
     RouteNotFound,
     MethodNotAllowed,
@@ -70,6 +72,7 @@ impl ErrorKind {
             ErrorKind::EnrollmentNotFound => 404201,
             ErrorKind::RegistrationNotFound => 404202,
             ErrorKind::HubNotFound => 404203,
+            ErrorKind::CertificateNotFound => 404204,
             ErrorKind::RouteNotFound => 404001,
             ErrorKind::MethodNotAllowed => 405001,
             ErrorKind::Conflict => 409201,
@@ -97,6 +100,7 @@ impl ErrorKind {
             ErrorKind::EnrollmentNotFound => "EnrollmentNotFound",
             ErrorKind::RegistrationNotFound => "DeviceRegistrationNotFound",
             ErrorKind::HubNotFound => "LinkedHubNotFound",
+            ErrorKind::CertificateNotFound => "CertificateNotFound",
             ErrorKind::RouteNotFound => "NotFound",
             ErrorKind::MethodNotAllowed => "MethodNotAllowed",
             ErrorKind::Conflict => "Conflict",

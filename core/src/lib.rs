@@ -5,6 +5,7 @@
 pub mod allocation;
 pub mod amqp;
 pub mod amqp_connection;
+pub mod ca;
 pub mod device;
 pub mod error;
 pub mod ids;

@@ -292,6 +292,10 @@ pub struct DeviceRegistrationState {
     /// or node (not a DPS member, never serialised to clients).
     #[serde(default, rename = "_operationId", skip_serializing_if = "Option::is_none")]
     pub operation_id: Option<String>,
+    /// For an X.509 device, what the device API reports as `registrationState.x509` (not a
+    /// member of the service API's registration state, never serialised there).
+    #[serde(default, rename = "_x509", skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509RegistrationResult>,
 }
 
 impl DeviceRegistrationState {
@@ -299,8 +303,21 @@ impl DeviceRegistrationState {
     pub fn public(mut self) -> DeviceRegistrationState {
         self.enrollment_group_id = None;
         self.operation_id = None;
+        self.x509 = None;
         self
     }
+}
+
+/// `registrationState.x509` of the device API: the leaf the device presented and, for a group,
+/// the group and the certificate of it that the chain reached (docs/device-protocol.md §6.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509RegistrationResult {
+    pub certificate_info: X509CertificateInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificate_info: Option<X509CertificateInfo>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -7,17 +7,20 @@
 //! no client sends is refused before its body is waited for.
 
 use crate::device::{parse_request_topic, parse_username, response_topic, RESPONSE_FILTER};
-use crate::request::{Credential, DeviceRequest};
+use crate::request::{CertChain, Credential, DeviceRequest};
 use bytes::BytesMut;
 use mqttbytes::v4::{self, ConnAck, Connect, ConnectReturnCode, Packet, PingResp, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck};
 use mqttbytes::QoS;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// Largest packet accepted (fixed header included).
     pub max_packet: usize,
     /// Read deadline before CONNECT, and for a client that asks for no keep-alive.
     pub idle_secs: u64,
+    /// The client certificate chain the TLS handshake carried: an X.509 device's credential
+    /// when its CONNECT has no password.
+    pub client_certificate: Option<CertChain>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +45,7 @@ pub enum Ended {
 struct Identity {
     id_scope: String,
     registration_id: String,
-    password: String,
+    credential: Credential,
 }
 
 #[derive(Debug)]
@@ -160,8 +163,8 @@ impl Session {
             Err(Ended::Refused(why))
         };
         let Some(login) = c.login else {
-            // X.509 devices connect without a password; that attestation is not served yet.
-            return refuse(self, ConnectReturnCode::NotAuthorized, "no username (X.509 attestation is not supported yet)");
+            // Every SDK sends a username, X.509 devices too (without a password).
+            return refuse(self, ConnectReturnCode::NotAuthorized, "no username");
         };
         let Some(user) = parse_username(&login.username) else {
             return refuse(self, ConnectReturnCode::BadUserNamePassword, "username is not {idScope}/registrations/{registrationId}/...");
@@ -170,13 +173,19 @@ impl Session {
         if user.registration_id != c.client_id {
             return refuse(self, ConnectReturnCode::BadClientId, "client id differs from the registration id");
         }
-        if crate::sas::parse(&login.password).is_err() {
-            return refuse(self, ConnectReturnCode::NotAuthorized, "password is not a SAS token");
-        }
+        let credential = match (login.password.is_empty(), &self.settings.client_certificate) {
+            // X.509: no password; the certificate is judged when the device registers.
+            (true, Some(chain)) => Credential::ClientCertificate(chain.clone()),
+            (true, None) => return refuse(self, ConnectReturnCode::NotAuthorized, "neither a password nor a client certificate"),
+            (false, _) if crate::sas::parse(&login.password).is_err() => {
+                return refuse(self, ConnectReturnCode::NotAuthorized, "password is not a SAS token")
+            }
+            (false, _) => Credential::SasToken(login.password),
+        };
         // Session present is always 0: DPS sessions are not persistent and C# aborts otherwise.
         self.queue(|b| ConnAck::new(ConnectReturnCode::Success, false).write(b))?;
         self.keep_alive_secs = c.keep_alive;
-        self.identity = Some(Identity { id_scope: user.id_scope, registration_id: user.registration_id, password: login.password });
+        self.identity = Some(Identity { id_scope: user.id_scope, registration_id: user.registration_id, credential });
         Ok(())
     }
 
@@ -196,12 +205,7 @@ impl Session {
         let Some(me) = self.identity.clone() else {
             return self.end(Ended::ProtocolViolation("publish before CONNECT"));
         };
-        let request = DeviceRequest {
-            id_scope: me.id_scope,
-            registration_id: me.registration_id,
-            credential: Credential::SasToken(me.password),
-            operation,
-        };
+        let request = DeviceRequest { id_scope: me.id_scope, registration_id: me.registration_id, credential: me.credential, operation };
         Ok(Some(Event::Request { rid, request }))
     }
 
@@ -223,7 +227,7 @@ mod tests {
     const USER: &str = "0ne1/registrations/dev-1/api-version=2019-03-31&ClientVersion=test";
 
     fn settings() -> Settings {
-        Settings { max_packet: 4096, idle_secs: 60 }
+        Settings { max_packet: 4096, idle_secs: 60, client_certificate: None }
     }
 
     fn token() -> String {
@@ -320,8 +324,9 @@ mod tests {
     fn connect_rules() {
         let t = token();
         type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, ConnectReturnCode);
-        let cases: [Case; 4] = [
+        let cases: [Case; 5] = [
             ("dev-1", None, ConnectReturnCode::NotAuthorized),
+            ("dev-1", Some((USER, "")), ConnectReturnCode::NotAuthorized),
             ("dev-1", Some(("garbage", &t)), ConnectReturnCode::BadUserNamePassword),
             ("someone-else", Some((USER, &t)), ConnectReturnCode::BadClientId),
             ("dev-1", Some((USER, "not a token")), ConnectReturnCode::NotAuthorized),
@@ -332,6 +337,14 @@ mod tests {
             assert!(matches!(s.poll(), Err(Ended::Refused(_))));
             assert!(matches!(&packets(s.take_output())[..], [Packet::ConnAck(a)] if a.code == code), "{code:?}");
         }
+        // No password: an X.509 device, admitted to registration only with a client certificate.
+        let chain: CertChain = std::sync::Arc::new(vec![vec![0x30, 0x00]]);
+        let mut s = Session::new(Settings { client_certificate: Some(chain.clone()), ..settings() });
+        s.receive(&connect("dev-1", Some((USER, "")), 0));
+        assert_eq!(s.poll(), Ok(None));
+        s.receive(&publish("$dps/registrations/PUT/iotdps-register/?$rid=1", QoS::AtLeastOnce, 1, b""));
+        let Ok(Some(Event::Request { request, .. })) = s.poll() else { panic!() };
+        assert_eq!(request.credential, Credential::ClientCertificate(chain));
         let mut s = connected(0);
         assert_eq!(s.read_timeout_secs(), 60, "no keep-alive: the idle timeout");
         s.receive(&connect("dev-1", Some((USER, &t)), 0));

@@ -3,6 +3,11 @@
 //! HTTPS: path, `Authorization` and body), and the registration machine takes it from there.
 
 use percent_encoding::percent_decode_str;
+use std::sync::Arc;
+
+/// The certificate chain a device presented in its TLS handshake (which proved it holds the
+/// leaf's key): DER, leaf first, as sent.
+pub type CertChain = Arc<Vec<Vec<u8>>>;
 
 /// What the device presented to prove who it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,8 +16,8 @@ pub enum Credential {
     SasToken(String),
     /// The SAS token of the TPM mechanism's last step, signed with the key from the challenge.
     TpmSasToken(String),
-    /// No token: the TLS client certificate the handshake carried.
-    ClientCertificate,
+    /// No token: the TLS client certificate chain the handshake carried.
+    ClientCertificate(CertChain),
     /// Nothing at all (an HTTP request without `Authorization`).
     None,
 }
@@ -77,8 +82,9 @@ pub fn device_resource(id_scope: &str, registration_id: &str) -> String {
 
 /// The HTTPS device API (docs/device-protocol.md §5): `PUT …/register`, `GET
 /// …/operations/{operationId}`, `POST /{idScope}/registrations/{registrationId}`. None when the
-/// request is not one of them (it is then the service API's).
-pub fn from_http(method: &str, path: &str, authorization: Option<&str>, body: &[u8]) -> Option<DeviceRequest> {
+/// request is not one of them (it is then the service API's). Without `Authorization`, the
+/// TLS client certificate is the credential (X.509 devices send no header).
+pub fn from_http(method: &str, path: &str, authorization: Option<&str>, body: &[u8], chain: Option<&CertChain>) -> Option<DeviceRequest> {
     let p = RegistrationPath::parse(path.trim_matches('/'))?;
     // Service API collections never sit in the first segment of a device path.
     if ["enrollments", "enrollmentgroups", "registrations", "linkedhubs"].iter().any(|c| p.id_scope.eq_ignore_ascii_case(c)) {
@@ -92,9 +98,10 @@ pub fn from_http(method: &str, path: &str, authorization: Option<&str>, body: &[
         ("POST", []) => Operation::Lookup,
         _ => return None,
     };
-    let credential = match authorization {
-        Some(t) => Credential::SasToken(t.to_string()),
-        None => Credential::None,
+    let credential = match (authorization, chain) {
+        (Some(t), _) => Credential::SasToken(t.to_string()),
+        (None, Some(c)) => Credential::ClientCertificate(c.clone()),
+        (None, None) => Credential::None,
     };
     Some(DeviceRequest { id_scope: dec(p.id_scope), registration_id: dec(p.registration_id), credential, operation })
 }
@@ -115,16 +122,21 @@ mod tests {
 
     #[test]
     fn http_routes() {
-        let r = from_http("PUT", "/0ne1/registrations/dev/register", Some("SharedAccessSignature x"), b"{}").unwrap();
+        let r = from_http("PUT", "/0ne1/registrations/dev/register", Some("SharedAccessSignature x"), b"{}", None).unwrap();
         assert_eq!(r.operation, Operation::Register { body: b"{}".to_vec() });
         assert_eq!(r.credential, Credential::SasToken("SharedAccessSignature x".into()));
-        let r = from_http("GET", "/0ne1/registrations/d%2D1/operations/1.00.64", None, b"").unwrap();
+        let r = from_http("GET", "/0ne1/registrations/d%2D1/operations/1.00.64", None, b"", None).unwrap();
         assert_eq!((r.registration_id.as_str(), r.credential), ("d-1", Credential::None));
         assert_eq!(r.operation, Operation::OperationStatus { operation_id: "1.00.64".into() });
-        assert_eq!(from_http("POST", "/0ne1/registrations/dev", None, b"").unwrap().operation, Operation::Lookup);
-        assert_eq!(from_http("POST", "/registrations/grp/query", None, b""), None);
-        assert_eq!(from_http("GET", "/enrollments/x", None, b""), None);
-        assert_eq!(from_http("DELETE", "/0ne1/registrations/dev/register", None, b""), None);
-        assert_eq!(from_http("PUT", "/0ne1/registrations/dev/register/x", None, b""), None);
+        assert_eq!(from_http("POST", "/0ne1/registrations/dev", None, b"", None).unwrap().operation, Operation::Lookup);
+        assert_eq!(from_http("POST", "/registrations/grp/query", None, b"", None), None);
+        assert_eq!(from_http("GET", "/enrollments/x", None, b"", None), None);
+        assert_eq!(from_http("DELETE", "/0ne1/registrations/dev/register", None, b"", None), None);
+        assert_eq!(from_http("PUT", "/0ne1/registrations/dev/register/x", None, b"", None), None);
+        let chain: CertChain = Arc::new(vec![vec![1, 2, 3]]);
+        let r = from_http("PUT", "/0ne1/registrations/dev/register", None, b"", Some(&chain)).unwrap();
+        assert_eq!(r.credential, Credential::ClientCertificate(chain.clone()));
+        let r = from_http("PUT", "/0ne1/registrations/dev/register", Some("SharedAccessSignature x"), b"", Some(&chain)).unwrap();
+        assert!(matches!(r.credential, Credential::SasToken(_)), "a token, when sent, is the credential");
     }
 }

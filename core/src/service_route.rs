@@ -28,6 +28,13 @@ pub enum Route {
     GetHub(String),
     PutHub(String),
     DeleteHub(String),
+    /// CA certificates with proof of possession (docs/service-api.md §4.5).
+    ListCertificates,
+    GetCertificate(String),
+    PutCertificate(String),
+    DeleteCertificate(String),
+    GenerateVerificationCode(String),
+    VerifyCertificate(String),
 }
 
 impl Route {
@@ -71,6 +78,15 @@ impl Route {
             ("PUT", [h, n]) if lit(h, "linkedHubs") => Ok(Route::PutHub(id(n)?)),
             ("DELETE", [h, n]) if lit(h, "linkedHubs") => Ok(Route::DeleteHub(id(n)?)),
             (_, [h, ..]) if lit(h, "linkedHubs") => Err(bad_method()),
+            ("GET", [c]) if lit(c, "certificates") => Ok(Route::ListCertificates),
+            ("GET", [c, n]) if lit(c, "certificates") => Ok(Route::GetCertificate(id(n)?)),
+            ("PUT", [c, n]) if lit(c, "certificates") => Ok(Route::PutCertificate(id(n)?)),
+            ("DELETE", [c, n]) if lit(c, "certificates") => Ok(Route::DeleteCertificate(id(n)?)),
+            ("POST", [c, n, a]) if lit(c, "certificates") && lit(a, "generateVerificationCode") => {
+                Ok(Route::GenerateVerificationCode(id(n)?))
+            }
+            ("POST", [c, n, a]) if lit(c, "certificates") && lit(a, "verify") => Ok(Route::VerifyCertificate(id(n)?)),
+            (_, [c, ..]) if lit(c, "certificates") => Err(bad_method()),
             _ => Err(not_found()),
         }
     }
@@ -83,6 +99,12 @@ impl Route {
             Route::GetRegistration(_) | Route::QueryRegistrations(_) => Rights::REGISTRATION_STATUS_READ,
             Route::DeleteRegistration(_) => Rights::REGISTRATION_STATUS_WRITE,
             Route::ListHubs | Route::GetHub(_) | Route::PutHub(_) | Route::DeleteHub(_) => Rights::SERVICE_CONFIG,
+            Route::ListCertificates
+            | Route::GetCertificate(_)
+            | Route::PutCertificate(_)
+            | Route::DeleteCertificate(_)
+            | Route::GenerateVerificationCode(_)
+            | Route::VerifyCertificate(_) => Rights::SERVICE_CONFIG,
         }
     }
 }

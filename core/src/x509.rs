@@ -29,16 +29,20 @@ fn hex_upper(b: &[u8]) -> String {
 
 /// Parses the certificate and computes the info DPS reports.
 pub fn certificate_info(text: &str) -> Result<X509CertificateInfo, String> {
-    let der = decode_certificate(text)?;
-    let (rest, cert) = X509Certificate::from_der(&der).map_err(|e| format!("invalid X.509 certificate: {e}"))?;
+    info_of_der(&decode_certificate(text)?)
+}
+
+/// The info DPS reports of a DER certificate.
+pub fn info_of_der(der: &[u8]) -> Result<X509CertificateInfo, String> {
+    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| format!("invalid X.509 certificate: {e}"))?;
     if !rest.is_empty() {
         return Err("trailing bytes after the certificate".to_string());
     }
     let time = |t: ASN1Time| UtcTime::from_unix_secs(t.timestamp());
     Ok(X509CertificateInfo {
         subject_name: cert.subject().to_string(),
-        sha1_thumbprint: hex_upper(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, &der).as_ref()),
-        sha256_thumbprint: hex_upper(digest::digest(&digest::SHA256, &der).as_ref()),
+        sha1_thumbprint: hex_upper(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, der).as_ref()),
+        sha256_thumbprint: hex_upper(digest::digest(&digest::SHA256, der).as_ref()),
         issuer_name: cert.issuer().to_string(),
         not_before_utc: time(cert.validity().not_before),
         not_after_utc: time(cert.validity().not_after),

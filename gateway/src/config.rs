@@ -142,6 +142,8 @@ pub struct Limits {
     pub max_symmetric_key_groups: u64,
     pub max_x509_groups: u64,
     pub max_linked_hubs: u64,
+    /// CA certificates the instance holds (DPS: 25).
+    pub max_ca_certificates: u64,
     /// Service API operations per minute for the whole service (0 = unlimited). DPS: 1,000.
     pub service_operations_per_minute: u64,
     /// Page size when the caller does not send `x-ms-max-item-count`.
@@ -179,6 +181,7 @@ impl Default for Limits {
             max_symmetric_key_groups: 100,
             max_x509_groups: 100,
             max_linked_hubs: 50,
+            max_ca_certificates: 25,
             service_operations_per_minute: 1_000,
             default_page_size: 100,
             max_page_size: 1_000,

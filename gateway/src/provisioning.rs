@@ -13,7 +13,7 @@ use dps_core::ids::printable;
 use dps_core::model::*;
 use dps_core::registration::admission::Limits;
 use dps_core::registration::{quota_exhausted, Decision, Facts, Fresh, Outcome, Registrar, RegistrationWrite, Reply, Settings, Snapshot};
-use dps_core::request::{DeviceRequest, Operation};
+use dps_core::request::{Credential, DeviceRequest, Operation};
 use dps_core::tracking::TrackingIds;
 use dps_storage::{Expect, Op, Record, Table, Txn, TxnError};
 use std::cell::RefCell;
@@ -81,12 +81,17 @@ impl Provisioning {
         let operation = req.operation.name();
         let registration_id = printable(&req.registration_id);
         let http_register = via == Via::Https && matches!(req.operation, Operation::Register { .. });
+        let attestation = match &req.credential {
+            Credential::ClientCertificate(_) => "x509",
+            Credential::TpmSasToken(_) => "tpm",
+            Credential::SasToken(_) | Credential::None => "symmetricKey",
+        };
         let now = utc_now();
         let outcome = match self.decide(req, now).await {
             Ok(o) => o,
             Err(e) => Outcome::Refused(e),
         };
-        self.record(&outcome, operation, &registration_id, via);
+        self.record(&outcome, operation, &registration_id, via, attestation);
         // Only error bodies carry a tracking id.
         let tracking = if outcome.refusal().is_some() { self.tracking.next() } else { String::new() };
         if http_register {
@@ -99,7 +104,7 @@ impl Provisioning {
     /// Answers a request the transport could not even parse (logged like any refusal).
     pub fn refuse(&self, error: ServiceError, via: Via) -> Reply {
         let outcome = Outcome::Refused(error);
-        self.record(&outcome, "invalid", "", via);
+        self.record(&outcome, "invalid", "", via, "none");
         outcome.reply(&self.tracking.next(), utc_now())
     }
 
@@ -159,14 +164,21 @@ impl Provisioning {
         let store = &self.svc.store;
         let groups = store.scan(Table::Groups, "", None, usize::MAX).await?.iter().map(|(_, r)| parse(r)).collect::<Result<_, _>>()?;
         let hubs = store.scan(Table::Hubs, "", None, usize::MAX).await?.iter().map(|(_, r)| parse(r)).collect::<Result<_, _>>()?;
+        let mut verified_cas = std::collections::HashMap::new();
+        for (_, r) in store.scan(Table::Certificates, "", None, usize::MAX).await? {
+            let ca: dps_core::ca::StoredCa = parse(&r)?;
+            if ca.is_verified {
+                verified_cas.insert(ca.name.to_ascii_lowercase(), ca.der()?);
+            }
+        }
         let latency = self.svc.hub_latency.read().map(|m| m.clone()).unwrap_or_default();
-        let c = Rc::new(Snapshot { generation, groups, hubs, latency });
+        let c = Rc::new(Snapshot { generation, groups, hubs, latency, verified_cas });
         *self.snapshot.borrow_mut() = Some(c.clone());
         Ok(c)
     }
 
     /// Metrics and the one `device_operations` log line of a request.
-    fn record(&self, outcome: &Outcome, operation: &'static str, registration_id: &str, via: Via) {
+    fn record(&self, outcome: &Outcome, operation: &'static str, registration_id: &str, via: Via, attestation: &'static str) {
         let protocol = ("protocol", via.name());
         let register = operation == "register";
         match outcome {
@@ -174,7 +186,7 @@ impl Provisioning {
                 if register {
                     if e.kind == ErrorKind::Unauthorized {
                         self.metrics
-                            .inc("dps_attestation_attempts_total", &[protocol, ("attestation", "symmetricKey"), ("status", "failure")]);
+                            .inc("dps_attestation_attempts_total", &[protocol, ("attestation", attestation), ("status", "failure")]);
                     }
                     self.metrics.inc("dps_registration_attempts_total", &[protocol, ("status", "failure")]);
                 }
@@ -182,7 +194,7 @@ impl Provisioning {
                     status = e.kind.status(), error_code = e.kind.code(), reason = %e.detail(), "refused");
             }
             Outcome::Operation { state, .. } if register => {
-                self.metrics.inc("dps_attestation_attempts_total", &[protocol, ("attestation", "symmetricKey"), ("status", "success")]);
+                self.metrics.inc("dps_attestation_attempts_total", &[protocol, ("attestation", attestation), ("status", "success")]);
                 let status = if state.status == RegistrationStatus::Assigned { "success" } else { state.status.as_str() };
                 self.metrics.inc("dps_registration_attempts_total", &[protocol, ("status", status)]);
                 if let (RegistrationStatus::Assigned, Some(hub)) = (state.status, state.assigned_hub.as_deref()) {

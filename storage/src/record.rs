@@ -12,11 +12,21 @@ pub enum Table {
     Hubs,
     Meta,
     Operations,
+    /// CA certificates and their proof-of-possession state.
+    Certificates,
 }
 
 impl Table {
-    pub const ALL: [Table; 7] =
-        [Table::Enrollments, Table::Groups, Table::Registrations, Table::RegistrationsByGroup, Table::Hubs, Table::Meta, Table::Operations];
+    pub const ALL: [Table; 8] = [
+        Table::Enrollments,
+        Table::Groups,
+        Table::Registrations,
+        Table::RegistrationsByGroup,
+        Table::Hubs,
+        Table::Meta,
+        Table::Operations,
+        Table::Certificates,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -27,6 +37,7 @@ impl Table {
             Table::Hubs => "hubs",
             Table::Meta => "meta",
             Table::Operations => "operations",
+            Table::Certificates => "certificates",
         }
     }
 }

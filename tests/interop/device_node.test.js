@@ -86,3 +86,46 @@ test('an update (get, change, createOrUpdate with the etag) keeps the keys: devi
   const deviceKey = crypto.createHmac('sha256', Buffer.from(groupBefore.primaryKey, 'base64')).update(dev).digest('base64');
   assert.equal((await register('mqtt', dev, deviceKey)).status, 'assigned');
 });
+
+// X.509: the device presents its certificate (and chain) in the TLS handshake; certificates are
+// made by tests/tests/interop_device.rs in DPS_X509_DIR, the root CA uploaded there as the
+// verified CA `interop-root`.
+const fs = require('node:fs');
+const path = require('node:path');
+const { X509Security } = require('azure-iot-security-x509');
+const pem = (name) => fs.readFileSync(path.join(process.env.DPS_X509_DIR, name), 'utf8');
+
+function registerX509(transport, registrationId) {
+  const security = new X509Security(registrationId, { cert: pem(`${registrationId}.pem`), key: pem(`${registrationId}.key`) });
+  const client = ProvisioningDeviceClient.create('localhost', scope, transports[transport](), security);
+  return new Promise((resolve, reject) => client.register((err, result) => (err ? reject(err) : resolve(result))));
+}
+
+test('x509: groups enrolled by an intermediate (inline) and by a verified root CA (reference)', async () => {
+  await service.createOrUpdateEnrollmentGroup({ enrollmentGroupId: 'node-x509-by-intermediate',
+    attestation: { type: 'x509', x509: { signingCertificates: { primary: { certificate: pem('intermediate-a.pem') } } } } });
+  await service.createOrUpdateEnrollmentGroup({ enrollmentGroupId: 'node-x509-by-root',
+    attestation: { type: 'x509', x509: { caReferences: { primary: 'interop-root' } } } });
+});
+
+for (const transport of ['mqtt', 'amqp', 'http']) {
+  test(`${transport}: x509 individual enrollment is assigned`, async () => {
+    const id = `node-x509-ind-${transport}`;
+    await service.createOrUpdateIndividualEnrollment({ registrationId: id,
+      attestation: { type: 'x509', x509: { clientCertificates: { primary: { certificate: pem(`${id}.pem`) } } } } });
+    const result = await registerX509(transport, id);
+    assert.equal(result.status, 'assigned');
+    assert.equal(result.assignedHub, hub);
+    assert.equal(result.deviceId, id);
+  });
+
+  test(`${transport}: x509 group devices (leaf + intermediate) are assigned`, async () => {
+    for (const [prefix, group] of [['int', 'node-x509-by-intermediate'], ['root', 'node-x509-by-root']]) {
+      const id = `node-x509-${prefix}-${transport}`;
+      const result = await registerX509(transport, id);
+      assert.equal(result.status, 'assigned');
+      assert.equal(result.assignedHub, hub);
+      assert.equal(result.x509.enrollmentGroupId, group);
+    }
+  });
+}

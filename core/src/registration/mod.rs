@@ -19,6 +19,9 @@ mod outcome;
 pub mod state;
 #[cfg(test)]
 mod tests;
+pub mod x509;
+#[cfg(test)]
+mod x509_tests;
 
 pub use outcome::{Outcome, Reply};
 pub use state::{Matched, NO_HUB_ERROR, UNSUPPORTED_POLICY_ERROR};
@@ -27,7 +30,7 @@ use crate::device::{operation_id, operation_registration_key, parse_registration
 use crate::error::{ErrorKind, ServiceError};
 use crate::ids::{id_key, printable, validate_id};
 use crate::model::*;
-use crate::request::{device_resource, Credential, DeviceRequest, Operation};
+use crate::request::{device_resource, CertChain, Credential, DeviceRequest, Operation};
 use crate::sas::{self, SasToken};
 use crate::time::UtcTime;
 use admission::Admission;
@@ -43,6 +46,8 @@ pub struct Snapshot {
     pub hubs: Vec<LinkedHub>,
     /// Connect time to each hub (µs) by lower-case name, for geoLatency.
     pub latency: HashMap<String, u64>,
+    /// Verified CA certificates, for X.509 `caReferences`.
+    pub verified_cas: x509::VerifiedCas,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,8 +76,15 @@ pub struct Pending {
     pub key: String,
     pub needs: Needs,
     registration_id: String,
-    token: SasToken,
+    proof: Proof,
     step: Step,
+}
+
+/// What the device proved its identity with.
+#[derive(Debug)]
+enum Proof {
+    Token(SasToken),
+    Certificate(CertChain),
 }
 
 #[derive(Debug)]
@@ -136,15 +148,21 @@ impl Registrar {
             return Err(ServiceError::unauthorized(format!("unknown ID scope '{}'", printable(&req.id_scope))));
         }
         validate_id("registrationId", &req.registration_id)?;
-        let token = match &req.credential {
-            Credential::SasToken(t) => sas::parse(t).map_err(|e| ServiceError::unauthorized(e.reason()))?,
+        let proof = match req.credential {
+            Credential::SasToken(t) => {
+                let token = sas::parse(&t).map_err(|e| ServiceError::unauthorized(e.reason()))?;
+                token
+                    .check_scope(&device_resource(&req.id_scope, &req.registration_id), now.unix_secs())
+                    .map_err(|e| ServiceError::unauthorized(e.reason()))?;
+                Proof::Token(token)
+            }
+            Credential::ClientCertificate(chain) => {
+                x509::check_leaf(&chain, &req.registration_id)?;
+                Proof::Certificate(chain)
+            }
             Credential::TpmSasToken(_) => return Err(ServiceError::unauthorized("TPM attestation is not served yet")),
-            Credential::ClientCertificate => return Err(ServiceError::unauthorized("X.509 attestation is not served yet")),
             Credential::None => return Err(ServiceError::unauthorized("no SAS token")),
         };
-        token
-            .check_scope(&device_resource(&req.id_scope, &req.registration_id), now.unix_secs())
-            .map_err(|e| ServiceError::unauthorized(e.reason()))?;
         let key = id_key(&req.registration_id);
         let step = match req.operation {
             Operation::Register { body } => {
@@ -167,7 +185,7 @@ impl Registrar {
         // Every operation attests against the enrollment list (a poller must still hold a key
         // that admits it), so each needs the enrollment, the state and the groups.
         let needs = Needs { enrollment: true, registration: true, config: true };
-        Ok(Pending { key, needs, registration_id: req.registration_id, token, step })
+        Ok(Pending { key, needs, registration_id: req.registration_id, proof, step })
     }
 
     /// Attests, spends the rate budgets, and decides.
@@ -179,10 +197,9 @@ impl Registrar {
     }
 
     fn try_decide(&mut self, p: Pending, facts: Facts<'_>, now: UtcTime, mono: u64, fresh: Fresh) -> Result<Decision, ServiceError> {
-        let groups = &facts.config.groups;
         match p.step {
             Step::Register(reg) => {
-                let matched = attest::admitting(&p.token, &p.registration_id, facts.enrollment, groups)?;
+                let (matched, x509) = admitting(&p.proof, &p.registration_id, &facts, now)?;
                 self.admission.take_registration(mono)?;
                 let config = facts.config;
                 let mut state = state::next_state(state::StateInputs {
@@ -195,6 +212,7 @@ impl Registrar {
                     etag: fresh.etag.clone(),
                     latency: &|hub: &str| config.latency.get(&hub.to_ascii_lowercase()).copied(),
                 });
+                state.x509 = x509;
                 let operation_id = operation_id(fresh.nonce, &p.key);
                 state.operation_id = Some(operation_id.clone());
                 let write =
@@ -206,7 +224,7 @@ impl Registrar {
                     .registration
                     .filter(|s| s.operation_id.as_deref() == Some(operation_id.as_str()))
                     .ok_or_else(|| operation_not_found(&operation_id))?;
-                attest::still_admitted(&p.token, &p.registration_id, state.enrollment_group_id.as_deref(), facts.enrollment, groups)?;
+                still_admitted(&p.proof, &p.registration_id, state, &facts, now)?;
                 self.admission.take_poll(&p.key, mono)?;
                 Ok(Decision::answer(Outcome::Operation { operation_id, state: state.clone() }))
             }
@@ -214,9 +232,51 @@ impl Registrar {
                 let state = facts.registration.ok_or_else(|| {
                     ServiceError::new(ErrorKind::RegistrationNotFound, "registration not found").because("no registration state")
                 })?;
-                attest::still_admitted(&p.token, &p.registration_id, state.enrollment_group_id.as_deref(), facts.enrollment, groups)?;
+                still_admitted(&p.proof, &p.registration_id, state, &facts, now)?;
                 Ok(Decision::answer(Outcome::Registration { state: state.clone() }))
             }
+        }
+    }
+}
+
+/// The enrollment that admits a registering device, by what it proved, and for X.509 what its
+/// registration state reports.
+fn admitting<'a>(
+    proof: &Proof,
+    registration_id: &str,
+    facts: &Facts<'a>,
+    now: UtcTime,
+) -> Result<(Matched<'a>, Option<X509RegistrationResult>), ServiceError> {
+    match proof {
+        Proof::Token(t) => Ok((attest::admitting(t, registration_id, facts.enrollment, &facts.config.groups)?, None)),
+        Proof::Certificate(chain) => {
+            let a = x509::admitting(chain, facts.enrollment, &facts.config.groups, &facts.config.verified_cas, now)?;
+            Ok((a.matched, Some(a.result)))
+        }
+    }
+}
+
+/// A device polling or looking up its registration must still be admitted by the enrollment
+/// that admitted it.
+fn still_admitted(
+    proof: &Proof,
+    registration_id: &str,
+    state: &DeviceRegistrationState,
+    facts: &Facts<'_>,
+    now: UtcTime,
+) -> Result<(), ServiceError> {
+    let group = state.enrollment_group_id.as_deref();
+    match proof {
+        Proof::Token(t) => attest::still_admitted(t, registration_id, group, facts.enrollment, &facts.config.groups),
+        Proof::Certificate(chain) => {
+            let a = x509::admitting(chain, facts.enrollment, &facts.config.groups, &facts.config.verified_cas, now)
+                .map_err(|e| ServiceError::unauthorized(format!("the certificate no longer matches the enrollment: {}", e.detail())))?;
+            let same = match (a.matched, group) {
+                (Matched::Individual(_), None) => true,
+                (Matched::Group(g), Some(id)) => g.enrollment_group_id.eq_ignore_ascii_case(id),
+                _ => false,
+            };
+            same.then_some(()).ok_or_else(|| ServiceError::unauthorized("the certificate now matches another enrollment"))
         }
     }
 }

@@ -28,9 +28,11 @@ pub struct Reply {
 /// smaller values to 1; the Python SDK waits 2 s after a 202 whatever it is told.
 pub const POLL_AFTER_SECS: u64 = 1;
 
+/// The state with its attestation's member: `x509` for a certificate, else `symmetricKey`.
 fn result(state: &DeviceRegistrationState) -> DeviceRegistrationResult {
-    let symmetric_key = Some(SymmetricKeyResult { enrollment_group_id: state.enrollment_group_id.clone() });
-    DeviceRegistrationResult { state: state.clone().public(), symmetric_key }
+    let x509 = state.x509.clone();
+    let symmetric_key = x509.is_none().then(|| SymmetricKeyResult { enrollment_group_id: state.enrollment_group_id.clone() });
+    DeviceRegistrationResult { state: state.clone().public(), symmetric_key, x509 }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {

@@ -69,6 +69,7 @@ pub fn next_state(d: StateInputs<'_>) -> DeviceRegistrationState {
         payload: None,
         enrollment_group_id: d.matched.group_id().map(str::to_string),
         operation_id: None,
+        x509: None,
     };
     if !common.is_enabled() {
         state.status = RegistrationStatus::Disabled;

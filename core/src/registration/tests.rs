@@ -165,7 +165,9 @@ fn admission_checks_before_any_store_read() {
     assert_eq!(refused(&w.run(reg(Credential::None))), (401, 401002));
     assert_eq!(refused(&w.run(reg(Credential::SasToken("SharedAccessSignature nonsense".into())))), (401, 401002));
     assert_eq!(refused(&w.run(reg(Credential::SasToken(token("dev2", KEY_A, w.now + 60))))), (401, 401002), "token for another id");
-    assert_eq!(refused(&w.run(reg(Credential::ClientCertificate))), (401, 401002));
+    let not_a_certificate = Credential::ClientCertificate(std::sync::Arc::new(vec![b"garbage".to_vec()]));
+    assert_eq!(refused(&w.run(reg(not_a_certificate))), (401, 401002));
+    assert_eq!(refused(&w.run(reg(Credential::ClientCertificate(std::sync::Arc::new(Vec::new()))))), (401, 401002));
     assert_eq!(refused(&w.run(reg(Credential::TpmSasToken(good.clone())))), (401, 401002));
 
     // Expiry is judged on the injected clock.

@@ -4,6 +4,7 @@
 //! to the store and renders responses.
 
 mod bulk;
+mod certificates;
 mod enrollments;
 mod hubs;
 mod query;
@@ -52,6 +53,7 @@ fn not_found(table: Table, id: &str) -> ServiceError {
         Table::Enrollments => (ErrorKind::EnrollmentNotFound, "individual enrollment"),
         Table::Groups => (ErrorKind::EnrollmentNotFound, "enrollment group"),
         Table::Hubs => (ErrorKind::HubNotFound, "linked hub"),
+        Table::Certificates => (ErrorKind::CertificateNotFound, "CA certificate"),
         _ => (ErrorKind::RegistrationNotFound, "device registration"),
     };
     ServiceError::new(kind, format!("{what} '{}' not found", printable(id)))
@@ -184,6 +186,12 @@ impl ServiceApi {
             Route::GetHub(name) => self.get_hub(&name).await,
             Route::PutHub(name) => self.put_hub(&name, req).await,
             Route::DeleteHub(name) => self.delete_hub(&name).await,
+            Route::ListCertificates => self.list_certificates().await,
+            Route::GetCertificate(name) => self.get_certificate(&name).await,
+            Route::PutCertificate(name) => self.put_certificate(&name, req, now).await,
+            Route::DeleteCertificate(name) => self.delete_certificate(&name, req).await,
+            Route::GenerateVerificationCode(name) => self.generate_verification_code(&name, req, now).await,
+            Route::VerifyCertificate(name) => self.verify_certificate(&name, req, now).await,
         }
     }
 
@@ -223,8 +231,13 @@ impl ServiceApi {
     async fn changed(&self, table: Table, keys: Vec<String>) {
         match table {
             Table::Enrollments => self.cache.invalidate(keys).await,
-            Table::Groups | Table::Hubs => self.svc.bump_generation(),
+            Table::Groups | Table::Hubs | Table::Certificates => self.svc.bump_generation(),
             _ => {}
         }
     }
+}
+
+/// A CA certificate's name: like an id (letters, digits, `-._:`), at most 128 characters.
+fn check_name(name: &str) -> Result<(), ServiceError> {
+    dps_core::ids::validate_id("certificate name", name)
 }

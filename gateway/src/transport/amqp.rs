@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 /// Largest frame either side may send.
 pub const MAX_FRAME: u32 = 64 * 1024;
 
-/// Serves one AMQP connection to its end. `client_certificate`: the TLS handshake carried one
+/// Serves one AMQP connection to its end. `client_certificate`: the chain the TLS handshake carried
 /// (the X.509 path, no SASL layer).
 pub async fn serve_amqp<S: ByteStream>(
     s: &mut S,
@@ -19,7 +19,7 @@ pub async fn serve_amqp<S: ByteStream>(
     prov: &Provisioning,
     stop: &AtomicBool,
     limits: &crate::config::Limits,
-    client_certificate: bool,
+    client_certificate: Option<dps_core::request::CertChain>,
 ) -> End {
     let settings = Settings { max_frame: MAX_FRAME, max_message: limits.max_mqtt_packet_bytes, link_credit: 100, client_certificate };
     let mut conn = match Connection::new(settings) {

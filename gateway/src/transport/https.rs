@@ -5,8 +5,8 @@ use crate::provisioning::{Provisioning, Via};
 use crate::transport::http::{Request, Response};
 
 /// Answers a device API request, or None when the path is not one.
-pub async fn handle(prov: &Provisioning, req: &Request) -> Option<Response> {
-    let request = dps_core::request::from_http(&req.method, &req.path, req.header("authorization"), &req.body)?;
+pub async fn handle(prov: &Provisioning, req: &Request, chain: Option<&dps_core::request::CertChain>) -> Option<Response> {
+    let request = dps_core::request::from_http(&req.method, &req.path, req.header("authorization"), &req.body, chain)?;
     let reply = prov.handle(request, Via::Https).await;
     let mut r = Response::json(reply.status, reply.body);
     if let Some(s) = reply.retry_after {

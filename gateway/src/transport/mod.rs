@@ -13,10 +13,12 @@ use crate::clock::{mono_nanos, utc_now};
 use crate::provisioning::Via;
 use crate::shard::{Listener, Shard};
 use dps_core::error::{ErrorKind, ServiceError};
+use dps_core::request::CertChain;
 use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use http::{ReadError, Response};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
@@ -41,12 +43,14 @@ pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) 
         _ => "ok",
     };
     shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", result)]);
-    // The X.509 path (AMQP without SASL) needs to know whether the client presented one.
-    let cert = s.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+    // The chain the client presented (the handshake proved it holds the leaf's key): an X.509
+    // device's credential, judged against the enrollment list when it registers.
+    let chain: Option<CertChain> =
+        s.get_ref().1.peer_certificates().filter(|c| !c.is_empty()).map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect()));
     match kind {
         Listener::Https => {
-            if let Some((req, leftover)) = serve_http(&mut s, shard).await {
-                serve_websocket(&mut s, req, leftover, shard, cert).await;
+            if let Some((req, leftover)) = serve_http(&mut s, shard, chain.as_ref()).await {
+                serve_websocket(&mut s, req, leftover, shard, chain).await;
             }
         }
         Listener::Mqtt if shard.handshake_only => {
@@ -61,11 +65,11 @@ pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) 
             .await;
         }
         Listener::Mqtt => {
-            let end = mqtt::serve_mqtt(&mut s, Via::Mqtt, &shard.prov, &shard.stop, &shard.limits).await;
+            let end = mqtt::serve_mqtt(&mut s, Via::Mqtt, &shard.prov, &shard.stop, &shard.limits, chain).await;
             tracing::debug!(shard = shard.id, ?end, "MQTT connection ended");
         }
         Listener::Amqp => {
-            let end = amqp::serve_amqp(&mut s, Via::Amqp, &shard.prov, &shard.stop, &shard.limits, cert).await;
+            let end = amqp::serve_amqp(&mut s, Via::Amqp, &shard.prov, &shard.stop, &shard.limits, chain).await;
             tracing::debug!(shard = shard.id, ?end, "AMQP connection ended");
         }
     }
@@ -94,7 +98,7 @@ async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(
     req: http::Request,
     leftover: Vec<u8>,
     shard: &Shard,
-    client_certificate: bool,
+    client_certificate: Option<CertChain>,
 ) {
     match websocket::handshake(&req, &[websocket::MQTT, websocket::AMQP]) {
         Ok((resp, protocol)) => {
@@ -106,7 +110,7 @@ async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(
                 let end = amqp::serve_amqp(&mut ws, Via::AmqpWs, &shard.prov, &shard.stop, &shard.limits, client_certificate).await;
                 tracing::debug!(shard = shard.id, ?end, "AMQP over WebSocket ended");
             } else {
-                let end = mqtt::serve_mqtt(&mut ws, Via::MqttWs, &shard.prov, &shard.stop, &shard.limits).await;
+                let end = mqtt::serve_mqtt(&mut ws, Via::MqttWs, &shard.prov, &shard.stop, &shard.limits, client_certificate).await;
                 tracing::debug!(shard = shard.id, ?end, "MQTT over WebSocket ended");
             }
         }
@@ -119,7 +123,11 @@ async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Request/response loop on an established (TLS) stream. Returns a WebSocket upgrade request
 /// (and the bytes that followed it) for the caller to serve.
-async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, shard: &Shard) -> Option<(http::Request, Vec<u8>)> {
+async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    shard: &Shard,
+    chain: Option<&CertChain>,
+) -> Option<(http::Request, Vec<u8>)> {
     let (stop, limits) = (&shard.stop, &shard.limits);
     let idle = Duration::from_secs(limits.idle_timeout_secs);
     let mut buf = Vec::new();
@@ -162,7 +170,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, shard: &Shard)
         if websocket::is_upgrade(&req) {
             return Some((req, std::mem::take(&mut buf)));
         }
-        let resp = match https::handle(&shard.prov, &req).await {
+        let resp = match https::handle(&shard.prov, &req, chain).await {
             Some(r) => r,
             None => shard.api.handle(&req, utc_now(), mono_nanos()).await,
         };

@@ -21,8 +21,16 @@ impl From<Ended> for End {
 }
 
 /// Serves one MQTT connection to its end.
-pub async fn serve_mqtt<S: ByteStream>(s: &mut S, via: Via, prov: &Provisioning, stop: &AtomicBool, limits: &crate::config::Limits) -> End {
-    let mut session = Session::new(Settings { max_packet: limits.max_mqtt_packet_bytes, idle_secs: limits.idle_timeout_secs });
+pub async fn serve_mqtt<S: ByteStream>(
+    s: &mut S,
+    via: Via,
+    prov: &Provisioning,
+    stop: &AtomicBool,
+    limits: &crate::config::Limits,
+    client_certificate: Option<dps_core::request::CertChain>,
+) -> End {
+    let settings = Settings { max_packet: limits.max_mqtt_packet_bytes, idle_secs: limits.idle_timeout_secs, client_certificate };
+    let mut session = Session::new(settings);
     let mut chunk = [0u8; 4096];
     loop {
         match session.poll() {

@@ -31,11 +31,39 @@ pub fn tls_config(ca_pem: &std::path::Path) -> Arc<rustls::ClientConfig> {
     )
 }
 
+/// A client configuration that presents a certificate chain.
+pub fn client_auth_config(ca_pem: &std::path::Path, chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca_pem).unwrap();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = chain.iter().map(|c| rustls::pki_types::CertificateDer::from(c.clone())).collect();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key_pkcs8.to_vec().into());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .unwrap(),
+    )
+}
+
 impl MqttClient {
     pub fn open(port: u16, ca: &std::path::Path) -> MqttClient {
         let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let conn = rustls::ClientConnection::new(tls_config(ca), "localhost".try_into().unwrap()).unwrap();
+        MqttClient { tls: rustls::StreamOwned::new(conn, tcp), buf: BytesMut::new(), pkid: 0 }
+    }
+
+    /// A connection that presents a client certificate chain (DER, leaf first) with its key.
+    pub fn open_with_certificate(port: u16, ca: &std::path::Path, chain: &[Vec<u8>], key_pkcs8: &[u8]) -> MqttClient {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn = rustls::ClientConnection::new(client_auth_config(ca, chain, key_pkcs8), "localhost".try_into().unwrap()).unwrap();
         MqttClient { tls: rustls::StreamOwned::new(conn, tcp), buf: BytesMut::new(), pkid: 0 }
     }
 
