@@ -108,7 +108,7 @@ test('x509: groups enrolled by an intermediate (inline) and by a verified root C
     attestation: { type: 'x509', x509: { caReferences: { primary: 'interop-root' } } } });
 });
 
-for (const transport of ['mqtt', 'amqp', 'http']) {
+for (const transport of ['mqtt', 'mqttws', 'amqp', 'amqpws', 'http']) {
   test(`${transport}: x509 individual enrollment is assigned`, async () => {
     const id = `node-x509-ind-${transport}`;
     await service.createOrUpdateIndividualEnrollment({ registrationId: id,

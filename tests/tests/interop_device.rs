@@ -2,7 +2,7 @@
 //! and Node device SDK (`azure-iot-provisioning-device` with its MQTT, MQTT-over-WebSockets,
 //! AMQP, AMQP-over-WebSockets and HTTP transports) provision individual and group enrollment devices
 //! against a real gateway on the ports the SDK hard-codes: symmetric keys on every transport, X.509
-//! (Python over MQTT and MQTT/WebSockets; Node `azure-iot-security-x509` over MQTT, AMQP and HTTP)
+//! (Python over MQTT and MQTT/WebSockets; Node `azure-iot-security-x509` over all five transports)
 //! for an individual enrollment, a group enrolled by an intermediate and one by a verified root.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,7 +26,7 @@ fn official_device_sdks_provision_devices() {
     assert_eq!((running.endpoint.ports.mqtt, running.endpoint.ports.https), (8883, 443));
     let ep = running.endpoint.clone();
     let certs = tempfile::tempdir().unwrap();
-    let node_x509 = |kind: &str| ["mqtt", "amqp", "http"].map(|t| format!("node-x509-{kind}-{t}"));
+    let node_x509 = |kind: &str| ["mqtt", "mqttws", "amqp", "amqpws", "http"].map(|t| format!("node-x509-{kind}-{t}"));
     let py_x509 = |kind: &str| ["mqtt", "websockets"].map(|t| format!("py-x509-{kind}-{t}"));
     let names = |kind: &str| -> Vec<String> { node_x509(kind).into_iter().chain(py_x509(kind)).collect() };
     let (ind, int, root) = (names("ind"), names("int"), names("root"));
@@ -53,7 +53,7 @@ fn official_device_sdks_provision_devices() {
         .env("NODE_EXTRA_CA_CERTS", ep.ca_certificate.as_ref().unwrap()));
     running.shutdown().unwrap();
     assert!(node.status.success(), "Node device SDK interop failed");
-    assert!(String::from_utf8_lossy(&node.stdout).contains("# pass 23"), "all Node device tests ran");
+    assert!(String::from_utf8_lossy(&node.stdout).contains("# pass 27"), "all Node device tests ran");
     assert!(python.status.success(), "Python device SDK interop failed");
     assert!(String::from_utf8_lossy(&python.stdout).contains("9 passed"), "all Python device tests ran");
 }
