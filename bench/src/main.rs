@@ -41,6 +41,9 @@ struct Args {
     /// Every part with tiny sizes (CI): proves the benchmark runs, measures nothing.
     #[arg(long)]
     smoke: bool,
+    /// With --quick: the X.509 rows too (they always run without --quick).
+    #[arg(long)]
+    x509: bool,
     /// Devices per measured run of items 1 to 3.
     #[arg(long)]
     devices: Option<usize>,
@@ -231,6 +234,31 @@ fn main() -> Result<(), BoxError> {
         );
         b.concurrency = saved;
     }
+    // X.509: each device's leaf is made as it starts by a CA the service holds as verified; the
+    // ceiling is the TLS handshake that carries (and verifies) the client certificate.
+    let mut x509 = None;
+    if !a.quick || a.x509 {
+        let ca = Arc::new(dps_loadgen::identities::TestCa::new("dps-bench fleet CA")?);
+        b.rt.block_on(ServiceClient::new(&ep)?.x509_group("bench-x509", &ca.pem))?;
+        let certs = |p: &str| Identities::X509 { prefix: p.to_string(), ca: ca.clone() };
+        let hs = b.measure(
+            "x509-tls",
+            "TLS handshake with a client certificate (the X.509 ceiling), 2 shards",
+            g.pid(),
+            |p| fleet(&ep, certs(p), None),
+            Transport::TlsHandshake,
+            devices,
+        )?;
+        let reg = b.measure(
+            "x509",
+            "DPS registration over MQTT with X.509, 2 shards",
+            g.pid(),
+            |p| fleet(&ep, certs(p), None),
+            Transport::Mqtt,
+            devices,
+        )?;
+        x509 = Some((hs, reg));
+    }
     g.stop()?;
 
     let m = mosquitto::Mosquitto::start(&work.path().join("dps2/certs"), work.path())?;
@@ -318,6 +346,12 @@ fn main() -> Result<(), BoxError> {
         println!("| {} ÷ MQTT | {:.2} |", t.plan.transport.name(), ratio(t, &dps2));
     }
     println!("| server CPU per bare handshake ÷ per DPS registration (2 shards) | {:.2} |", limit_cpu / dps2_cpu.max(1e-9));
+    if let Some(((hs, hs_cpu), (reg, reg_cpu))) = &x509 {
+        println!("| X.509 registrations ÷ TLS handshakes with a client certificate | {:.2} |", ratio(reg, hs));
+        println!("| X.509 registrations ÷ symmetric-key registrations (MQTT) | {:.2} |", ratio(reg, &dps2));
+        println!("| server CPU per X.509 registration ÷ per symmetric-key registration | {:.2} |", reg_cpu / dps2_cpu.max(1e-9));
+        println!("| server CPU per handshake with a client certificate ÷ per X.509 registration | {:.2} |", hs_cpu / reg_cpu.max(1e-9));
+    }
     println!("| Mosquitto CPU per session ÷ gateway CPU per DPS registration | {:.2} |", mosq_cpu / dps2_cpu.max(1e-9));
     if !extra.is_empty() {
         println!("\n| measurement | value |\n|---|---|");

@@ -18,7 +18,9 @@ pub struct AmqpDevice<'a> {
     pub host: &'a str,
     pub id_scope: &'a str,
     pub registration_id: &'a str,
-    pub token: String,
+    /// The SAS token (SASL PLAIN); None for an X.509 device, which opens without SASL and is
+    /// known by its TLS client certificate.
+    pub token: Option<String>,
     /// The max-frame-size announced in `open`.
     pub max_frame: u32,
 }
@@ -50,18 +52,18 @@ impl AmqpDevice<'_> {
         Io: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
     {
         let user = format!("{}/registrations/{}", self.id_scope, self.registration_id);
-        let mut conn = Connection::builder()
-            .container_id(self.registration_id)
-            .scheme("amqp")
-            .hostname(self.host)
-            .max_frame_size(self.max_frame)
-            .sasl_profile(SaslProfile::Plain { username: user.clone(), password: self.token.clone() })
-            .open_with_stream(stream)
-            .await
-            .map_err(|e| match e {
-                fe2o3_amqp::connection::OpenError::SaslError { .. } => Failure::Status(401, None),
-                _ => Failure::Protocol,
-            })?;
+        let builder =
+            Connection::builder().container_id(self.registration_id).scheme("amqp").hostname(self.host).max_frame_size(self.max_frame);
+        let opened = match &self.token {
+            Some(t) => {
+                builder.sasl_profile(SaslProfile::Plain { username: user.clone(), password: t.clone() }).open_with_stream(stream).await
+            }
+            None => builder.open_with_stream(stream).await,
+        };
+        let mut conn = opened.map_err(|e| match e {
+            fe2o3_amqp::connection::OpenError::SaslError { .. } => Failure::Status(401, None),
+            _ => Failure::Protocol,
+        })?;
         let result = self.exchange(&mut conn, &user).await;
         let _ = conn.close().await;
         result

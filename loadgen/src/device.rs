@@ -108,6 +108,9 @@ pub struct Session<'a> {
     pub tls: Arc<rustls::ClientConfig>,
     pub registration_id: &'a str,
     pub key: &'a [u8],
+    /// An X.509 device: its TLS client certificate is its credential (no password, no SASL, no
+    /// `Authorization`).
+    pub x509: bool,
     pub broker: Option<&'a BrokerLogin>,
     pub seq: u32,
     /// The max-frame-size AMQP sessions announce.
@@ -220,7 +223,7 @@ impl Session<'_> {
             host: &self.ep.host,
             id_scope: &self.ep.id_scope,
             registration_id: self.registration_id,
-            token: self.token()?,
+            token: if self.x509 { None } else { Some(self.token()?) },
             max_frame: self.amqp_max_frame,
         };
         dev.provision(stream).await
@@ -230,8 +233,9 @@ impl Session<'_> {
     /// then the answers; polls while `assigning`.
     async fn mqtt<W: Wire>(&self, mut w: W) -> Result<(), Failure> {
         let id = self.registration_id;
+        let password = if self.x509 { String::new() } else { self.token()? };
         let login =
-            Login::new(format!("{}/registrations/{id}/api-version=2019-03-31&ClientVersion=dps-loadgen", self.ep.id_scope), self.token()?);
+            Login::new(format!("{}/registrations/{id}/api-version=2019-03-31&ClientVersion=dps-loadgen", self.ep.id_scope), password);
         let opening = self.opening(login, "$dps/registrations/res/#", "$dps/registrations/PUT/iotdps-register/?$rid=1")?;
         w.send(&opening).await.map_err(|_| Failure::Protocol)?;
         let mut buf = BytesMut::with_capacity(4096);
@@ -287,12 +291,11 @@ impl Session<'_> {
             .pool_max_idle_per_host(0)
             .build()
             .map_err(|_| Failure::Tls)?;
-        let token = self.token()?;
+        let token = if self.x509 { String::new() } else { self.token()? };
+        let auth = |r: reqwest::RequestBuilder| if token.is_empty() { r } else { r.header("Authorization", &token) };
         let id = self.registration_id;
         let base = format!("https://{}:{}/{}/registrations/{id}", self.ep.host, self.ep.https_port, self.ep.id_scope);
-        let r = http
-            .put(format!("{base}/register?api-version=2019-03-31"))
-            .header("Authorization", &token)
+        let r = auth(http.put(format!("{base}/register?api-version=2019-03-31")))
             .header("Content-Type", "application/json; charset=utf-8")
             .body(format!("{{\"registrationId\":\"{id}\"}}"))
             .send()
@@ -309,9 +312,7 @@ impl Session<'_> {
                 (202, _) => {
                     tokio::time::sleep(Duration::from_secs(retry)).await;
                     let op = body["operationId"].as_str().ok_or(Failure::Protocol)?.to_string();
-                    let r = http
-                        .get(format!("{base}/operations/{op}?api-version=2019-03-31"))
-                        .header("Authorization", &token)
+                    let r = auth(http.get(format!("{base}/operations/{op}?api-version=2019-03-31")))
                         .send()
                         .await
                         .map_err(|_| Failure::Connect)?;

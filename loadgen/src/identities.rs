@@ -1,14 +1,51 @@
-//! Which devices exist and what key each holds: ids `{prefix}-{n}` with keys derived from an
-//! enrollment group's key, or individual enrollments read from a CSV file
-//! (`registrationId,base64 primary key` per line; a header line and blank lines are skipped).
+//! Which devices exist and what each proves its identity with: ids `{prefix}-{n}` with keys
+//! derived from an enrollment group's key, individual enrollments read from a CSV file
+//! (`registrationId,base64 primary key` per line; a header line and blank lines are skipped),
+//! or X.509 devices whose leaf certificates are made on the fly by a test CA.
 
 use crate::BoxError;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 
 pub enum Identities {
-    Group { prefix: String, key: Vec<u8> },
+    Group {
+        prefix: String,
+        key: Vec<u8>,
+    },
     Individual(Vec<(String, Vec<u8>)>),
+    /// Devices `{prefix}-{n}` of an X.509 group enrolled by `ca`.
+    X509 {
+        prefix: String,
+        ca: std::sync::Arc<TestCa>,
+    },
+}
+
+/// A CA that signs device certificates (ECDSA P-256, CN = registration id, client auth).
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pub pem: String,
+}
+
+impl TestCa {
+    pub fn new(cn: &str) -> Result<TestCa, BoxError> {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let key = rcgen::KeyPair::generate()?;
+        let pem = p.self_signed(&key)?.pem();
+        Ok(TestCa { issuer: rcgen::Issuer::new(p, key), pem })
+    }
+
+    /// A device certificate (DER) and its PKCS#8 key, made now.
+    pub fn device(&self, registration_id: &str) -> Result<(Vec<u8>, Vec<u8>), BoxError> {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(rcgen::DnType::CommonName, registration_id);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = p.signed_by(&key, &self.issuer)?;
+        Ok((cert.der().to_vec(), key.serialize_der()))
+    }
 }
 
 impl Identities {
@@ -39,12 +76,21 @@ impl Identities {
                 (id, k)
             }
             Identities::Individual(v) => v[i % v.len()].clone(),
+            Identities::X509 { prefix, .. } => (format!("{prefix}-{i}"), Vec::new()),
+        }
+    }
+
+    /// Device `i`'s certificate and key, for X.509 devices.
+    pub fn certificate(&self, i: usize) -> Option<Result<(Vec<u8>, Vec<u8>), BoxError>> {
+        match self {
+            Identities::X509 { prefix, ca } => Some(ca.device(&format!("{prefix}-{i}"))),
+            _ => None,
         }
     }
 
     pub fn count(&self) -> Option<usize> {
         match self {
-            Identities::Group { .. } => None,
+            Identities::Group { .. } | Identities::X509 { .. } => None,
             Identities::Individual(v) => Some(v.len()),
         }
     }

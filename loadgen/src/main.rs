@@ -38,6 +38,10 @@ struct Args {
     /// Enrollment group whose derived keys the devices use; created (symmetric key) if missing.
     #[arg(long, default_value = "loadgen")]
     group: String,
+    /// X.509 devices: a test CA (uploaded as a verified CA certificate, referenced by the group
+    /// `--group`, replaced on every run) signs each device's leaf certificate as it starts.
+    #[arg(long)]
+    x509: bool,
     /// Prefix of registration ids: `{prefix}-{n}`.
     #[arg(long, default_value = "loadgen-dev")]
     prefix: String,
@@ -97,6 +101,11 @@ fn main() -> Result<(), BoxError> {
                 }
             }
             ids
+        }
+        None if a.x509 => {
+            let ca = std::sync::Arc::new(dps_loadgen::identities::TestCa::new("dps-loadgen fleet CA")?);
+            rt.block_on(ServiceClient::new(&ep)?.x509_group(&a.group, &ca.pem))?;
+            Identities::X509 { prefix: a.prefix.clone(), ca }
         }
         None if needs_keys => {
             Identities::Group { prefix: a.prefix.clone(), key: rt.block_on(ServiceClient::new(&ep)?.group_key(&a.group))? }

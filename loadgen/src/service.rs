@@ -53,6 +53,26 @@ impl ServiceClient {
         Ok(B64.decode(k)?)
     }
 
+    /// An X.509 fleet: uploads `ca_pem` as the verified CA certificate `{group}-ca` and makes
+    /// the X.509 group `group` reference it (replacing what a previous run left).
+    pub async fn x509_group(&self, group: &str, ca_pem: &str) -> Result<(), BoxError> {
+        let ca = format!("{group}-ca");
+        let _ = self.call(reqwest::Method::DELETE, &format!("/certificates/{ca}"), None).await?;
+        let body = serde_json::json!({"certificate": ca_pem, "isVerified": true});
+        let (st, text) = self.call(reqwest::Method::PUT, &format!("/certificates/{ca}"), Some(body.to_string())).await?;
+        if st != 200 {
+            return Err(format!("uploading the fleet's CA: {st} {text}").into());
+        }
+        let _ = self.call(reqwest::Method::DELETE, &format!("/enrollmentGroups/{group}"), None).await?;
+        let body =
+            serde_json::json!({"enrollmentGroupId": group, "attestation": {"type": "x509", "x509": {"caReferences": {"primary": ca}}}});
+        let (st, text) = self.call(reqwest::Method::PUT, &format!("/enrollmentGroups/{group}"), Some(body.to_string())).await?;
+        if st != 200 {
+            return Err(format!("creating group {group}: {st} {text}").into());
+        }
+        Ok(())
+    }
+
     /// Creates individual symmetric-key enrollments in bulk calls of `batch`; ones that already
     /// exist are left as they are.
     pub async fn create_individual(&self, devices: &[(String, Vec<u8>)], batch: usize) -> Result<usize, BoxError> {

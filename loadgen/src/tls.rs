@@ -85,3 +85,30 @@ pub fn resuming(base: &Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig> {
     cfg.resumption = rustls::client::Resumption::store(Arc::new(rustls::client::ClientSessionMemoryCache::new(1)));
     Arc::new(cfg)
 }
+
+/// Presents one fixed certificate chain and key.
+#[derive(Debug)]
+struct OneCertificate(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for OneCertificate {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// `base` presenting a client certificate (an X.509 device's own configuration).
+pub fn with_client_certificate(
+    base: &Arc<rustls::ClientConfig>,
+    cert: Vec<u8>,
+    key_pkcs8: Vec<u8>,
+) -> Result<Arc<rustls::ClientConfig>, BoxError> {
+    let provider = rustls::crypto::ring::default_provider();
+    let key = provider.key_provider.load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(key_pkcs8.into()))?;
+    let certified = rustls::sign::CertifiedKey::new(vec![rustls::pki_types::CertificateDer::from(cert)], key);
+    let mut cfg = (**base).clone();
+    cfg.client_auth_cert_resolver = Arc::new(OneCertificate(Arc::new(certified)));
+    Ok(Arc::new(cfg))
+}
