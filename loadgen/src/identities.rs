@@ -20,6 +20,9 @@ pub enum Identities {
     },
 }
 
+/// A device certificate (DER) and its PKCS#8 key.
+pub type DeviceCertificate = (Vec<u8>, Vec<u8>);
+
 /// A CA that signs device certificates (ECDSA P-256, CN = registration id, client auth).
 pub struct TestCa {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
@@ -38,7 +41,7 @@ impl TestCa {
     }
 
     /// A device certificate (DER) and its PKCS#8 key, made now.
-    pub fn device(&self, registration_id: &str) -> Result<(Vec<u8>, Vec<u8>), BoxError> {
+    pub fn device(&self, registration_id: &str) -> Result<DeviceCertificate, BoxError> {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
         p.distinguished_name.push(rcgen::DnType::CommonName, registration_id);
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
@@ -81,7 +84,7 @@ impl Identities {
     }
 
     /// Device `i`'s certificate and key, for X.509 devices.
-    pub fn certificate(&self, i: usize) -> Option<Result<(Vec<u8>, Vec<u8>), BoxError>> {
+    pub fn certificate(&self, i: usize) -> Option<Result<DeviceCertificate, BoxError>> {
         match self {
             Identities::X509 { prefix, ca } => Some(ca.device(&format!("{prefix}-{i}"))),
             _ => None,
