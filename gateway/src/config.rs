@@ -113,6 +113,10 @@ pub struct Tls {
     pub stateless_tickets: bool,
     /// TLS 1.3 tickets sent after each full handshake (0 = no TLS 1.3 resumption).
     pub tickets_per_handshake: usize,
+    /// Host names (also listed in `host_names`) that operators use for the service API only: a
+    /// TLS handshake that names one of them (SNI) on the HTTPS port requests no client
+    /// certificate. Every other handshake requests one, since X.509 devices need it.
+    pub service_api_host_names: Vec<String>,
 }
 
 impl Default for Tls {
@@ -126,6 +130,7 @@ impl Default for Tls {
             session_cache_entries: 65_536,
             stateless_tickets: false,
             tickets_per_handshake: 1,
+            service_api_host_names: Vec::new(),
         }
     }
 }
@@ -290,6 +295,11 @@ impl Config {
         if self.host_names.is_empty() {
             return Err("host_names must name at least one host".into());
         }
+        for n in &self.tls.service_api_host_names {
+            if !self.host_names.iter().any(|h| h.eq_ignore_ascii_case(n)) {
+                return Err(format!("tls.service_api_host_names: '{n}' must also be in host_names (the server certificate names them)"));
+            }
+        }
         let l = &self.limits;
         if l.max_body_bytes < 1024 {
             return Err("limits.max_body_bytes must be at least 1024".into());
@@ -335,6 +345,14 @@ mod tests {
         assert_eq!(c.host_names, ["a", "b"]);
         let err = Config::load(None, vec![("DPS_LIMITS__MAX_BULK".to_string(), "1".to_string())].into_iter()).unwrap_err();
         assert!(err.contains("max_bulk"), "{err}");
+    }
+
+    #[test]
+    fn service_api_host_names_must_be_host_names() {
+        let env = |v: &str| vec![("DPS_TLS__SERVICE_API_HOST_NAMES".to_string(), v.to_string())].into_iter();
+        let err = Config::load(None, env("[\"elsewhere.example\"]")).unwrap_err();
+        assert!(err.contains("elsewhere.example"), "{err}");
+        assert_eq!(Config::load(None, env("[\"LOCALHOST\"]")).unwrap().tls.service_api_host_names, ["LOCALHOST"]);
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl Running {
 /// Starts the service; returns once every listener is bound and `endpoint.json` is written.
 pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let prepared = bootstrap::prepare(&cfg, data_dir)?;
-    let tls = tls::server_config(&prepared.certs, &cfg.tls)?;
+    let tls = tls::server_configs(&prepared.certs, &cfg.tls)?;
     let mut policies = prepared.instance.policies.iter().map(Policy::from_stored).collect::<Result<Vec<_>, _>>()?;
     for p in &cfg.access_policies {
         let stored = service::StoredPolicy {

@@ -191,3 +191,45 @@ fn group_devices_by_intermediate_and_by_a_verified_root() {
     assert_eq!(status, 401, "{body}");
     let _ = client_auth_config;
 }
+
+#[test]
+fn service_api_host_names_request_no_client_certificate() {
+    // On the HTTPS port a handshake naming one of `tls.service_api_host_names` requests no
+    // client certificate (the operators' host); every other handshake requests one. A client
+    // holding a certificate therefore sends it only to the device host.
+    let mut cfg = test_config();
+    cfg.host_names = vec!["localhost".into(), "admin.localhost".into()];
+    cfg.tls.service_api_host_names = vec!["admin.localhost".into()];
+    cfg.linked_hubs.push(hub("hub-a.example"));
+    let s = TestServer::start(cfg);
+    let (cert, key, pem) = device("sni-dev", None);
+    let e = json!({"registrationId": "sni-dev", "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": pem.clone()}}}}});
+    assert_eq!(s.send("PUT", "/enrollments/sni-dev", Some(e)).status().as_u16(), 200);
+    let ca = std::fs::read(s.ep.ca_certificate.as_ref().unwrap()).unwrap();
+    let mut identity_pem = pem.into_bytes();
+    identity_pem.extend_from_slice(rustls_pki_pem("PRIVATE KEY", &key).as_bytes());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", s.ep.ports.https).parse().unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .identity(reqwest::Identity::from_pem(&identity_pem).unwrap())
+        .resolve("admin.localhost", addr)
+        .build()
+        .unwrap();
+    let register = |host: &str| {
+        let url = format!("https://{host}:{}/{}/registrations/sni-dev/register?api-version=2019-03-31", s.ep.ports.https, s.ep.id_scope);
+        client.put(url).body("{}").send().unwrap().status().as_u16()
+    };
+    assert_eq!(register("localhost"), 202, "the device host asks for the certificate");
+    assert_eq!(register("admin.localhost"), 401, "the service host does not: no credential arrives");
+    // The service API answers on its host as on any other.
+    let token = token_for(&s.key_name, &s.key);
+    let r = client
+        .get(format!("https://admin.localhost:{}/enrollments/sni-dev?{API}", s.ep.ports.https))
+        .header("Authorization", token)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    drop(cert);
+}

@@ -31,7 +31,7 @@ pub struct ShardSpec {
     pub id: usize,
     pub cpu: Option<usize>,
     pub svc: Arc<Service>,
-    pub tls: Arc<rustls::ServerConfig>,
+    pub tls: crate::tls::TlsConfigs,
     /// Benchmark: the MQTT listener only completes handshakes (config `handshake_only`).
     pub handshake_only: bool,
     pub https: SocketAddr,
@@ -93,7 +93,7 @@ pub(crate) struct Shard {
     pub cache: Rc<EnrollmentCache>,
     pub metrics: Rc<Metrics>,
     pub svc: Arc<Service>,
-    pub tls: Arc<rustls::ServerConfig>,
+    pub tls: crate::tls::TlsConfigs,
     pub handshake_only: bool,
     pub stop: Arc<AtomicBool>,
     pub limits: crate::config::Limits,

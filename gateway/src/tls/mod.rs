@@ -150,7 +150,35 @@ impl rustls::server::StoresServerSessions for SessionCache {
     }
 }
 
-pub fn server_config(files: &CertFiles, knobs: &crate::config::Tls) -> Result<Arc<ServerConfig>, String> {
+/// The server configurations: the one every listener uses (requesting a client certificate),
+/// and, when `tls.service_api_host_names` is set, the HTTPS port's configuration for handshakes
+/// that name one of those hosts (requesting none).
+#[derive(Clone)]
+pub struct TlsConfigs {
+    pub devices: Arc<ServerConfig>,
+    pub service_api: Option<(Arc<ServerConfig>, Arc<Vec<String>>)>,
+}
+
+impl TlsConfigs {
+    /// The HTTPS configuration for a handshake naming `sni`.
+    pub fn for_https(&self, sni: Option<&str>) -> Arc<ServerConfig> {
+        match (&self.service_api, sni) {
+            (Some((cfg, names)), Some(n)) if names.iter().any(|h| h.eq_ignore_ascii_case(n)) => cfg.clone(),
+            _ => self.devices.clone(),
+        }
+    }
+}
+
+pub fn server_configs(files: &CertFiles, knobs: &crate::config::Tls) -> Result<TlsConfigs, String> {
+    let devices = server_config(files, knobs, true)?;
+    let service_api = match knobs.service_api_host_names.is_empty() {
+        true => None,
+        false => Some((server_config(files, knobs, false)?, Arc::new(knobs.service_api_host_names.clone()))),
+    };
+    Ok(TlsConfigs { devices, service_api })
+}
+
+fn server_config(files: &CertFiles, knobs: &crate::config::Tls, request_client_certificate: bool) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(provider::default_provider());
     let resolver = ByClientOffer { ecdsa: certified(&provider, &files.ecdsa)?, rsa: certified(&provider, &files.rsa)? };
     if resolver.ecdsa.is_none() && resolver.rsa.is_none() {
@@ -159,11 +187,14 @@ pub fn server_config(files: &CertFiles, knobs: &crate::config::Tls) -> Result<Ar
     let verifier = Arc::new(RequestClientCert { algs: provider.signature_verification_algorithms });
     // No ALPN list: a client that offers one (urllib3 offers http/1.1) is served HTTP/1.1 anyway,
     // and MQTT clients that offer none are not refused.
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-        .map_err(|e| format!("TLS configuration: {e}"))?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(|e| format!("TLS configuration: {e}"))?;
+    let builder = match request_client_certificate {
+        true => builder.with_client_cert_verifier(verifier),
+        false => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
     cfg.session_storage = match knobs.session_cache_entries {
         0 => Arc::new(rustls::server::NoServerSessionStorage {}),
         n => Arc::new(SessionCache::new(n)),

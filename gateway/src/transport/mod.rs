@@ -23,10 +23,25 @@ use std::time::{Duration, Instant};
 
 pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
     let _ = stream.set_nodelay(true);
-    let acceptor = futures_rustls::TlsAcceptor::from(shard.tls.clone());
     let handshake = Duration::from_secs(shard.limits.handshake_timeout_secs);
     let sid = shard.id.to_string();
-    let mut s = match glommio::timer::timeout(handshake, async { Ok(acceptor.accept(stream).await) }).await {
+    let accept = async {
+        Ok(match (kind, &shard.tls.service_api) {
+            // The HTTPS port picks its configuration by the host the client names (SNI): the
+            // service API's own host names request no client certificate.
+            (Listener::Https, Some(_)) => {
+                match futures_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await {
+                    Ok(start) => {
+                        let cfg = shard.tls.for_https(start.client_hello().server_name());
+                        start.into_stream(cfg).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => futures_rustls::TlsAcceptor::from(shard.tls.devices.clone()).accept(stream).await,
+        })
+    };
+    let mut s = match glommio::timer::timeout(handshake, accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", "failed")]);
