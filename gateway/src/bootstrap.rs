@@ -32,12 +32,37 @@ pub fn data_key(dir: &Path, env_key: Option<String>) -> Result<DataKey, String> 
                 f.write_all(B64.encode(random_bytes::<32>()).as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                 f.sync_all().map_err(|e| format!("cannot sync {}: {e}", path.display()))?;
             }
+            // Also when the file was there already (copied by hand, restored from a backup).
+            make_private(&path)?;
             let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             B64.decode(text.trim()).map_err(|_| format!("{} is not base64", path.display()))?
         }
     };
     let key: [u8; 32] = bytes.try_into().map_err(|_| "the data key must be 32 bytes".to_string())?;
     Ok(DataKey::new(&key))
+}
+
+/// Sets owner-only permissions (0600 on files, 0700 on directories), whatever they were.
+pub fn make_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if path.is_dir() { 0o700 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| format!("cannot restrict {}: {e}", path.display()))
+}
+
+/// Writes a file only its owner may read (a secret: keys, the owner connection string).
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    make_private(path)?;
+    f.write_all(data).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    f.sync_all().map_err(|e| format!("cannot sync {}: {e}", path.display()))
 }
 
 pub struct Prepared {
@@ -48,6 +73,8 @@ pub struct Prepared {
 
 pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
+    // The data dir holds the data key, private keys and the owner's connection string.
+    make_private(dir)?;
     let key = data_key(dir, std::env::var("DPS_DATA_KEY").ok())?;
     let store = FjallStore::open(&dir.join("store"), key, cfg.store.cache_mb << 20)
         .map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))?;
@@ -105,4 +132,21 @@ pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
     }
     let certs = certs::ensure(dir, &cfg.tls, &cfg.host_names)?;
     Ok(Prepared { store, instance, certs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn an_existing_data_key_file_is_made_private() {
+        // Regression: only a newly created data.key was 0600; one copied in with 0644 stayed so.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("data.key");
+        std::fs::write(&p, B64.encode([7u8; 32])).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        data_key(d.path(), None).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    }
 }

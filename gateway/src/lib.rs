@@ -31,6 +31,17 @@ pub struct Endpoint {
     pub ports: Ports,
 }
 
+impl Endpoint {
+    /// The service connection string with its key masked, for places others may read (stdout
+    /// ends up in journald and container logs); the whole one is in endpoint.json.
+    pub fn masked_connection_string(&self) -> String {
+        match self.service_connection_string.split_once("SharedAccessKey=") {
+            Some((head, _)) => format!("{head}SharedAccessKey=<in endpoint.json>"),
+            None => self.service_connection_string.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Ports {
     pub mqtt: u16,
@@ -177,10 +188,10 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
         ports: Ports { mqtt: mqtt.port(), amqp: amqp.port(), https: https.port(), admin: admin.port() },
     };
     let text = serde_json::to_string_pretty(&endpoint).map_err(|e| e.to_string())?;
+    // endpoint.json holds the owner's key: private, like the data key.
     let tmp = data_dir.join("endpoint.json.tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, data_dir.join("endpoint.json")))
-        .map_err(|e| format!("cannot write endpoint.json: {e}"))?;
+    bootstrap::write_private(&tmp, text.as_bytes())?;
+    std::fs::rename(&tmp, data_dir.join("endpoint.json")).map_err(|e| format!("cannot write endpoint.json: {e}"))?;
     let latency = match cfg.limits.hub_latency_refresh_secs {
         0 => None,
         secs => Some(

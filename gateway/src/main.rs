@@ -79,7 +79,7 @@ fn main() {
     println!("Device provisioning service is running.");
     println!("  ID scope:                   {}", e.id_scope);
     println!("  Global device endpoint:     {}", e.host_name);
-    println!("  Service connection string:  {}", e.service_connection_string);
+    println!("  Service connection string:  {}", e.masked_connection_string());
     if let Some(ca) = &e.ca_certificate {
         println!("  CA certificate:             {}", ca.display());
     }

@@ -39,6 +39,13 @@ fn serves_then_exits_zero_on_sigterm() {
     // The data key is private to the owner.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(dir.path().join("data.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    // So are the owner's key in endpoint.json, the data dir and the private keys (regression:
+    // endpoint.json was 0644 in a 0755 dir).
+    assert_eq!(std::fs::metadata(dir.path().join("endpoint.json")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700);
+    for f in std::fs::read_dir(dir.path().join("certs")).unwrap().flatten().filter(|f| f.path().extension().is_some_and(|e| e == "key")) {
+        assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600, "{}", f.path().display());
+    }
 
     send_signal(child.id(), "-TERM");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -53,6 +60,9 @@ fn serves_then_exits_zero_on_sigterm() {
     let mut out = String::new();
     child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
     assert!(out.contains("ID scope:") && out.contains(ep["idScope"].as_str().unwrap()), "{out}");
+    // The owner's key is not printed (stdout lands in journald and container logs).
+    let key = dps_core::model::parse_connection_string(ep["serviceConnectionString"].as_str().unwrap()).unwrap().key;
+    assert!(!out.contains(&key) && out.contains("SharedAccessKey=<in endpoint.json>"), "{out}");
 }
 
 fn send_signal(pid: u32, sig: &str) {

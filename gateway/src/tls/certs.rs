@@ -14,16 +14,7 @@ pub struct CertFiles {
 }
 
 fn write_private(path: &Path, data: &str) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    f.write_all(data.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    crate::bootstrap::write_private(path, data.as_bytes())
 }
 
 fn write_public(path: &Path, data: &str) -> Result<(), String> {
@@ -61,10 +52,14 @@ pub fn ensure(data_dir: &Path, tls: &Tls, host_names: &[String]) -> Result<CertF
         dn.push(DnType::CommonName, "DPS development CA");
         dn.push(DnType::OrganizationName, "self-hosted device provisioning service");
         p.distinguished_name = dn;
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // It signs server certificates directly (no intermediates: path length 0), for five
+        // years. No name constraints: the host names may change (the server certificates are
+        // then made anew), while devices keep trusting the same CA.
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2049, 12, 31);
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(CA_DAYS);
         let cert = p.self_signed(&key).map_err(err("CA certificate"))?;
         write_private(&ca_key, &key.serialize_pem())?;
         write_public(&ca_cert, &cert.pem())?;
@@ -75,7 +70,8 @@ pub fn ensure(data_dir: &Path, tls: &Tls, host_names: &[String]) -> Result<CertF
     let ecdsa = (dir.join("server-ecdsa.pem"), dir.join("server-ecdsa.key"));
     let rsa = (dir.join("server-rsa.pem"), dir.join("server-rsa.key"));
     let current = std::fs::read_to_string(&hosts_file).ok();
-    if current.as_deref() != Some(wanted.as_str()) || !ecdsa.0.exists() || !rsa.0.exists() {
+    let stale = [&ecdsa.0, &rsa.0].iter().any(|c| expires_within(c, RENEW_DAYS));
+    if current.as_deref() != Some(wanted.as_str()) || !ecdsa.0.exists() || !rsa.0.exists() || stale {
         let ca_key_pem = std::fs::read_to_string(&ca_key).map_err(|e| format!("cannot read {}: {e}", ca_key.display()))?;
         let ca_cert_pem = std::fs::read_to_string(&ca_cert).map_err(|e| format!("cannot read {}: {e}", ca_cert.display()))?;
         let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(err("CA key"))?;
@@ -106,9 +102,46 @@ fn server_params(host_names: &[String]) -> Result<CertificateParams, String> {
     p.distinguished_name = dn;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2049, 12, 31);
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(SERVER_DAYS);
     Ok(p)
+}
+
+/// Validity of the development CA, of the server certificates it signs, and how long before
+/// their expiry a start makes the server certificates anew.
+const CA_DAYS: i64 = 5 * 365;
+const SERVER_DAYS: i64 = 397;
+const RENEW_DAYS: i64 = 30;
+
+/// True when the first certificate in the PEM file expires within `days` (or does not parse).
+fn expires_within(path: &Path, days: i64) -> bool {
+    let Ok(pem) = std::fs::read(path) else { return true };
+    let Ok((_, block)) = x509_parser::pem::parse_x509_pem(&pem) else { return true };
+    let Ok(cert) = block.parse_x509() else { return true };
+    cert.validity().not_after.timestamp() < (time::OffsetDateTime::now_utc() + time::Duration::days(days)).unix_timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_development_ca_is_constrained_and_short_lived() {
+        // Regression: the CA had no path-length constraint and was valid to 2049.
+        let d = tempfile::tempdir().unwrap();
+        let files = ensure(d.path(), &crate::config::Tls::default(), &["localhost".to_string()]).unwrap();
+        let pem = std::fs::read(files.ca_cert.unwrap()).unwrap();
+        let (_, block) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let ca = block.parse_x509().unwrap();
+        let bc = ca.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca && bc.path_len_constraint == Some(0));
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!(ca.validity().not_after.timestamp() <= now + (CA_DAYS + 1) * 86_400);
+        let server = files.ecdsa.unwrap().0;
+        assert!(!expires_within(&server, RENEW_DAYS));
+        assert!(expires_within(&server, SERVER_DAYS + 1), "a server certificate lives about 13 months");
+    }
 }
 
 fn generate_rsa_pkcs8() -> Result<String, String> {
