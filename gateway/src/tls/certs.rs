@@ -122,6 +122,12 @@ fn expires_within(path: &Path, days: i64) -> bool {
     cert.validity().not_after.timestamp() < (time::OffsetDateTime::now_utc() + time::Duration::days(days)).unix_timestamp()
 }
 
+fn generate_rsa_pkcs8() -> Result<String, String> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).map_err(|e| format!("RSA key generation: {e}"))?;
+    key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).map(|p| p.to_string()).map_err(|e| format!("RSA key encoding: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,10 +148,4 @@ mod tests {
         assert!(!expires_within(&server, RENEW_DAYS));
         assert!(expires_within(&server, SERVER_DAYS + 1), "a server certificate lives about 13 months");
     }
-}
-
-fn generate_rsa_pkcs8() -> Result<String, String> {
-    use rsa::pkcs8::EncodePrivateKey;
-    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).map_err(|e| format!("RSA key generation: {e}"))?;
-    key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).map(|p| p.to_string()).map_err(|e| format!("RSA key encoding: {e}"))
 }
