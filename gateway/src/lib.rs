@@ -125,6 +125,16 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let admin_ip: std::net::IpAddr =
         cfg.ports.admin_bind.parse().map_err(|_| format!("ports.admin_bind '{}' is not an IP address", cfg.ports.admin_bind))?;
     let mut admin = SocketAddr::new(admin_ip, cfg.ports.admin);
+    // The shards bind with SO_REUSEPORT, which would let this instance share a port with
+    // another `dps serve` of the same user without a word: the kernel would then split devices
+    // between two instances (two CAs, two ID scopes). A plain bind first finds any listener.
+    for (what, addr) in [("HTTPS", https), ("MQTT", mqtt), ("AMQP", amqp), ("admin", admin)] {
+        if addr.port() != 0 {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                return Err(shard::bind_error(what, addr, e));
+            }
+        }
+    }
     let mut shards = Vec::new();
     // The enrollment cache's channel mesh; shards join it once every shard is bound (`go`), so
     // a shard that fails to bind cannot leave the others waiting for it.

@@ -242,3 +242,17 @@ fn operation_logs_are_json_lines_without_secrets() {
         assert!(!err.contains(sig), "a secret is in the log");
     }
 }
+
+#[test]
+fn a_second_instance_on_the_same_ports_is_refused() {
+    // Regression: with SO_REUSEPORT a second gateway (another data dir: another CA and ID
+    // scope) bound the same ports silently, and the kernel split the devices between the two.
+    let first_dir = tempfile::tempdir().unwrap();
+    let first = dps_gateway::start(common::test_config(), first_dir.path()).unwrap();
+    let mut cfg = common::test_config();
+    cfg.ports.mqtt = first.endpoint.ports.mqtt;
+    let dir = tempfile::tempdir().unwrap();
+    let err = dps_gateway::start(cfg, dir.path()).err().expect("the second instance must not start");
+    assert!(err.contains(&format!("MQTT port {}", first.endpoint.ports.mqtt)), "{err}");
+    first.shutdown().unwrap();
+}

@@ -61,7 +61,7 @@ pub struct BoundPorts {
 /// What a shard reports once its listeners are bound (or why they could not be).
 pub type Bound = Result<BoundPorts, String>;
 
-fn bind_error(what: &str, addr: SocketAddr, e: std::io::Error) -> String {
+pub(crate) fn bind_error(what: &str, addr: SocketAddr, e: std::io::Error) -> String {
     let flag = what.to_ascii_lowercase();
     let hint = if addr.port() < 1024 {
         format!("ports below 1024 need root or CAP_NET_BIND_SERVICE (sudo setcap cap_net_bind_service=+ep $(which dps)); or choose another port with --{flag}-port")
