@@ -33,6 +33,8 @@ pub struct Settings {
     pub link_credit: u32,
     /// The client certificate chain the TLS handshake carried (the X.509 path needs one).
     pub client_certificate: Option<crate::request::CertChain>,
+    /// This instance's ID scope: SASL for another fails at once (outcome `auth`).
+    pub id_scope: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -292,6 +294,10 @@ impl Connection {
                                 self.write_sasl(reply::sasl_outcome(false))?;
                                 return self.fail(Failure::Refused("SASL PLAIN: not {idScope}/registrations/{id} with a SAS token"));
                             };
+                            if identity.id_scope != self.settings.id_scope {
+                                self.write_sasl(reply::sasl_outcome(false))?;
+                                return self.fail(Failure::Refused("SASL PLAIN: unknown ID scope"));
+                            }
                             self.identity = Some(identity);
                             self.write_sasl(reply::sasl_outcome(true))?;
                             self.phase = Phase::AmqpHeader;
@@ -301,6 +307,10 @@ impl Connection {
                                 self.write_sasl(reply::sasl_outcome(false))?;
                                 return self.fail(Failure::Refused("SASL TPM: init is not \\0idScope\\0registrationId\\0EK"));
                             };
+                            if id_scope != self.settings.id_scope {
+                                self.write_sasl(reply::sasl_outcome(false))?;
+                                return self.fail(Failure::Refused("SASL TPM: unknown ID scope"));
+                            }
                             self.identity =
                                 Some(Identity { id_scope, registration_id, credential: Credential::TpmSasToken(String::new()) });
                             self.write_sasl(reply::sasl_challenge(&[0]))?;
@@ -604,7 +614,7 @@ mod tests {
 
     fn settings(client_certificate: bool) -> Settings {
         let chain = client_certificate.then(|| std::sync::Arc::new(vec![vec![0x30, 0x00]]));
-        Settings { max_frame: 64 * 1024, max_message: 4096, link_credit: 4, client_certificate: chain }
+        Settings { max_frame: 64 * 1024, max_message: 4096, link_credit: 4, client_certificate: chain, id_scope: SCOPE.into() }
     }
 
     fn token() -> String {
@@ -890,5 +900,21 @@ mod tests {
         let small = Settings { max_frame: 511, ..settings(false) };
         assert!(Connection::new(small).is_err());
         assert!(Connection::new(Settings { max_frame: MIN_MAX_FRAME, ..settings(false) }).is_ok());
+    }
+
+    #[test]
+    fn sasl_for_another_id_scope_fails_at_once() {
+        let mut c = Connection::new(settings(false)).unwrap();
+        c.receive(&amqp::SASL_HEADER);
+        let mut plain = vec![0u8];
+        plain.extend_from_slice(format!("0ne99999999/registrations/{ID}").as_bytes());
+        plain.push(0);
+        plain.extend_from_slice(crate::sas::build(&format!("0ne99999999/registrations/{ID}"), b"key", 4_000_000_000, None).as_bytes());
+        c.receive(&sasl_init("PLAIN", &plain));
+        assert_eq!(c.poll(), Err(Failure::Refused("SASL PLAIN: unknown ID scope")));
+        let mut c = Connection::new(settings(false)).unwrap();
+        c.receive(&amqp::SASL_HEADER);
+        c.receive(&sasl_init("TPM", b"\x000ne99999999\x00dev-1\x00\x01\x02"));
+        assert_eq!(c.poll(), Err(Failure::Refused("SASL TPM: unknown ID scope")));
     }
 }

@@ -21,6 +21,9 @@ pub struct Settings {
     /// The client certificate chain the TLS handshake carried: an X.509 device's credential
     /// when its CONNECT has no password.
     pub client_certificate: Option<CertChain>,
+    /// This instance's ID scope: a CONNECT for another is refused at once (CONNACK 5), so a
+    /// stranger holds no connection slot waiting for a register that cannot succeed.
+    pub id_scope: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +176,9 @@ impl Session {
         if user.registration_id != c.client_id {
             return refuse(self, ConnectReturnCode::BadClientId, "client id differs from the registration id");
         }
+        if user.id_scope != self.settings.id_scope {
+            return refuse(self, ConnectReturnCode::NotAuthorized, "unknown ID scope");
+        }
         let credential = match (login.password.is_empty(), &self.settings.client_certificate) {
             // X.509: no password; the certificate is judged when the device registers.
             (true, Some(chain)) => Credential::ClientCertificate(chain.clone()),
@@ -227,7 +233,7 @@ mod tests {
     const USER: &str = "0ne1/registrations/dev-1/api-version=2019-03-31&ClientVersion=test";
 
     fn settings() -> Settings {
-        Settings { max_packet: 4096, idle_secs: 60, client_certificate: None }
+        Settings { max_packet: 4096, idle_secs: 60, client_certificate: None, id_scope: "0ne1".into() }
     }
 
     fn token() -> String {
@@ -324,7 +330,9 @@ mod tests {
     fn connect_rules() {
         let t = token();
         type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, ConnectReturnCode);
-        let cases: [Case; 5] = [
+        let foreign = "0ne2/registrations/dev-1/api-version=2019-03-31";
+        let cases: [Case; 6] = [
+            ("dev-1", Some((foreign, &t)), ConnectReturnCode::NotAuthorized),
             ("dev-1", None, ConnectReturnCode::NotAuthorized),
             ("dev-1", Some((USER, "")), ConnectReturnCode::NotAuthorized),
             ("dev-1", Some(("garbage", &t)), ConnectReturnCode::BadUserNamePassword),

@@ -6,7 +6,7 @@ use dps_core::amqp_connection::{Connection, Event, Settings};
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // The chain is only carried, never parsed, by the connection machine.
     let cert = data.first().is_some_and(|b| b & 1 == 1).then(|| std::sync::Arc::new(vec![data.to_vec()]));
-    let Ok(mut c) = Connection::new(Settings { max_frame: 4096, max_message: 8192, link_credit: 2, client_certificate: cert }) else {
+    let Ok(mut c) = Connection::new(Settings { max_frame: 4096, max_message: 8192, link_credit: 2, client_certificate: cert, id_scope: "0ne1".into() }) else {
         return;
     };
     let (a, b) = data.split_at(data.len() / 2);

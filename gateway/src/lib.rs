@@ -5,6 +5,7 @@ pub mod bootstrap;
 pub mod clock;
 pub mod config;
 pub mod latency;
+pub mod listening;
 pub mod metrics;
 pub mod provisioning;
 pub mod service;
@@ -127,12 +128,12 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let mut admin = SocketAddr::new(admin_ip, cfg.ports.admin);
     // The shards bind with SO_REUSEPORT, which would let this instance share a port with
     // another `dps serve` of the same user without a word: the kernel would then split devices
-    // between two instances (two CAs, two ID scopes). A plain bind first finds any listener.
+    // between two instances (two CAs, two ID scopes). So a listener already there is refused.
+    // (A test bind cannot tell: connections of an earlier run in TIME_WAIT would fail it.)
     for (what, addr) in [("HTTPS", https), ("MQTT", mqtt), ("AMQP", amqp), ("admin", admin)] {
-        if addr.port() != 0 {
-            if let Err(e) = std::net::TcpListener::bind(addr) {
-                return Err(shard::bind_error(what, addr, e));
-            }
+        if addr.port() != 0 && listening::someone_listens(addr) {
+            let busy = std::io::Error::new(std::io::ErrorKind::AddrInUse, "another process already listens on it");
+            return Err(shard::bind_error(what, addr, busy));
         }
     }
     let mut shards = Vec::new();

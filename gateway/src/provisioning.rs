@@ -76,6 +76,11 @@ impl Provisioning {
         Provisioning { svc, enrollments, metrics, tracking, registrar, snapshot: RefCell::new(None), shard }
     }
 
+    /// This instance's ID scope.
+    pub fn id_scope(&self) -> &str {
+        &self.svc.id_scope
+    }
+
     /// Serves one device request to its answer.
     pub async fn handle(&self, req: DeviceRequest, via: Via) -> Reply {
         let operation = req.operation.name();

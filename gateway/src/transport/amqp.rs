@@ -21,7 +21,13 @@ pub async fn serve_amqp<S: ByteStream>(
     limits: &crate::config::Limits,
     client_certificate: Option<dps_core::request::CertChain>,
 ) -> End {
-    let settings = Settings { max_frame: MAX_FRAME, max_message: limits.max_mqtt_packet_bytes, link_credit: 100, client_certificate };
+    let settings = Settings {
+        max_frame: MAX_FRAME,
+        max_message: limits.max_mqtt_packet_bytes,
+        link_credit: 100,
+        client_certificate,
+        id_scope: prov.id_scope().to_string(),
+    };
     let mut conn = match Connection::new(settings) {
         Ok(c) => c,
         Err(e) => return End::Malformed(e),

@@ -29,7 +29,12 @@ pub async fn serve_mqtt<S: ByteStream>(
     limits: &crate::config::Limits,
     client_certificate: Option<dps_core::request::CertChain>,
 ) -> End {
-    let settings = Settings { max_packet: limits.max_mqtt_packet_bytes, idle_secs: limits.idle_timeout_secs, client_certificate };
+    let settings = Settings {
+        max_packet: limits.max_mqtt_packet_bytes,
+        idle_secs: limits.idle_timeout_secs,
+        client_certificate,
+        id_scope: prov.id_scope().to_string(),
+    };
     let mut session = Session::new(settings);
     let mut chunk = [0u8; 4096];
     loop {
@@ -39,6 +44,9 @@ pub async fn serve_mqtt<S: ByteStream>(
                 if let Err(e) = session.answer(&rid, reply.status, &reply.body, reply.retry_after) {
                     return e.into();
                 }
+                // A refused device keeps its connection until it disconnects or its keep-alive
+                // runs out: closing right after the 401 leaves the official Node SDK's register
+                // callback never called (its promise stays pending), so it never learns why.
             }
             // Everything queued goes out in one write just before the next wait for input (or
             // the end): a pipelining client gets CONNACK, SUBACK, PUBACK and the response in one
