@@ -160,6 +160,12 @@ impl Connection {
         std::mem::take(&mut self.output)
     }
 
+    /// True once the device is known and the connection is open: what a device must reach
+    /// within the login deadline.
+    pub fn logged_in(&self) -> bool {
+        self.identity.is_some() && matches!(self.phase, Phase::Open)
+    }
+
     /// The authenticated device (after SASL, or after the first attach on the X.509 path).
     pub fn identity(&self) -> Option<&Identity> {
         self.identity.as_ref()

@@ -24,6 +24,9 @@ pub struct Settings {
     /// This instance's ID scope: a CONNECT for another is refused at once (CONNACK 5), so a
     /// stranger holds no connection slot waiting for a register that cannot succeed.
     pub id_scope: String,
+    /// The largest keep-alive honoured: a client asking for more (up to 18 h in MQTT) is held
+    /// to this, so an idle connection cannot pin a slot for hours.
+    pub max_keep_alive_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,8 +96,13 @@ impl Session {
     pub fn read_timeout_secs(&self) -> u64 {
         match self.keep_alive_secs {
             0 => self.settings.idle_secs,
-            k => u64::from(k) * 3 / 2,
+            k => u64::from(k).min(self.settings.max_keep_alive_secs) * 3 / 2,
         }
+    }
+
+    /// True once CONNECT was accepted: what a device must reach within the login deadline.
+    pub fn connected(&self) -> bool {
+        self.identity.is_some()
     }
 
     fn end(&mut self, why: Ended) -> Result<Option<Event>, Ended> {
@@ -233,7 +241,7 @@ mod tests {
     const USER: &str = "0ne1/registrations/dev-1/api-version=2019-03-31&ClientVersion=test";
 
     fn settings() -> Settings {
-        Settings { max_packet: 4096, idle_secs: 60, client_certificate: None, id_scope: "0ne1".into() }
+        Settings { max_packet: 4096, idle_secs: 60, client_certificate: None, id_scope: "0ne1".into(), max_keep_alive_secs: 300 }
     }
 
     fn token() -> String {
@@ -302,6 +310,12 @@ mod tests {
         let Packet::Publish(r) = &out[3] else { panic!("{:?}", out[3]) };
         assert_eq!((r.topic.as_str(), r.qos, r.pkid), ("$dps/registrations/res/200/?$rid=7", QoS::AtLeastOnce, 1));
         assert_eq!(s.read_timeout_secs(), 90, "1.5 x keep-alive");
+        assert!(s.connected());
+        // A keep-alive above the cap is held to it (regression: up to ~27 h was trusted).
+        let mut s = Session::new(settings());
+        s.receive(&connect("dev-1", Some((USER, &token())), u16::MAX));
+        assert_eq!(s.poll(), Ok(None));
+        assert_eq!(s.read_timeout_secs(), 450);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use dps_core::mqtt_session::{Event, Session, Settings};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let mut s = Session::new(Settings { max_packet: 4096, idle_secs: 60, client_certificate: None, id_scope: "0ne1".into() });
+    let mut s = Session::new(Settings { max_packet: 4096, idle_secs: 60, client_certificate: None, id_scope: "0ne1".into(), max_keep_alive_secs: 300 });
     let (a, b) = data.split_at(data.len() / 2);
     for piece in [a, b] {
         s.receive(piece);

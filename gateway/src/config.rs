@@ -160,6 +160,11 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     /// Seconds allowed for a TLS handshake.
     pub handshake_timeout_secs: u64,
+    /// After the TLS handshake, a device must be logged in within this (MQTT: CONNECT
+    /// accepted; AMQP: SASL done and the connection open), however it trickles its bytes.
+    pub login_timeout_secs: u64,
+    /// The largest MQTT keep-alive honoured (s); the read deadline is 1.5 times it.
+    pub max_keep_alive_secs: u64,
     /// Registration states kept (DPS quota).
     pub max_registrations: u64,
     /// Device registrations per minute for the whole service (0 = unlimited, the default).
@@ -193,6 +198,8 @@ impl Default for Limits {
             max_connections_per_shard: 50_000,
             idle_timeout_secs: 60,
             handshake_timeout_secs: 10,
+            login_timeout_secs: 20,
+            max_keep_alive_secs: 300,
             max_registrations: 1_000_000,
             registrations_per_minute: 0,
             polls_per_device: 5,

@@ -117,6 +117,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
         limits: cfg.limits.clone(),
         shards: cfg.shards,
         boot: u32::from_be_bytes(service::random_bytes::<4>()),
+        shard_hash_key: (u64::from_be_bytes(service::random_bytes::<8>()), u64::from_be_bytes(service::random_bytes::<8>())),
     });
     let stop = Arc::new(AtomicBool::new(false));
     let ip: std::net::IpAddr = cfg.ports.bind.parse().map_err(|_| format!("ports.bind '{}' is not an IP address", cfg.ports.bind))?;

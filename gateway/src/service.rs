@@ -62,6 +62,8 @@ pub struct Service {
     pub shards: usize,
     /// Random per process start: the first part of every tracking id.
     pub boot: u32,
+    /// Random per process start: the key of the hash that assigns enrollments to shards.
+    pub shard_hash_key: (u64, u64),
 }
 
 impl Service {

@@ -603,3 +603,28 @@ fn a_pipelined_registration_is_answered_in_one_tls_record() {
     assert_eq!(kinds, ["CONNACK", "SUBACK", "PUBACK", "PUBLISH"]);
     assert_eq!(records_with_data, 1, "CONNACK, SUBACK, PUBACK and the response in one TLS record");
 }
+
+#[test]
+fn a_client_that_trickles_bytes_is_closed_at_the_login_deadline() {
+    use std::io::Write;
+    // Regression: each byte reset the read deadline, so a client sending one byte now and then
+    // held its connection (and a slot) forever without ever sending a whole CONNECT.
+    let mut cfg = test_config();
+    cfg.limits.login_timeout_secs = 2;
+    cfg.limits.idle_timeout_secs = 60;
+    let s = TestServer::start(cfg);
+    let mut c = MqttClient::open(s.ep.ports.mqtt, s.ep.ca_certificate.as_ref().unwrap());
+    // A CONNECT announcing 100 bytes, fed a byte every 300 ms.
+    c.write_raw(&[0x10, 100]);
+    let t = std::time::Instant::now();
+    let mut closed = false;
+    while t.elapsed() < std::time::Duration::from_secs(8) {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        if c.tls.write_all(&[0]).and_then(|_| c.tls.flush()).is_err() {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed || c.closed(), "still open after 8 s of trickling");
+    assert!(t.elapsed() < std::time::Duration::from_secs(6), "closed at the 2 s login deadline, not later: {:?}", t.elapsed());
+}

@@ -18,6 +18,7 @@ pub type Lookup = Result<Option<Record>, StoreCallError>;
 
 pub struct EnrollmentCache {
     mesh: Rc<ShardMesh>,
+    hash_key: (u64, u64),
     store: StoreService,
     entries: RefCell<HashMap<String, Option<Record>>>,
     /// Bumped by every invalidation of this partition; a store read that raced one is not cached.
@@ -26,19 +27,27 @@ pub struct EnrollmentCache {
     metrics: Rc<Metrics>,
 }
 
-/// The partition (mesh peer) that owns a registration key. SipHash with fixed keys, so every
-/// shard computes the same owner.
-pub fn owner_of(key: &str, peers: usize) -> usize {
+/// The partition (mesh peer) that owns a registration key: SipHash keyed with the instance's
+/// random `hash_key` (every shard of a process shares it, so they agree on the owner; a
+/// stranger cannot choose ids that all land on one shard, as with fixed keys).
+pub fn owner_of(key: &str, peers: usize, hash_key: (u64, u64)) -> usize {
     #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
+    let mut h = std::hash::SipHasher::new_with_keys(hash_key.0, hash_key.1);
     key.hash(&mut h);
     (h.finish() % peers.max(1) as u64) as usize
 }
 
 impl EnrollmentCache {
-    pub fn new(mesh: Rc<ShardMesh>, store: StoreService, max_entries: usize, metrics: Rc<Metrics>) -> EnrollmentCache {
+    pub fn new(
+        mesh: Rc<ShardMesh>,
+        hash_key: (u64, u64),
+        store: StoreService,
+        max_entries: usize,
+        metrics: Rc<Metrics>,
+    ) -> EnrollmentCache {
         EnrollmentCache {
             mesh,
+            hash_key,
             store,
             entries: RefCell::new(HashMap::new()),
             epoch: Cell::new(0),
@@ -53,7 +62,7 @@ impl EnrollmentCache {
 
     /// The individual enrollment record for a registration key (None: not enrolled).
     pub async fn get(&self, key: &str) -> Lookup {
-        let owner = owner_of(key, self.mesh.peers());
+        let owner = owner_of(key, self.mesh.peers(), self.hash_key);
         if owner == self.mesh.me() {
             return self.local_get(key).await;
         }
@@ -94,7 +103,7 @@ impl EnrollmentCache {
     pub async fn invalidate(&self, keys: Vec<String>) {
         let mut by_owner: HashMap<usize, Vec<String>> = HashMap::new();
         for k in keys {
-            by_owner.entry(owner_of(&k, self.mesh.peers())).or_default().push(k);
+            by_owner.entry(owner_of(&k, self.mesh.peers(), self.hash_key)).or_default().push(k);
         }
         for (owner, keys) in by_owner {
             if owner == self.mesh.me() {
@@ -114,11 +123,15 @@ mod tests {
     fn owners_spread_and_agree() {
         let mut counts = [0usize; 4];
         for i in 0..4000 {
-            let o = owner_of(&format!("dev-{i}"), 4);
-            assert_eq!(o, owner_of(&format!("dev-{i}"), 4));
+            let o = owner_of(&format!("dev-{i}"), 4, (1, 2));
+            assert_eq!(o, owner_of(&format!("dev-{i}"), 4, (1, 2)));
             counts[o] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
-        assert_eq!(owner_of("x", 1), 0);
+        assert_eq!(owner_of("x", 1, (1, 2)), 0);
+        // Regression: with fixed keys anyone could compute ids that all land on one shard;
+        // under another instance's key the same ids spread differently.
+        let moved = (0..1000).filter(|i| owner_of(&format!("dev-{i}"), 4, (1, 2)) != owner_of(&format!("dev-{i}"), 4, (3, 4))).count();
+        assert!(moved > 500, "{moved}");
     }
 }

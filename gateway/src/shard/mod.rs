@@ -187,7 +187,7 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     // cache weakly.
     let cache = Rc::new_cyclic(|cache| {
         let mesh = Mesh::start(mesh, serve_peers(cache.clone(), metrics.clone()));
-        EnrollmentCache::new(mesh, store, entries, metrics.clone())
+        EnrollmentCache::new(mesh, spec.svc.shard_hash_key, store, entries, metrics.clone())
     });
     let tracking = Rc::new(TrackingIds::new(spec.svc.boot, spec.id));
     let shard = Rc::new(Shard {

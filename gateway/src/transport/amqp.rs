@@ -33,6 +33,9 @@ pub async fn serve_amqp<S: ByteStream>(
         Err(e) => return End::Malformed(e),
     };
     let idle = Duration::from_secs(limits.idle_timeout_secs);
+    // An absolute deadline for SASL and open: the per-read deadline alone lets a client that
+    // sends a byte now and then hold the connection forever without ever logging in.
+    let login_deadline = Instant::now() + Duration::from_secs(limits.login_timeout_secs);
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
         let event = conn.poll();
@@ -46,7 +49,14 @@ pub async fn serve_amqp<S: ByteStream>(
             Err(Failure::Refused(r)) => return End::Refused(r),
         };
         match event {
-            None => match crate::transport::stream::read_before(s, &mut chunk, Instant::now() + idle, stop).await {
+            None => match crate::transport::stream::read_before(
+                s,
+                &mut chunk,
+                if conn.logged_in() { Instant::now() + idle } else { (Instant::now() + idle).min(login_deadline) },
+                stop,
+            )
+            .await
+            {
                 Ok(0) => return End::Closed,
                 Ok(n) => conn.receive(&chunk[..n]),
                 Err(i) => return End::from(i),

@@ -34,7 +34,11 @@ pub async fn serve_mqtt<S: ByteStream>(
         idle_secs: limits.idle_timeout_secs,
         client_certificate,
         id_scope: prov.id_scope().to_string(),
+        max_keep_alive_secs: limits.max_keep_alive_secs,
     };
+    // An absolute deadline for CONNECT: the per-read deadline alone lets a client that sends a
+    // byte now and then hold the connection forever without ever logging in.
+    let login_deadline = Instant::now() + Duration::from_secs(limits.login_timeout_secs);
     let mut session = Session::new(settings);
     let mut chunk = [0u8; 4096];
     loop {
@@ -64,7 +68,10 @@ pub async fn serve_mqtt<S: ByteStream>(
                 if !out.is_empty() && s.send(&out).await.is_err() {
                     return End::Closed;
                 }
-                let deadline = Instant::now() + Duration::from_secs(session.read_timeout_secs());
+                let mut deadline = Instant::now() + Duration::from_secs(session.read_timeout_secs());
+                if !session.connected() {
+                    deadline = deadline.min(login_deadline);
+                }
                 match read_before(s, &mut chunk, deadline, stop).await {
                     Ok(0) => return End::Closed,
                     Ok(n) => session.receive(&chunk[..n]),
