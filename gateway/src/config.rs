@@ -156,6 +156,11 @@ pub struct Limits {
     pub max_page_size: usize,
     /// Open connections per shard; further connections are closed at accept.
     pub max_connections_per_shard: usize,
+    /// Connections one source address may hold at once (each shard admits its share); 0 = no
+    /// limit. A factory line behind one NAT address goes into `source_allow_list`.
+    pub max_connections_per_source: usize,
+    /// Source addresses exempt from `max_connections_per_source` (e.g. a factory's NAT).
+    pub source_allow_list: Vec<std::net::IpAddr>,
     /// Seconds a connection may sit idle (or take to send a request head) before it is closed.
     pub idle_timeout_secs: u64,
     /// Seconds allowed for a TLS handshake.
@@ -196,6 +201,8 @@ impl Default for Limits {
             default_page_size: 100,
             max_page_size: 1_000,
             max_connections_per_shard: 50_000,
+            max_connections_per_source: 1_000,
+            source_allow_list: Vec::new(),
             idle_timeout_secs: 60,
             handshake_timeout_secs: 10,
             login_timeout_secs: 20,

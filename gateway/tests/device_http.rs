@@ -79,3 +79,63 @@ fn register_poll_and_lookup_over_https() {
     // The service API still answers on the same port.
     assert_eq!(s.send("GET", "/registrations/http-dev", None).status().as_u16(), 200);
 }
+
+#[test]
+fn one_source_address_cannot_take_every_slot() {
+    // Regression: connection slots were only capped per shard (50,000), shared by everybody:
+    // one host holding idle connections starved every other device and the operators. Now one
+    // source address holds at most `limits.max_connections_per_source`; the rest of its
+    // connections are closed at accept, and others are served.
+    let mut cfg = test_config();
+    cfg.linked_hubs.push(hub("hub-a.example"));
+    cfg.limits.max_connections_per_source = 200;
+    let s = TestServer::start(cfg);
+    let e = json!({"registrationId": "other-host", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}});
+    assert_eq!(s.send("PUT", "/enrollments/other-host", Some(e)).status().as_u16(), 200);
+    // 2,000 idle TCP connections from 127.0.0.1 on the MQTT and HTTPS ports.
+    let idle: Vec<std::net::TcpStream> = (0..2000)
+        .map(|i| {
+            let port = if i % 2 == 0 { s.ep.ports.mqtt } else { s.ep.ports.https };
+            std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let closed = idle
+        .iter()
+        .filter(|c| {
+            use std::io::Read;
+            // Closed by the server: end of stream; admitted and idle: the read times out.
+            c.set_read_timeout(Some(std::time::Duration::from_millis(20))).unwrap();
+            matches!((&**c).read(&mut [0u8; 1]), Ok(0))
+        })
+        .count();
+    assert!(closed >= 1_700, "only {closed} of 2,000 connections from one source were refused");
+    // A device on another address provisions, and the operators (a third address) are served.
+    let from = |ip: [u8; 4]| {
+        let ca = std::fs::read(s.ep.ca_certificate.as_ref().unwrap()).unwrap();
+        reqwest::blocking::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .local_address(std::net::IpAddr::from(ip))
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let device = from([127, 0, 0, 2]);
+    let base = format!("https://localhost:{}/{}/registrations/other-host", s.ep.ports.https, s.ep.id_scope);
+    let token = device_token(&s.ep.id_scope, "other-host", KEY);
+    let started = std::time::Instant::now();
+    let r = device.put(format!("{base}/register?api-version=2019-03-31")).header("Authorization", &token).body("{}").send().unwrap();
+    let (st, v) = status_json(r);
+    assert_eq!(st, 202, "{v}");
+    let op = v["operationId"].as_str().unwrap();
+    let r = device.get(format!("{base}/operations/{op}?api-version=2019-03-31")).header("Authorization", &token).send().unwrap();
+    let (st, v) = status_json(r);
+    assert_eq!((st, v["status"].as_str()), (200, Some("assigned")), "{v}");
+    println!("provisioned from 127.0.0.2 in {:?} (including the 1 s Retry-After)", started.elapsed());
+    let operator = from([127, 0, 0, 3]);
+    let url = format!("https://localhost:{}/enrollments/other-host?{API}", s.ep.ports.https);
+    assert_eq!(operator.get(url).header("Authorization", s.token()).send().unwrap().status().as_u16(), 200);
+    drop(idle);
+}

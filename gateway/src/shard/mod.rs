@@ -101,6 +101,41 @@ pub(crate) struct Shard {
     /// errors).
     pub tracking: Rc<TrackingIds>,
     conns: Cell<usize>,
+    /// Open connections by source address (only addresses under the per-source limit).
+    by_source: std::cell::RefCell<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl Shard {
+    /// Admits a connection from its source address under `limits.max_connections_per_source`
+    /// (this shard's share of it; SO_REUSEPORT spreads one source's connections over the
+    /// shards), and returns the address to release; None: refused.
+    fn admit_source(&self, stream: &TcpStream) -> Option<Option<std::net::IpAddr>> {
+        let limit = self.limits.max_connections_per_source;
+        let Ok(peer) = stream.peer_addr() else { return Some(None) };
+        let ip = peer.ip();
+        if limit == 0 || self.limits.source_allow_list.contains(&ip) {
+            return Some(None);
+        }
+        let share = limit.div_ceil(self.svc.shards.max(1));
+        let mut by = self.by_source.borrow_mut();
+        let n = by.entry(ip).or_default();
+        if *n >= share {
+            return None;
+        }
+        *n += 1;
+        Some(Some(ip))
+    }
+
+    fn release_source(&self, source: Option<std::net::IpAddr>) {
+        let Some(ip) = source else { return };
+        let mut by = self.by_source.borrow_mut();
+        if let Some(n) = by.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                by.remove(&ip);
+            }
+        }
+    }
 }
 
 /// What one shard asks another.
@@ -203,6 +238,7 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
         stop: spec.stop.clone(),
         limits: spec.svc.limits.clone(),
         conns: Cell::new(0),
+        by_source: Default::default(),
     });
     tracing::info!(shard = spec.id, https = ports.https, mqtt = ports.mqtt, amqp = ports.amqp, "shard serving");
     let a = glommio::spawn_local(accept_loop(https, Listener::Https, shard.clone()));
@@ -280,6 +316,11 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
             drop(stream);
             continue;
         }
+        let Some(source) = shard.admit_source(&stream) else {
+            shard.metrics.inc("dps_connections_refused_total", &[("shard", &shard.id.to_string()), ("reason", "per_source_limit")]);
+            drop(stream);
+            continue;
+        };
         shard.conns.set(shard.conns.get() + 1);
         let sid = shard.id.to_string();
         let listener = match kind {
@@ -292,6 +333,7 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             serve_tls(stream, kind, &shard).await;
+            shard.release_source(source);
             shard.conns.set(shard.conns.get() - 1);
             shard.metrics.add("dps_connections_open", &[("shard", &sid)], -1);
         })
