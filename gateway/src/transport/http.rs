@@ -81,19 +81,26 @@ pub enum ReadError {
 pub enum Parsed {
     /// A whole request, and how many bytes of the buffer it used.
     Complete(Request, usize),
-    /// More bytes are needed; `expect_continue` when the head asked for `100 Continue`.
-    NeedMore { expect_continue: bool },
+    /// More bytes are needed; `expect_continue` when the head asked for `100 Continue`;
+    /// `at_least`: the buffer length below which parsing again cannot complete the request.
+    NeedMore { expect_continue: bool, at_least: usize },
 }
+
+/// Chunks a chunked body may have: with it, and the `at_least` hint, reading a body sent in
+/// one-byte TLS records costs a bounded number of parses instead of one per byte.
+pub const MAX_CHUNKS: usize = 1024;
 
 /// Parses one request from the front of `buf` without consuming anything, so a read that is
 /// cancelled (idle timeouts, shutdown) never loses bytes. Pure: this is the fuzz target.
 pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Parsed, ReadError> {
+    #[cfg(test)]
+    tests::PARSES.with(|p| p.set(p.get() + 1));
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => return Err(ReadError::HeadTooLarge),
-        Ok(httparse::Status::Partial) => return Ok(Parsed::NeedMore { expect_continue: false }),
+        Ok(httparse::Status::Partial) => return Ok(Parsed::NeedMore { expect_continue: false, at_least: buf.len() + 1 }),
         Err(httparse::Error::TooManyHeaders) => return Err(ReadError::HeadTooLarge),
         Err(_) => return Err(ReadError::Malformed("invalid request head")),
     };
@@ -113,8 +120,8 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Parsed, ReadError> {
     let rest = &buf[head_len..];
     let (body, body_len) = if find("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked")) {
         match parse_chunked(rest, max_body)? {
-            Some(x) => x,
-            None => return Ok(Parsed::NeedMore { expect_continue }),
+            Ok(x) => x,
+            Err(need) => return Ok(Parsed::NeedMore { expect_continue, at_least: head_len + need }),
         }
     } else if let Some(len) = find("content-length") {
         let len: usize = len.parse().map_err(|_| ReadError::Malformed("invalid Content-Length"))?;
@@ -122,7 +129,7 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Parsed, ReadError> {
             return Err(ReadError::BodyTooLarge);
         }
         if rest.len() < len {
-            return Ok(Parsed::NeedMore { expect_continue });
+            return Ok(Parsed::NeedMore { expect_continue, at_least: head_len + len });
         }
         (rest[..len].to_vec(), len)
     } else {
@@ -132,9 +139,11 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Parsed, ReadError> {
     Ok(Parsed::Complete(request, head_len + body_len))
 }
 
-/// A chunked body at the front of `b`: the decoded body and the bytes it used, or None if
-/// incomplete.
-fn parse_chunked(b: &[u8], max_body: usize) -> Result<Option<(Vec<u8>, usize)>, ReadError> {
+/// A chunked body at the front of `b`: the decoded body and the bytes it used, or, when
+/// incomplete, the length `b` must reach before it can be complete.
+type ChunkedBody = Result<(Vec<u8>, usize), usize>;
+
+fn parse_chunked(b: &[u8], max_body: usize) -> Result<ChunkedBody, ReadError> {
     let mut body = Vec::new();
     let mut pos = 0;
     let line_at = |pos: usize| -> Result<Option<(&[u8], usize)>, ReadError> {
@@ -144,8 +153,8 @@ fn parse_chunked(b: &[u8], max_body: usize) -> Result<Option<(Vec<u8>, usize)>, 
             None => Ok(None),
         }
     };
-    loop {
-        let Some((line, next)) = line_at(pos)? else { return Ok(None) };
+    for _ in 0..=MAX_CHUNKS {
+        let Some((line, next)) = line_at(pos)? else { return Ok(Err(b.len() + 1)) };
         let text = std::str::from_utf8(line).map_err(|_| ReadError::Malformed("invalid chunk size"))?;
         let size = usize::from_str_radix(text.split(';').next().unwrap_or("").trim(), 16)
             .map_err(|_| ReadError::Malformed("invalid chunk size"))?;
@@ -156,15 +165,16 @@ fn parse_chunked(b: &[u8], max_body: usize) -> Result<Option<(Vec<u8>, usize)>, 
         if size == 0 {
             // Trailers, up to the empty line.
             loop {
-                let Some((line, next)) = line_at(pos)? else { return Ok(None) };
+                let Some((line, next)) = line_at(pos)? else { return Ok(Err(b.len() + 1)) };
                 pos = next;
                 if line.is_empty() {
-                    return Ok(Some((body, pos)));
+                    return Ok(Ok((body, pos)));
                 }
             }
         }
         if b.len() < pos + size + 2 {
-            return Ok(None);
+            // This chunk, its CRLF and at least the last chunk's `0\r\n\r\n` are still to come.
+            return Ok(Err(pos + size + 2 + 5));
         }
         body.extend_from_slice(&b[pos..pos + size]);
         if &b[pos + size..pos + size + 2] != b"\r\n" {
@@ -172,6 +182,7 @@ fn parse_chunked(b: &[u8], max_body: usize) -> Result<Option<(Vec<u8>, usize)>, 
         }
         pos += size + 2;
     }
+    Err(ReadError::Malformed("too many chunks"))
 }
 
 /// Reads one request. `buf` carries bytes already received (pipelining) between calls; it is
@@ -179,17 +190,43 @@ fn parse_chunked(b: &[u8], max_body: usize) -> Result<Option<(Vec<u8>, usize)>, 
 pub async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>, max_body: usize) -> Result<Request, ReadError> {
     let mut chunk = [0u8; 8192];
     let mut continued = false;
+    // Parse again only when it can complete: once the buffer reaches what the last parse said
+    // it needs, and, while the head is incomplete, once a new read brought its blank line.
+    // Re-parsing everything after each read made a client sending one-byte TLS records cost
+    // quadratic copying.
+    // Before the blank line, a partial head is parsed at doubling sizes (garbage is still
+    // refused at once, at linear total cost).
+    let mut at_least = 0usize;
+    let mut head_seen = false;
+    let mut scanned = 0usize;
+    let mut probe = 1usize;
     loop {
-        match parse_request(buf, max_body)? {
-            Parsed::Complete(req, used) => {
-                buf.drain(..used);
-                return Ok(req);
+        let mut parse = head_seen && buf.len() >= at_least;
+        if !head_seen {
+            let from = scanned.saturating_sub(3);
+            head_seen = buf[from..].windows(4).any(|w| w == b"\r\n\r\n") || buf[from..].windows(2).any(|w| w == b"\n\n");
+            scanned = buf.len();
+            if !head_seen && buf.len() > MAX_HEAD_BYTES {
+                return Err(ReadError::HeadTooLarge);
             }
-            Parsed::NeedMore { expect_continue } => {
-                if expect_continue && !continued {
-                    continued = true;
-                    s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.map_err(|_| ReadError::Io)?;
-                    s.flush().await.map_err(|_| ReadError::Io)?;
+            parse = head_seen || buf.len() >= probe;
+            if buf.len() >= probe {
+                probe = buf.len() * 2;
+            }
+        }
+        if parse {
+            match parse_request(buf, max_body)? {
+                Parsed::Complete(req, used) => {
+                    buf.drain(..used);
+                    return Ok(req);
+                }
+                Parsed::NeedMore { expect_continue, at_least: need } => {
+                    at_least = need;
+                    if expect_continue && !continued {
+                        continued = true;
+                        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.map_err(|_| ReadError::Io)?;
+                        s.flush().await.map_err(|_| ReadError::Io)?;
+                    }
                 }
             }
         }
@@ -257,6 +294,77 @@ mod tests {
     use super::*;
     use futures::executor::block_on;
     use futures::io::Cursor;
+
+    thread_local! {
+        /// Calls of `parse_request` on this thread.
+        pub static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A peer that sends one byte per read (one-byte TLS records).
+    struct Trickle(Vec<u8>, usize);
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            out: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = usize::from(self.1 < self.0.len() && !out.is_empty());
+            if n == 1 {
+                out[0] = self.0[self.1];
+                self.1 += 1;
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, b: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn one_byte_reads_cost_few_parses() {
+        // Regression: the whole buffer was parsed again after every read, so a request sent in
+        // one-byte TLS records cost a parse (and a copy of the body so far) per byte.
+        let body = vec![b'x'; 60_000];
+        let mut req =
+            format!("PUT /a HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\nContent-Length: {}\r\n\r\n", "p".repeat(8000), body.len()).into_bytes();
+        req.extend_from_slice(&body);
+        PARSES.with(|p| p.set(0));
+        let r = block_on(read_request(&mut Trickle(req, 0), &mut Vec::new(), 100_000)).unwrap();
+        assert_eq!(r.body.len(), 60_000);
+        let parses = PARSES.with(|p| p.get());
+        assert!(parses < 40, "{parses} parses for a 68 KB request read byte by byte");
+
+        // Chunked: 500 chunks of 100 bytes, read byte by byte.
+        let mut req = b"PUT /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..500 {
+            req.extend_from_slice(b"64\r\n");
+            req.extend_from_slice(&[b'y'; 100]);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        PARSES.with(|p| p.set(0));
+        let r = block_on(read_request(&mut Trickle(req, 0), &mut Vec::new(), 100_000)).unwrap();
+        assert_eq!(r.body.len(), 50_000);
+        let parses = PARSES.with(|p| p.get());
+        assert!(parses < 1_100, "{parses} parses for 500 chunks read byte by byte");
+        // Too many chunks is refused.
+        let mut req = b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..=MAX_CHUNKS {
+            req.extend_from_slice(b"1\r\nz\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        assert!(matches!(parse_request(&req, 100_000), Err(ReadError::Malformed("too many chunks"))));
+    }
 
     fn read(input: &[u8], max: usize) -> (Result<Request, ReadError>, Vec<u8>) {
         let mut c = Cursor::new(input.to_vec());
