@@ -62,3 +62,30 @@ impl Admission {
             .map_err(|wait| ServiceError::throttled("operation status polling limit exceeded", wait).because("device polling rate"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_full_poll_map_drops_refilled_buckets_not_active_ones() {
+        // Regression: at 100,000 buckets the map was cleared wholesale, resetting the limit of
+        // every device polling right then.
+        let limits = Limits { registrations_per_minute: 0.0, polls_per_device: 2, poll_window_secs: 10 };
+        let mut a = Admission::new(limits, 0);
+        for i in 0..MAX_POLL_BUCKETS - 1 {
+            a.take_poll(&format!("old-{i}"), 0).unwrap();
+        }
+        // One device spends its budget late, just before the map fills.
+        let late = 20 * SECOND;
+        a.take_poll("busy", late).unwrap();
+        a.take_poll("busy", late).unwrap();
+        assert!(a.take_poll("busy", late).is_err());
+        // A new device arrives: the old buckets have refilled and go; the busy one stays.
+        a.take_poll("new", late).unwrap();
+        assert!(a.polls.len() < 10, "{}", a.polls.len());
+        assert!(a.take_poll("busy", late).is_err(), "the busy device's limit survived");
+    }
+}
