@@ -55,11 +55,6 @@ pub struct Provisioning {
     shard: usize,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ServiceError> {
-    serde_json::from_slice(&r.body)
-        .map_err(|e| ServiceError::new(ErrorKind::Internal, "internal error").because(format!("stored record does not parse: {e}")))
-}
-
 impl Provisioning {
     pub fn new(svc: Arc<Service>, enrollments: Rc<EnrollmentCache>, metrics: Rc<Metrics>, tracking: Rc<TrackingIds>, shard: usize) -> Self {
         let l = &svc.limits;
@@ -119,13 +114,13 @@ impl Provisioning {
         let store = &self.svc.store;
         let enrollment = async {
             match needs.enrollment {
-                true => self.enrollments.get(&key).await?.map(|r| parse::<IndividualEnrollment>(&r)).transpose(),
+                true => self.enrollments.get(&key).await?.map(|r| r.parse::<IndividualEnrollment>()).transpose(),
                 false => Ok(None),
             }
         };
         let registration = async {
             match needs.registration {
-                true => store.get(Table::Registrations, &key).await?.map(|r| parse::<DeviceRegistrationState>(&r)).transpose(),
+                true => store.get(Table::Registrations, &key).await?.map(|r| r.parse::<DeviceRegistrationState>()).transpose(),
                 false => Ok(None),
             }
         };
@@ -139,7 +134,7 @@ impl Provisioning {
         let (enrollment, registration, snapshot): (Option<IndividualEnrollment>, Option<DeviceRegistrationState>, _) =
             (enrollment?, registration?, snapshot?);
         let facts = Facts { enrollment: enrollment.as_ref(), registration: registration.as_ref(), config: &snapshot };
-        let fresh = Fresh { etag: new_etag(), nonce: u64::from_be_bytes(random_bytes::<8>()) };
+        let fresh = || Fresh { etag: new_etag(), nonce: u64::from_be_bytes(random_bytes::<8>()) };
         let Decision { write, outcome } = self.registrar.borrow_mut().decide(pending, facts, now, mono_nanos(), fresh);
         if let Some(w) = write {
             self.commit(w).await?;
@@ -167,11 +162,11 @@ impl Provisioning {
             return Ok(c.clone());
         }
         let store = &self.svc.store;
-        let groups = store.scan(Table::Groups, "", None, usize::MAX).await?.iter().map(|(_, r)| parse(r)).collect::<Result<_, _>>()?;
-        let hubs = store.scan(Table::Hubs, "", None, usize::MAX).await?.iter().map(|(_, r)| parse(r)).collect::<Result<_, _>>()?;
+        let groups = store.scan(Table::Groups, "", None, usize::MAX).await?.iter().map(|(_, r)| r.parse()).collect::<Result<_, _>>()?;
+        let hubs = store.scan(Table::Hubs, "", None, usize::MAX).await?.iter().map(|(_, r)| r.parse()).collect::<Result<_, _>>()?;
         let mut verified_cas = std::collections::HashMap::new();
         for (_, r) in store.scan(Table::Certificates, "", None, usize::MAX).await? {
-            let ca: dps_core::ca::StoredCa = parse(&r)?;
+            let ca: dps_core::ca::StoredCa = r.parse()?;
             if ca.is_verified {
                 verified_cas.insert(ca.name.to_ascii_lowercase(), ca.der()?);
             }

@@ -51,6 +51,18 @@ pub struct Record {
     pub body: Vec<u8>,
 }
 
+impl Record {
+    /// The JSON body as `T`. The store holds only what the service wrote, so a body that does
+    /// not parse is an internal error (logged; the client is told only that much).
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, dps_core::error::ServiceError> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            tracing::error!(error = %e, "stored record does not parse");
+            dps_core::error::ServiceError::new(dps_core::error::ErrorKind::Internal, "a stored record could not be read")
+                .because(format!("stored record does not parse: {e}"))
+        })
+    }
+}
+
 /// A write's precondition on the current value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {

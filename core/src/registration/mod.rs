@@ -188,19 +188,29 @@ impl Registrar {
         Ok(Pending { key, needs, registration_id: req.registration_id, proof, step })
     }
 
-    /// Attests, spends the rate budgets, and decides.
-    pub fn decide(&mut self, p: Pending, facts: Facts<'_>, now: UtcTime, mono: u64, fresh: Fresh) -> Decision {
+    /// Attests, spends the rate budgets, and decides. `fresh` is called only when a new
+    /// registration state is made (a register that passed attestation), so polls, lookups and
+    /// refusals draw no randomness.
+    pub fn decide(&mut self, p: Pending, facts: Facts<'_>, now: UtcTime, mono: u64, fresh: impl FnOnce() -> Fresh) -> Decision {
         match self.try_decide(p, facts, now, mono, fresh) {
             Ok(d) => d,
             Err(e) => Decision::answer(Outcome::Refused(e)),
         }
     }
 
-    fn try_decide(&mut self, p: Pending, facts: Facts<'_>, now: UtcTime, mono: u64, fresh: Fresh) -> Result<Decision, ServiceError> {
+    fn try_decide(
+        &mut self,
+        p: Pending,
+        facts: Facts<'_>,
+        now: UtcTime,
+        mono: u64,
+        fresh: impl FnOnce() -> Fresh,
+    ) -> Result<Decision, ServiceError> {
         match p.step {
             Step::Register(reg) => {
                 let (matched, x509) = admitting(&p.proof, &p.registration_id, &facts, now)?;
                 self.admission.take_registration(mono)?;
+                let fresh = fresh();
                 let config = facts.config;
                 let mut state = state::next_state(state::StateInputs {
                     matched,

@@ -63,8 +63,11 @@ impl World {
         };
         assert_eq!(p.needs, Needs { enrollment: true, registration: true, config: true });
         let facts = Facts { enrollment: self.enrollments.get(&p.key), registration: self.states.get(&p.key), config: &self.config };
-        self.nonce += 1;
-        let fresh = Fresh { etag: format!("\"etag-{}\"", self.nonce), nonce: self.nonce };
+        let nonce = &mut self.nonce;
+        let fresh = || {
+            *nonce += 1;
+            Fresh { etag: format!("\"etag-{nonce}\""), nonce: *nonce }
+        };
         let d = self.reg.decide(p, facts, now, self.mono, fresh);
         if let Some(w) = d.write {
             self.states.insert(w.key.clone(), w.state.clone());

@@ -159,13 +159,18 @@ pub fn admitting<'a>(
         .collect();
     // The first presented certificate above the leaf that a group holds...
     let by_presence = chain[1..].iter().find_map(|c| candidates.iter().find(|(_, certs)| certs.contains(c)).map(|(g, _)| (*g, c.clone())));
-    // ...else the group whose certificate issued the last one sent.
-    let matched = by_presence.or_else(|| {
-        candidates.iter().find_map(|(g, certs)| certs.iter().find(|ca| verify_path(chain, ca, now).is_ok()).map(|ca| (*g, ca.clone())))
-    });
-    let Some((group, anchor)) = matched else {
-        return Err(ServiceError::unauthorized("no enrollment holds a certificate of the presented chain"));
+    let (group, anchor) = match by_presence {
+        // The path from the leaf to it must still validate.
+        Some((group, anchor)) => {
+            verify_path(chain, &anchor, now)?;
+            (group, anchor)
+        }
+        // ...else the group whose certificate issued the last one sent: found by validating the
+        // path to it, so it is not validated twice.
+        None => candidates
+            .iter()
+            .find_map(|(g, certs)| certs.iter().find(|ca| verify_path(chain, ca, now).is_ok()).map(|ca| (*g, ca.clone())))
+            .ok_or_else(|| ServiceError::unauthorized("no enrollment holds a certificate of the presented chain"))?,
     };
-    verify_path(chain, &anchor, now)?;
     Ok(Admitted { matched: Matched::Group(group), result: result(chain, Some(&group.enrollment_group_id), Some(&anchor))? })
 }

@@ -122,7 +122,7 @@ impl World {
             Err(e) => return Outcome::Refused(e),
         };
         let facts = Facts { enrollment: self.enrollment.as_ref(), registration: self.state.as_ref(), config: &self.config };
-        let d = self.reg.decide(p, facts, now, 0, Fresh { etag: "\"e\"".into(), nonce: 1 });
+        let d = self.reg.decide(p, facts, now, 0, || Fresh { etag: "\"e\"".into(), nonce: 1 });
         if let Some(w) = d.write {
             self.state = Some(w.state);
         }

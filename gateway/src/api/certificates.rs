@@ -15,7 +15,7 @@ impl ServiceApi {
         let rows = self.svc.store.scan(Table::Certificates, "", None, usize::MAX).await?;
         let mut value = Vec::with_capacity(rows.len());
         for (_, r) in rows {
-            value.push(parse_stored::<StoredCa>(&r)?.response(&r.etag)?);
+            value.push(r.parse::<StoredCa>()?.response(&r.etag)?);
         }
         Ok(json(200, &serde_json::json!({ "value": value })))
     }

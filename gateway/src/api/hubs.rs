@@ -10,7 +10,7 @@ impl ServiceApi {
         let rows = self.svc.store.scan(Table::Hubs, "", None, usize::MAX).await?;
         let mut hubs = Vec::with_capacity(rows.len());
         for (_, r) in rows {
-            hubs.push(parse_stored::<LinkedHub>(&r)?.redacted());
+            hubs.push(r.parse::<LinkedHub>()?.redacted());
         }
         Ok(json(200, &hubs))
     }

@@ -77,13 +77,6 @@ fn txn_error(e: TxnError, table: Table, id: &str) -> ServiceError {
     }
 }
 
-fn parse_stored<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ServiceError> {
-    serde_json::from_slice(&r.body).map_err(|e| {
-        tracing::error!(error = %e, "stored record does not parse");
-        ServiceError::new(ErrorKind::Internal, "a stored record could not be read")
-    })
-}
-
 fn table_of(c: Collection) -> Table {
     match c {
         Collection::Enrollments => Table::Enrollments,
@@ -220,7 +213,7 @@ impl ServiceApi {
         match self.svc.store.get(table, &id_key(id)).await? {
             None => Ok(None),
             Some(r) => {
-                let v = parse_stored(&r)?;
+                let v = r.parse()?;
                 Ok(Some((r, v)))
             }
         }

@@ -58,9 +58,9 @@ impl ServiceApi {
         let mut items = Vec::with_capacity(rows.len());
         for (_, r) in &rows {
             let v = if table == Table::Enrollments {
-                serde_json::to_value(enrollment_view(parse_stored(r)?))
+                serde_json::to_value(enrollment_view(r.parse()?))
             } else {
-                serde_json::to_value(group_view(parse_stored(r)?))
+                serde_json::to_value(group_view(r.parse()?))
             };
             items.push(v.map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?);
         }

@@ -31,7 +31,7 @@ impl ServiceApi {
         for (k, _) in rows {
             let Some(reg_key) = k.strip_prefix(&prefix).map(str::to_string) else { continue };
             if let Some(r) = self.svc.store.get(Table::Registrations, &reg_key).await? {
-                let state: DeviceRegistrationState = parse_stored(&r)?;
+                let state: DeviceRegistrationState = r.parse()?;
                 items.push(
                     serde_json::to_value(registration_view(state))
                         .map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?,
