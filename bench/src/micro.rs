@@ -55,6 +55,7 @@ impl HotPath {
                 state,
                 symmetric_key: Some(dps_core::device::SymmetricKeyResult { enrollment_group_id: Some("bench".into()) }),
                 x509: None,
+                tpm: None,
             }),
         };
         let dir = tempfile::tempdir()?;

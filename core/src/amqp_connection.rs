@@ -54,6 +54,9 @@ pub enum Event {
     /// The TPM mechanism's keys: answer with [`Connection::tpm_challenge`] (the
     /// authenticationKey blob) or [`Connection::refuse`].
     TpmKeys { endorsement_key: Vec<u8>, storage_root_key: Vec<u8> },
+    /// The TPM mechanism's last response, a SAS token signed with the challenge's key: check
+    /// it and answer with [`Connection::tpm_admit`] or [`Connection::refuse`].
+    TpmAnswer { token: String },
     /// The device closed the connection; our close is in the output.
     Closed,
 }
@@ -73,6 +76,7 @@ enum Phase {
     TpmWaitingForHost,
     TpmSegments { rest: Vec<Vec<u8>> },
     TpmToken,
+    TpmWaitingForVerdict,
     AmqpHeader,
     Open,
     Closed,
@@ -255,7 +259,7 @@ impl Connection {
         loop {
             match &mut self.phase {
                 Phase::Failed(f) => return Err(f.clone()),
-                Phase::Closed | Phase::TpmWaitingForHost => return Ok(None),
+                Phase::Closed | Phase::TpmWaitingForHost | Phase::TpmWaitingForVerdict => return Ok(None),
                 Phase::Header => {
                     let Some(h) = self.take_header() else { return Ok(None) };
                     if h == amqp::SASL_HEADER {
@@ -317,8 +321,8 @@ impl Connection {
                                 self.write_sasl(reply::sasl_outcome(false))?;
                                 return self.fail(Failure::Refused("SASL TPM: unknown ID scope"));
                             }
-                            self.identity =
-                                Some(Identity { id_scope, registration_id, credential: Credential::TpmSasToken(String::new()) });
+                            // The credential is set once the host has checked the answer.
+                            self.identity = Some(Identity { id_scope, registration_id, credential: Credential::None });
                             self.write_sasl(reply::sasl_challenge(&[0]))?;
                             self.phase = Phase::TpmSrk { ek };
                         }
@@ -368,11 +372,10 @@ impl Connection {
                         Ok(r) if r.len() > 1 && r[0] == 0 => String::from_utf8(r[1..].to_vec()).ok(),
                         _ => None,
                     };
-                    match (token, self.identity.as_mut()) {
-                        (Some(t), Some(id)) if crate::sas::parse(&t).is_ok() => {
-                            id.credential = Credential::TpmSasToken(t);
-                            self.write_sasl(reply::sasl_outcome(true))?;
-                            self.phase = Phase::AmqpHeader;
+                    match token {
+                        Some(token) if crate::sas::parse(&token).is_ok() => {
+                            self.phase = Phase::TpmWaitingForVerdict;
+                            return Ok(Some(Event::TpmAnswer { token }));
                         }
                         _ => {
                             self.write_sasl(reply::sasl_outcome(false))?;
@@ -593,6 +596,17 @@ impl Connection {
             self.write_sasl(reply::sasl_challenge(&first))?;
         }
         self.phase = if rest.is_empty() { Phase::TpmToken } else { Phase::TpmSegments { rest } };
+        Ok(())
+    }
+
+    /// The host checked the TPM answer: the device is in, with this credential.
+    pub fn tpm_admit(&mut self, credential: Credential) -> Result<(), Failure> {
+        let (Phase::TpmWaitingForVerdict, Some(id)) = (&self.phase, self.identity.as_mut()) else {
+            return self.fail(Failure::Malformed("TPM verdict outside the TPM exchange".into()));
+        };
+        id.credential = credential;
+        self.write_sasl(reply::sasl_outcome(true))?;
+        self.phase = Phase::AmqpHeader;
         Ok(())
     }
 
@@ -873,8 +887,31 @@ mod tests {
         last.extend_from_slice(token().as_bytes());
         c.receive(&sasl_response(&last));
         c.receive(&amqp::AMQP_HEADER);
+        assert_eq!(c.poll(), Ok(Some(Event::TpmAnswer { token: token() })));
+        assert_eq!(c.poll(), Ok(None), "nothing goes on until the host has checked the answer");
+        assert!(c.take_output().is_empty(), "no SASL outcome before the verdict");
+        let credential = Credential::Tpm(Box::new(crate::request::TpmCredential {
+            endorsement_key: vec![1, 0, 2, 0],
+            storage_root_key: vec![9, 9, 9],
+            answer: None,
+        }));
+        c.tpm_admit(credential.clone()).unwrap();
         assert_eq!(c.poll(), Ok(None));
-        assert_eq!(c.identity().map(|i| i.credential.clone()), Some(Credential::TpmSasToken(token())));
+        assert_eq!(c.identity().map(|i| i.credential.clone()), Some(credential));
+        assert!(c.take_output().starts_with(&[0, 0, 0]), "the outcome and the AMQP header went out");
+
+        // A refused answer gets the `auth` outcome.
+        let mut c = Connection::new(settings(false)).unwrap();
+        c.receive(&amqp::SASL_HEADER);
+        c.receive(&sasl_init("TPM", &init));
+        c.receive(&sasl_response(&[0, 9]));
+        assert!(matches!(c.poll(), Ok(Some(Event::TpmKeys { .. }))));
+        c.tpm_challenge(&[1, 2, 3]).unwrap();
+        c.receive(&sasl_response(&last));
+        assert!(matches!(c.poll(), Ok(Some(Event::TpmAnswer { .. }))));
+        c.take_output();
+        assert_eq!(c.refuse("bad signature"), Err(Failure::Refused("bad signature")));
+        assert!(!c.take_output().is_empty(), "the auth outcome");
 
         // A blob needing five segments cannot be sent (two bits of sequence number).
         let mut c = Connection::new(settings(false)).unwrap();

@@ -107,6 +107,15 @@ pub struct DeviceRegistrationResult {
     pub symmetric_key: Option<SymmetricKeyResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub x509: Option<crate::model::X509RegistrationResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmRegistrationResult>,
+}
+
+/// `tpm` member of a result: the `authenticationKey` that carries the device's hub key.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmRegistrationResult {
+    pub authentication_key: String,
 }
 
 /// `RegistrationOperationStatus`.

@@ -296,6 +296,10 @@ pub struct DeviceRegistrationState {
     /// member of the service API's registration state, never serialised there).
     #[serde(default, rename = "_x509", skip_serializing_if = "Option::is_none")]
     pub x509: Option<X509RegistrationResult>,
+    /// For a TPM device, the key its tokens are signed with and what the device API reports
+    /// (not a DPS member, never serialised to clients; sealed at rest like every record).
+    #[serde(default, rename = "_tpm", skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmRegistrationSecret>,
 }
 
 impl DeviceRegistrationState {
@@ -304,7 +308,26 @@ impl DeviceRegistrationState {
         self.enrollment_group_id = None;
         self.operation_id = None;
         self.x509 = None;
+        self.tpm = None;
         self
+    }
+}
+
+/// What a TPM device's registration keeps: the identity key K it proved it imported (base64;
+/// polls and lookups are signed with it), the endorsement key it was issued for (base64
+/// TPM2B_PUBLIC), and the second `authenticationKey` the device API reports in
+/// `registrationState.tpm` once the device is assigned (the SDKs import it as their hub key).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmRegistrationSecret {
+    pub hmac_key: String,
+    pub endorsement_key: String,
+    pub authentication_key: String,
+}
+
+impl std::fmt::Debug for TpmRegistrationSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpmRegistrationSecret").finish_non_exhaustive()
     }
 }
 

@@ -14,12 +14,22 @@ pub type CertChain = Arc<Vec<Vec<u8>>>;
 pub enum Credential {
     /// A SAS token (MQTT password, SASL PLAIN password, HTTP `Authorization`).
     SasToken(String),
-    /// The SAS token of the TPM mechanism's last step, signed with the key from the challenge.
-    TpmSasToken(String),
+    /// The TPM mechanism of AMQP's SASL layer: the device's keys and, once it answered the
+    /// challenge the connection sent, what it signed.
+    Tpm(Box<TpmCredential>),
     /// No token: the TLS client certificate chain the handshake carried.
     ClientCertificate(CertChain),
     /// Nothing at all (an HTTP request without `Authorization`).
     None,
+}
+
+/// A TPM device's endorsement key and storage root key (TPM2B_PUBLIC bytes as sent) and, when
+/// it has answered, its SAS token with the challenge it answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmCredential {
+    pub endorsement_key: Vec<u8>,
+    pub storage_root_key: Vec<u8>,
+    pub answer: Option<(String, crate::tpm::book::Issued)>,
 }
 
 /// The three device operations (docs/device-protocol.md §3.4, §4.7, §5).

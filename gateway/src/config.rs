@@ -185,6 +185,10 @@ pub struct Limits {
     pub hub_latency_port: u16,
     /// Individual enrollments (and absences) each shard's cache partition holds.
     pub enrollment_cache_entries: usize,
+    /// TPM challenges issued over HTTPS and not yet answered, service-wide (each shard holds
+    /// its share; one per registration id at most, each valid 5 minutes). When full, new
+    /// challenges are refused with 503 and a retry-after until older ones expire.
+    pub max_tpm_challenges: usize,
 }
 
 impl Default for Limits {
@@ -215,6 +219,7 @@ impl Default for Limits {
             hub_latency_refresh_secs: 60,
             hub_latency_port: 443,
             enrollment_cache_entries: 200_000,
+            max_tpm_challenges: 100_000,
         }
     }
 }

@@ -12,8 +12,12 @@ use dps_core::error::{ErrorKind, ServiceError};
 use dps_core::ids::printable;
 use dps_core::model::*;
 use dps_core::registration::admission::Limits;
-use dps_core::registration::{quota_exhausted, Decision, Facts, Fresh, Outcome, Registrar, RegistrationWrite, Reply, Settings, Snapshot};
+use dps_core::registration::{
+    quota_exhausted, Decision, Entropy, Facts, Fresh, Outcome, Registrar, RegistrationWrite, Reply, Settings, Snapshot,
+};
 use dps_core::request::{Credential, DeviceRequest, Operation};
+use dps_core::tpm::book::Issued;
+use dps_core::tpm::challenge::Secrets;
 use dps_core::tracking::TrackingIds;
 use dps_storage::{Expect, Op, Record, Table, Txn, TxnError};
 use std::cell::RefCell;
@@ -42,6 +46,31 @@ impl Via {
         }
     }
 }
+
+/// The system's random source, drawn from only when the machine needs it.
+struct SystemEntropy;
+
+impl Entropy for SystemEntropy {
+    fn fresh(&mut self) -> Fresh {
+        Fresh { etag: new_etag(), nonce: u64::from_be_bytes(random_bytes::<8>()) }
+    }
+    fn tpm_secrets(&mut self) -> Secrets {
+        let b: [u8; 208] = random_bytes();
+        let take = |at: usize| -> [u8; 32] { std::array::from_fn(|i| b[at + i]) };
+        Secrets {
+            hmac_key: take(0),
+            obfuscation: take(32),
+            inner_wrap_key: std::array::from_fn(|i| b[192 + i]),
+            dup_seed: take(64),
+            dup_oaep_seed: take(96),
+            cred_seed: take(128),
+            cred_oaep_seed: take(160),
+        }
+    }
+}
+
+/// Seconds a device waits when the TPM challenge book is full.
+const CHALLENGES_FULL_RETRY_SECS: u64 = 5;
 
 pub struct Provisioning {
     svc: Arc<Service>,
@@ -81,13 +110,26 @@ impl Provisioning {
         let operation = req.operation.name();
         let registration_id = printable(&req.registration_id);
         let http_register = via == Via::Https && matches!(req.operation, Operation::Register { .. });
-        let attestation = match &req.credential {
-            Credential::ClientCertificate(_) => "x509",
-            Credential::TpmSasToken(_) => "tpm",
-            Credential::SasToken(_) | Credential::None => "symmetricKey",
+        let attestation = match (&req.credential, &req.operation) {
+            (Credential::ClientCertificate(_), _) => "x509",
+            (Credential::Tpm(_), _) => "tpm",
+            // HTTPS TPM devices name their keys in the register body.
+            (_, Operation::Register { body }) if body.windows(5).any(|w| w == b"\"tpm\"") => "tpm",
+            (Credential::SasToken(_) | Credential::None, _) => "symmetricKey",
         };
         let now = utc_now();
+        let key = dps_core::ids::id_key(&req.registration_id);
         let outcome = match self.decide(req, now).await {
+            // HTTPS devices answer the challenge with their next request: its owner keeps it.
+            Ok(Outcome::Challenge { authentication_key, issued }) => {
+                match self.enrollments.remember_challenge(&key, issued.clone(), now.unix_secs()).await {
+                    Ok(()) => Outcome::Challenge { authentication_key, issued },
+                    Err(_) => Outcome::Refused(
+                        ServiceError::new(ErrorKind::Unavailable, "too many TPM challenges outstanding")
+                            .retry_after(CHALLENGES_FULL_RETRY_SECS),
+                    ),
+                }
+            }
             Ok(o) => o,
             Err(e) => Outcome::Refused(e),
         };
@@ -99,6 +141,37 @@ impl Provisioning {
         } else {
             outcome.reply(&tracking, now)
         }
+    }
+
+    /// The AMQP SASL layer's TPM challenge for a device's keys: the blob to send and the
+    /// challenge the connection keeps until the device answers. Any keys that parse are
+    /// challenged; whether an enrollment admits the EK is decided when the register message
+    /// arrives, and refused there with a Rejected outcome and the DPS error, as for a wrong
+    /// symmetric key. A SASL `auth` outcome would leave Node's AMQP client hanging ("write after
+    /// end", no callback), never failing.
+    pub fn tpm_challenge(
+        &self,
+        registration_id: &str,
+        endorsement_key: &[u8],
+        storage_root_key: &[u8],
+        via: Via,
+    ) -> Result<(Vec<u8>, Issued), ServiceError> {
+        let made = dps_core::registration::tpm::check_keys(endorsement_key, storage_root_key).and_then(|()| {
+            dps_core::registration::tpm::challenge(endorsement_key, storage_root_key, SystemEntropy.tpm_secrets(), utc_now())
+        });
+        let outcome = match &made {
+            Ok((authentication_key, issued)) => {
+                Outcome::Challenge { authentication_key: authentication_key.clone(), issued: issued.clone() }
+            }
+            Err(e) => Outcome::Refused(e.clone()),
+        };
+        self.record(&outcome, "register", &printable(registration_id), via, "tpm");
+        made
+    }
+
+    /// Logs and counts a TPM answer the AMQP SASL layer refused.
+    pub fn refused_tpm_answer(&self, error: ServiceError, registration_id: &str, via: Via) {
+        self.record(&Outcome::Refused(error), "register", &printable(registration_id), via, "tpm");
     }
 
     /// Answers a request the transport could not even parse (logged like any refusal).
@@ -130,12 +203,22 @@ impl Provisioning {
                 false => Ok(Rc::new(Snapshot::default())),
             }
         };
-        let (enrollment, registration, snapshot) = futures::join!(enrollment, registration, snapshot);
+        let challenge = async {
+            match needs.challenge {
+                true => self.enrollments.take_challenge(&key, now.unix_secs()).await,
+                false => None,
+            }
+        };
+        let (enrollment, registration, snapshot, challenge) = futures::join!(enrollment, registration, snapshot, challenge);
         let (enrollment, registration, snapshot): (Option<IndividualEnrollment>, Option<DeviceRegistrationState>, _) =
             (enrollment?, registration?, snapshot?);
-        let facts = Facts { enrollment: enrollment.as_ref(), registration: registration.as_ref(), config: &snapshot };
-        let fresh = || Fresh { etag: new_etag(), nonce: u64::from_be_bytes(random_bytes::<8>()) };
-        let Decision { write, outcome } = self.registrar.borrow_mut().decide(pending, facts, now, mono_nanos(), fresh);
+        let facts = Facts {
+            enrollment: enrollment.as_ref(),
+            registration: registration.as_ref(),
+            config: &snapshot,
+            challenge: challenge.as_ref(),
+        };
+        let Decision { write, outcome } = self.registrar.borrow_mut().decide(pending, facts, now, mono_nanos(), &mut SystemEntropy);
         if let Some(w) = write {
             self.commit(w).await?;
         }
@@ -202,6 +285,10 @@ impl Provisioning {
                 }
                 tracing::info!(target: "device_operations", shard = self.shard, protocol = via.name(), operation, registration_id,
                     registration_status = state.status.as_str(), hub = state.assigned_hub.as_deref().unwrap_or(""), "registered");
+            }
+            Outcome::Challenge { .. } => {
+                self.metrics.inc("dps_tpm_challenges_total", &[protocol]);
+                tracing::info!(target: "device_operations", shard = self.shard, protocol = via.name(), operation, registration_id, status = 401u16, "challenged");
             }
             Outcome::Operation { .. } | Outcome::Registration { .. } => {
                 tracing::info!(target: "device_operations", shard = self.shard, protocol = via.name(), operation, registration_id, status = 200u16, "ok");

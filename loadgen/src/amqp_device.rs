@@ -23,6 +23,9 @@ pub struct AmqpDevice<'a> {
     pub token: Option<String>,
     /// The max-frame-size announced in `open`.
     pub max_frame: u32,
+    /// A TPM device: its TPM, and the encoded resource and expiry its token signs. SASL runs
+    /// the `TPM` mechanism before the AMQP client opens the connection.
+    pub tpm: Option<(&'a crate::tpm_device::TpmHandle, (String, i64))>,
 }
 
 fn request(operation: &str, operation_id: Option<&str>, rid: u64, body: &str) -> Message<Data> {
@@ -47,13 +50,18 @@ fn rejected(description: Option<&str>) -> Failure {
 }
 
 impl AmqpDevice<'_> {
-    pub async fn provision<Io>(&self, stream: Io) -> Result<(), Failure>
+    pub async fn provision<Io>(&self, mut stream: Io) -> Result<(), Failure>
     where
         Io: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
     {
         let user = format!("{}/registrations/{}", self.id_scope, self.registration_id);
         let builder =
             Connection::builder().container_id(self.registration_id).scheme("amqp").hostname(self.host).max_frame_size(self.max_frame);
+        if let Some((tpm, (sr, se))) = &self.tpm {
+            let to_sign = format!("{sr}\n{se}");
+            let token_for = |sig: &[u8]| crate::device::tpm_token_of(sr, *se, sig);
+            crate::amqp_tpm::sasl_tpm(&mut stream, self.id_scope, self.registration_id, tpm, &to_sign, token_for).await?;
+        }
         let opened = match &self.token {
             Some(t) => {
                 builder.sasl_profile(SaslProfile::Plain { username: user.clone(), password: t.clone() }).open_with_stream(stream).await
@@ -90,7 +98,16 @@ impl AmqpDevice<'_> {
             };
             let v: serde_json::Value = serde_json::from_slice(&json).map_err(|_| Failure::Protocol)?;
             match v["status"].as_str() {
-                Some("assigned") => break Ok(()),
+                Some("assigned") => match &self.tpm {
+                    // The hub key the SDKs import from the assigned result.
+                    Some((tpm, _)) => {
+                        let key = v["registrationState"]["tpm"]["authenticationKey"].as_str().ok_or(Failure::Protocol)?;
+                        use base64::Engine;
+                        let blob = base64::engine::general_purpose::STANDARD.decode(key).map_err(|_| Failure::Protocol)?;
+                        break tpm.activate(blob).await.map_err(|_| Failure::Tpm);
+                    }
+                    None => break Ok(()),
+                },
                 Some("assigning" | "unassigned") if v["operationId"].is_string() && rid < 20 => {
                     let retry = delivery
                         .message()

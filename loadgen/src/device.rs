@@ -2,6 +2,8 @@
 
 use crate::endpoint::Endpoint;
 use crate::wire::{Plain, Wire, Ws};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use bytes::BytesMut;
 use mqttbytes::v4::{self, Connect, Login, Packet, PubAck, Publish, Subscribe};
 use mqttbytes::QoS;
@@ -68,6 +70,8 @@ pub enum Failure {
     /// A final answer other than `assigned`: `disabled`, `failed`, `unassigned` (or other).
     NotAssigned(&'static str),
     Timeout,
+    /// The device's TPM could not activate the challenge (not built for its keys, or tampered).
+    Tpm,
 }
 
 impl std::fmt::Display for Failure {
@@ -115,6 +119,8 @@ pub struct Session<'a> {
     pub seq: u32,
     /// The max-frame-size AMQP sessions announce.
     pub amqp_max_frame: u32,
+    /// A TPM device (HTTPS and AMQP): its TPM answers the service's challenge and signs.
+    pub tpm: Option<&'a crate::tpm_device::TpmHandle>,
 }
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
@@ -155,9 +161,23 @@ impl Session<'_> {
     }
 
     fn token(&self) -> Result<String, Failure> {
-        let se = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|_| Failure::Protocol)?.as_secs() as i64 + 3600;
+        let se = expiry()?;
         let resource = format!("{}/registrations/{}", self.ep.id_scope, self.registration_id);
         Ok(dps_core::sas::build(&resource, self.key, se, Some("registration")))
+    }
+
+    /// The TPM-signed token for a challenge: the string-to-sign goes to the TPM, which
+    /// activates the challenge and signs with the key it carried.
+    async fn tpm_token(&self, tpm: &crate::tpm_device::TpmHandle, challenge: Vec<u8>) -> Result<String, Failure> {
+        let (sr, se) = self.tpm_resource()?;
+        let signature = tpm.activate_and_sign(challenge, format!("{sr}\n{se}").into_bytes()).await.map_err(|_| Failure::Tpm)?;
+        Ok(tpm_token_of(&sr, se, &signature))
+    }
+
+    /// The encoded resource and expiry a TPM token signs.
+    fn tpm_resource(&self) -> Result<(String, i64), Failure> {
+        let resource = format!("{}/registrations/{}", self.ep.id_scope, self.registration_id);
+        Ok((dps_core::sas::encode_resource(&resource), expiry()?))
     }
 
     /// Handshake, close_notify, then wait for the server's close: one full TLS session and
@@ -223,8 +243,12 @@ impl Session<'_> {
             host: &self.ep.host,
             id_scope: &self.ep.id_scope,
             registration_id: self.registration_id,
-            token: if self.x509 { None } else { Some(self.token()?) },
+            token: if self.x509 || self.tpm.is_some() { None } else { Some(self.token()?) },
             max_frame: self.amqp_max_frame,
+            tpm: match self.tpm {
+                Some(t) => Some((t, self.tpm_resource()?)),
+                None => None,
+            },
         };
         dev.provision(stream).await
     }
@@ -291,23 +315,43 @@ impl Session<'_> {
             .pool_max_idle_per_host(0)
             .build()
             .map_err(|_| Failure::Tls)?;
-        let token = if self.x509 { String::new() } else { self.token()? };
-        let auth = |r: reqwest::RequestBuilder| if token.is_empty() { r } else { r.header("Authorization", &token) };
         let id = self.registration_id;
         let base = format!("https://{}:{}/{}/registrations/{id}", self.ep.host, self.ep.https_port, self.ep.id_scope);
-        let r = auth(http.put(format!("{base}/register?api-version=2019-03-31")))
-            .header("Content-Type", "application/json; charset=utf-8")
-            .body(format!("{{\"registrationId\":\"{id}\"}}"))
-            .send()
-            .await
-            .map_err(|_| Failure::Connect)?;
+        let register_body = match self.tpm {
+            Some(t) => serde_json::json!({"registrationId": id, "tpm": {
+                "endorsementKey": B64.encode(&t.endorsement_key), "storageRootKey": B64.encode(&t.storage_root_key)}}),
+            None => serde_json::json!({ "registrationId": id }),
+        }
+        .to_string();
+        let register = |token: &str| {
+            let r = http.put(format!("{base}/register?api-version=2019-03-31"));
+            let r = if token.is_empty() { r } else { r.header("Authorization", token) };
+            r.header("Content-Type", "application/json; charset=utf-8").body(register_body.clone()).send()
+        };
+        let token = match self.tpm {
+            // A TPM device first asks for its challenge (a 401 carrying it), then signs.
+            Some(tpm) => {
+                let r = register("").await.map_err(|_| Failure::Connect)?;
+                let status = r.status().as_u16();
+                let body: serde_json::Value = r.json().await.map_err(|_| Failure::Protocol)?;
+                let challenge = match (status, body["authenticationKey"].as_str()) {
+                    (401, Some(k)) => B64.decode(k).map_err(|_| Failure::Protocol)?,
+                    _ => return Err(status_failure(status, &body)),
+                };
+                self.tpm_token(tpm, challenge).await?
+            }
+            None if self.x509 => String::new(),
+            None => self.token()?,
+        };
+        let auth = |r: reqwest::RequestBuilder| if token.is_empty() { r } else { r.header("Authorization", &token) };
+        let r = register(&token).await.map_err(|_| Failure::Connect)?;
         let retry_of = |r: &reqwest::Response| r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(2u64);
         let mut status = r.status().as_u16();
         let mut retry = retry_of(&r);
         let mut body: serde_json::Value = r.json().await.map_err(|_| Failure::Protocol)?;
         loop {
             match (status, body["status"].as_str()) {
-                (200, Some("assigned")) => return Ok(()),
+                (200, Some("assigned")) => return self.tpm_assigned(&body).await,
                 (200, st) => return Err(not_assigned(st)),
                 (202, _) => {
                     tokio::time::sleep(Duration::from_secs(retry)).await;
@@ -324,6 +368,27 @@ impl Session<'_> {
             }
         }
     }
+}
+
+impl Session<'_> {
+    /// A TPM device imports the `authenticationKey` of its assigned result (its hub key), as
+    /// the SDKs do; one without it is a protocol failure.
+    async fn tpm_assigned(&self, result: &serde_json::Value) -> Result<(), Failure> {
+        let Some(tpm) = self.tpm else { return Ok(()) };
+        let key = result["registrationState"]["tpm"]["authenticationKey"].as_str().ok_or(Failure::Protocol)?;
+        tpm.activate(B64.decode(key).map_err(|_| Failure::Protocol)?).await.map_err(|_| Failure::Tpm)
+    }
+}
+
+/// Unix seconds an hour from now (the Node SDK's token lifetime).
+fn expiry() -> Result<i64, Failure> {
+    Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|_| Failure::Protocol)?.as_secs() as i64 + 3600)
+}
+
+/// `SharedAccessSignature sr=…&sig=…&se=…&skn=registration` around a TPM's HMAC.
+pub fn tpm_token_of(encoded_resource: &str, expiry: i64, signature: &[u8]) -> String {
+    let sig = dps_core::sas::encode_resource(&B64.encode(signature));
+    format!("SharedAccessSignature sr={encoded_resource}&sig={sig}&se={expiry}&skn=registration")
 }
 
 async fn read_packet<W: Wire>(w: &mut W, buf: &mut BytesMut) -> Result<Packet, Failure> {

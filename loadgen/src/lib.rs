@@ -3,13 +3,16 @@
 //! Mosquitto sessions). The `loadgen` binary is its command line.
 
 pub mod amqp_device;
+mod amqp_tpm;
 pub mod device;
 pub mod endpoint;
 pub mod identities;
 pub mod report;
 pub mod run;
 pub mod service;
+pub mod swtpm;
 pub mod tls;
+pub mod tpm_device;
 mod wire;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -35,13 +35,16 @@ pub struct Fleet {
     pub broker: Option<BrokerLogin>,
     /// The max-frame-size AMQP devices announce (AMQP's minimum is 512).
     pub amqp_max_frame: u32,
+    /// TPM devices: every device's challenge goes through this TPM (its EK is enrolled under
+    /// each registration id).
+    pub tpm: Option<crate::tpm_device::TpmHandle>,
 }
 
 impl Fleet {
     /// Devices of `ep` with a full-handshake TLS client trusting its CA and AMQP's default
     /// max-frame-size of 64 KiB.
     pub fn new(ep: Endpoint, ids: Identities) -> Result<Fleet, crate::BoxError> {
-        Ok(Fleet { tls: crate::tls::client_config(&ep.ca)?, ep, ids, broker: None, amqp_max_frame: 65_536 })
+        Ok(Fleet { tls: crate::tls::client_config(&ep.ca)?, ep, ids, broker: None, amqp_max_frame: 65_536, tpm: None })
     }
 }
 
@@ -96,6 +99,7 @@ async fn one(fleet: &Fleet, tls: Arc<rustls::ClientConfig>, plan: &Plan, i: usiz
         broker: fleet.broker.as_ref(),
         seq: i as u32,
         amqp_max_frame: fleet.amqp_max_frame,
+        tpm: fleet.tpm.as_ref(),
     };
     tokio::time::timeout(plan.timeout, s.run(plan.transport)).await.unwrap_or(Err(Failure::Timeout))
 }

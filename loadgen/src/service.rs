@@ -76,17 +76,32 @@ impl ServiceClient {
     /// Creates individual symmetric-key enrollments in bulk calls of `batch`; ones that already
     /// exist are left as they are.
     pub async fn create_individual(&self, devices: &[(String, Vec<u8>)], batch: usize) -> Result<usize, BoxError> {
+        let items: Vec<_> = devices
+            .iter()
+            .map(|(id, key)| {
+                let k = B64.encode(key);
+                serde_json::json!({"registrationId": id, "attestation": {"type": "symmetricKey",
+                    "symmetricKey": {"primaryKey": k, "secondaryKey": k}}})
+            })
+            .collect();
+        self.create_enrollments(items, batch).await
+    }
+
+    /// Creates individual TPM enrollments, every one naming this endorsement key (TPM2B_PUBLIC):
+    /// one TPM answers for the whole fleet.
+    pub async fn create_tpm_individual(&self, ids: &[String], endorsement_key: &[u8], batch: usize) -> Result<usize, BoxError> {
+        let ek = B64.encode(endorsement_key);
+        let items = ids
+            .iter()
+            .map(|id| serde_json::json!({"registrationId": id, "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}))
+            .collect();
+        self.create_enrollments(items, batch).await
+    }
+
+    async fn create_enrollments(&self, items: Vec<serde_json::Value>, batch: usize) -> Result<usize, BoxError> {
         let mut created = 0;
-        for chunk in devices.chunks(batch.max(1)) {
-            let items: Vec<_> = chunk
-                .iter()
-                .map(|(id, key)| {
-                    let k = B64.encode(key);
-                    serde_json::json!({"registrationId": id, "attestation": {"type": "symmetricKey",
-                        "symmetricKey": {"primaryKey": k, "secondaryKey": k}}})
-                })
-                .collect();
-            let body = serde_json::json!({"mode": "create", "enrollments": items}).to_string();
+        for chunk in items.chunks(batch.max(1)) {
+            let body = serde_json::json!({"mode": "create", "enrollments": chunk}).to_string();
             let (st, text) = self.call(reqwest::Method::POST, "/enrollments", Some(body)).await?;
             if st != 200 {
                 return Err(format!("bulk create: {st} {}", &text[..text.len().min(300)]).into());

@@ -1,13 +1,16 @@
 //! loadgen against a real gateway (in this process, real TLS on loopback): every transport and
 //! mode ends with every device assigned, and resumption really resumes (the gateway's metrics
-//! count the resumed handshakes).
+//! count the resumed handshakes), and TPM devices attest on a software TPM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use base64::Engine;
 use dps_loadgen::device::Transport;
 use dps_loadgen::endpoint::Endpoint;
 use dps_loadgen::identities::Identities;
 use dps_loadgen::run::{run, Fleet, Plan};
 use dps_loadgen::service::ServiceClient;
+use dps_loadgen::swtpm::SoftTpm;
+use dps_loadgen::tpm_device::TpmHandle;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -216,5 +219,116 @@ fn x509_devices_on_every_transport() {
     let r = rt.block_on(run(fleet, plan(Transport::Mqtt, 3))).unwrap();
     assert_eq!(r.assigned, 0);
     assert_eq!(r.errors.iter().find(|(k, _)| k.contains("401002")).map(|(_, v)| *v), Some(3), "{:?}", r.errors);
+    gw.shutdown().unwrap();
+}
+
+/// Identities for TPM devices: registration ids only (the TPM is the credential).
+fn tpm_ids(ids: &[String]) -> Identities {
+    Identities::Individual(ids.iter().map(|id| (id.clone(), Vec::new())).collect())
+}
+
+#[test]
+fn tpm_devices_on_a_software_tpm_over_https_and_amqp() {
+    // A real TPM (swtpm) through the TSS: the EK and SRK made with the SDKs' templates, every
+    // challenge activated, imported and signed inside it, and the assigned result's second
+    // authenticationKey imported as the SDKs do.
+    let dir = tempfile::tempdir().unwrap();
+    let gw = dps_gateway::start(config(false), dir.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
+    let service = ServiceClient::new(&ep).unwrap();
+    let (tpm, other) = (SoftTpm::start().unwrap(), SoftTpm::start().unwrap());
+    let (device, stranger) = (TpmHandle::open(&tpm.tcti()).unwrap(), TpmHandle::open(&other.tcti()).unwrap());
+    assert_eq!((device.endorsement_key.len(), device.storage_root_key.len()), (316, 284), "the SDK templates' sizes");
+    assert_ne!(device.endorsement_key, stranger.endorsement_key);
+    let ids: Vec<String> = (0..8).map(|i| format!("tpm-{i}")).collect();
+    assert_eq!(rt.block_on(service.create_tpm_individual(&ids, &device.endorsement_key, 10)).unwrap(), 8);
+    for (t, range) in [(Transport::Https, 0..3), (Transport::Amqp, 3..8)] {
+        let n = range.len();
+        let fleet = Fleet { tpm: Some(device.clone()), ..Fleet::new(ep.clone(), tpm_ids(&ids[range])).unwrap() };
+        let r = rt.block_on(run(Arc::new(fleet), plan(t, n))).unwrap();
+        assert_eq!((r.assigned, r.error_count()), (n as u64, 0), "{}: {:?}", t.name(), r.errors);
+    }
+    let (st, body) = rt.block_on(service.call(reqwest::Method::GET, "/registrations/tpm-0", None)).unwrap();
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("\"assigned\"") && !body.contains("_tpm") && !body.contains("hmacKey"), "{body}");
+    // Another TPM under the same registration ids: HTTPS gets no challenge (401002); over AMQP it
+    // proves its own keys in SASL and its register is rejected with 401002.
+    for t in [Transport::Https, Transport::Amqp] {
+        let fleet = Fleet { tpm: Some(stranger.clone()), ..Fleet::new(ep.clone(), tpm_ids(&ids[..2])).unwrap() };
+        let r = rt.block_on(run(Arc::new(fleet), plan(t, 2))).unwrap();
+        assert_eq!(r.assigned, 0);
+        assert_eq!(r.errors.get("status 401 errorCode 401002"), Some(&2), "{}: {:?}", t.name(), r.errors);
+    }
+    gw.shutdown().unwrap();
+}
+
+#[test]
+fn tpm_challenges_refuse_tampering_other_keys_and_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = dps_gateway::start(config(false), dir.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
+    let service = ServiceClient::new(&ep).unwrap();
+    let (tpm, other) = (SoftTpm::start().unwrap(), SoftTpm::start().unwrap());
+    let (device, stranger) = (TpmHandle::open(&tpm.tcti()).unwrap(), TpmHandle::open(&other.tcti()).unwrap());
+    let id = "tpm-neg";
+    rt.block_on(service.create_tpm_individual(&[id.to_string()], &device.endorsement_key, 10)).unwrap();
+    let tls = dps_loadgen::tls::client_config(&ep.ca).unwrap();
+    let addr = format!("127.0.0.1:{}", ep.https_port).parse().unwrap();
+    let http = reqwest::Client::builder().use_preconfigured_tls((*tls).clone()).resolve(&ep.host, addr).build().unwrap();
+    let url = format!("https://{}:{}/{}/registrations/{id}/register?api-version=2019-03-31", ep.host, ep.https_port, ep.id_scope);
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let put = |ek: &[u8], srk: &[u8], token: Option<&str>| {
+        let body = serde_json::json!({"registrationId": id, "tpm": {"endorsementKey": b64(ek), "storageRootKey": b64(srk)}}).to_string();
+        let mut r = http.put(&url).header("Content-Type", "application/json").body(body);
+        if let Some(t) = token {
+            r = r.header("Authorization", t);
+        }
+        rt.block_on(async {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        })
+    };
+    let challenge = |ek: &[u8], srk: &[u8]| {
+        let (st, v) = put(ek, srk, None);
+        assert_eq!(st, 401, "{v}");
+        assert_eq!(v["keyName"], "registration");
+        base64::engine::general_purpose::STANDARD.decode(v["authenticationKey"].as_str().unwrap()).unwrap()
+    };
+    let resource = dps_core::sas::encode_resource(&format!("{}/registrations/{id}", ep.id_scope));
+    let se = 4_000_000_000i64;
+    let to_sign = format!("{resource}\n{se}").into_bytes();
+    let sign = |blob: Vec<u8>| rt.block_on(device.activate_and_sign(blob, to_sign.clone()));
+    let (ek, srk) = (device.endorsement_key.clone(), device.storage_root_key.clone());
+
+    // A tampered blob: the TPM refuses it (credential, duplicate or identity public changed).
+    for at in [10, 400, 740] {
+        let mut blob = challenge(&ek, &srk);
+        blob[at] ^= 0x01;
+        assert!(sign(blob).is_err(), "a blob tampered at byte {at} was activated");
+    }
+    // A challenge built for another TPM's SRK cannot be imported by this TPM.
+    assert!(sign(challenge(&ek, &stranger.storage_root_key)).is_err());
+    // Another TPM's EK gets no challenge at all.
+    let (st, v) = put(&stranger.endorsement_key, &stranger.storage_root_key, None);
+    assert_eq!((st, v["errorCode"].as_u64()), (401, Some(401002)), "{v}");
+    assert!(v.get("authenticationKey").is_none());
+    // An EK that does not parse.
+    let (st, v) = put(&ek[..100], &srk, None);
+    assert_eq!((st, v["errorCode"].as_u64()), (400, Some(400004)), "{v}");
+
+    // The genuine device: challenge, sign, register (202); the same answer replayed is refused.
+    let signature = sign(challenge(&ek, &srk)).unwrap();
+    let token = dps_loadgen::device::tpm_token_of(&resource, se, &signature);
+    let (st, v) = put(&ek, &srk, Some(&token));
+    assert_eq!(st, 202, "{v}");
+    let (st, v) = put(&ek, &srk, Some(&token));
+    assert_eq!((st, v["errorCode"].as_u64()), (401, Some(401002)), "replayed: {v}");
+    // A token signed with a superseded challenge's key: the newer challenge replaced it.
+    let first = sign(challenge(&ek, &srk)).unwrap();
+    let _newer = challenge(&ek, &srk);
+    let (st, _) = put(&ek, &srk, Some(&dps_loadgen::device::tpm_token_of(&resource, se, &first)));
+    assert_eq!(st, 401);
     gw.shutdown().unwrap();
 }

@@ -129,3 +129,66 @@ for (const transport of ['mqtt', 'mqttws', 'amqp', 'amqpws', 'http']) {
     }
   });
 }
+
+// TPM: azure-iot-security-tpm talks to a software TPM (swtpm, started by
+// tests/tests/interop_device.rs; ports in DPS_SWTPM_PORTS) through tss.js's TCP device in its
+// "Linux TRM" framing, which swtpm's server port speaks. The client reads (or creates) the EK
+// and SRK, fetches the challenge (HTTP: a 401 with authenticationKey; AMQP: the SASL TPM
+// mechanism), activates it in the TPM, signs its token with the imported key, and imports the
+// second authenticationKey of the assigned result.
+const tss = require('tss.js');
+const { TpmSecurityClient } = require('azure-iot-security-tpm');
+const [tpmPort, otherTpmPort] = String(process.env.DPS_SWTPM_PORTS || '').split(',').map(Number);
+
+// swtpm serves one connection at a time: each test closes the ones it opened.
+let openTpms = [];
+function tpmSecurity(registrationId, port) {
+  const tpm = new tss.Tpm(false);
+  tpm.device = new tss.TpmTcpDevice('127.0.0.1', port, true);
+  openTpms.push(tpm);
+  return new TpmSecurityClient(registrationId, tpm);
+}
+function closeTpms() {
+  openTpms.forEach((t) => { try { t.close(); } catch (_) { /* already closed */ } });
+  openTpms = [];
+}
+
+function registerTpm(transport, security) {
+  const client = ProvisioningDeviceClient.create('localhost', scope, transports[transport](), security);
+  return new Promise((resolve, reject) => client.register((err, result) => (err ? reject(err) : resolve(result))));
+}
+
+const endorsementKey = (security) =>
+  new Promise((resolve, reject) => security.getEndorsementKey((err, ek) => (err ? reject(err) : resolve(ek))));
+
+for (const transport of ['http', 'amqp']) {
+  test(`${transport}: TPM individual enrollment is assigned; another TPM under its id is refused`, async (t) => {
+    t.after(closeTpms);
+    const id = `node-tpm-${transport}`;
+    const device = tpmSecurity(id, tpmPort);
+    const ek = await endorsementKey(device);
+    await service.createOrUpdateIndividualEnrollment({ registrationId: id,
+      attestation: { type: 'tpm', tpm: { endorsementKey: ek.toString('base64') } } });
+    // The TPM client answers with the whole operation result; it has already imported
+    // registrationState.tpm.authenticationKey (it fails without one).
+    const result = await registerTpm(transport, device);
+    assert.equal(result.status, 'assigned');
+    assert.equal(result.registrationState.assignedHub, hub);
+    assert.equal(result.registrationState.deviceId, id);
+    assert.equal(typeof result.registrationState.tpm.authenticationKey, 'string');
+    const state = body(await service.getDeviceRegistrationState(id));
+    assert.equal(state.status, 'assigned');
+
+    const other = tpmSecurity(id, otherTpmPort);
+    assert.notDeepEqual(await endorsementKey(other), ek, 'two TPMs, two endorsement keys');
+    // HTTP: the challenge request is refused with a plain 401 (no authenticationKey), which the
+    // SDK reports as a FormatError; AMQP: the other TPM proves its own keys in SASL, and its
+    // register is Rejected with the DPS error 401002. Either way nothing changes.
+    await assert.rejects(registerTpm(transport, other), (err) => {
+      const seen = String(err.name) + String(err.message) + (err.value ? JSON.stringify(err.value) : '') + JSON.stringify(err);
+      assert.match(seen, transport === 'http' ? /authentication blob/ : /401002|Unauthorized|unauthorized/);
+      return true;
+    });
+    assert.equal(body(await service.getDeviceRegistrationState(id)).etag, state.etag, 'the registration is untouched');
+  });
+}

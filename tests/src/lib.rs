@@ -5,6 +5,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub use dps_loadgen::swtpm::SoftTpm;
+
 /// Holds the lock on the well-known ports for as long as it lives.
 pub struct PortsLock {
     _file: File,

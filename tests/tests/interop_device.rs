@@ -3,7 +3,8 @@
 //! AMQP, AMQP-over-WebSockets and HTTP transports) provision individual and group enrollment devices
 //! against a real gateway on the ports the SDK hard-codes: symmetric keys on every transport, X.509
 //! (Python over MQTT and MQTT/WebSockets; Node `azure-iot-security-x509` over all five transports)
-//! for an individual enrollment, a group enrolled by an intermediate and one by a verified root.
+//! for an individual enrollment, a group enrolled by an intermediate and one by a verified root,
+//! and TPM (Node `azure-iot-security-tpm` on a software TPM, over HTTP and AMQP).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use dps_tests::*;
@@ -43,6 +44,8 @@ fn official_device_sdks_provision_devices() {
         .env("DPS_TRANSPORTS", "mqtt,websockets")
         .env("DPS_X509_DIR", certs.path())
         .env("REQUESTS_CA_BUNDLE", ep.ca_certificate.as_ref().unwrap()));
+    // Two software TPMs: the device's, and another one that tries its registration id.
+    let (tpm, other_tpm) = (SoftTpm::start().unwrap(), SoftTpm::start().unwrap());
     let node = run(Command::new("node")
         .arg("device_node.test.js")
         .current_dir(interop_dir())
@@ -50,10 +53,11 @@ fn official_device_sdks_provision_devices() {
         .env("DPS_SCOPE", &ep.id_scope)
         .env("DPS_HUB", "hub-a.example")
         .env("DPS_X509_DIR", certs.path())
+        .env("DPS_SWTPM_PORTS", format!("{},{}", tpm.port, other_tpm.port))
         .env("NODE_EXTRA_CA_CERTS", ep.ca_certificate.as_ref().unwrap()));
     running.shutdown().unwrap();
     assert!(node.status.success(), "Node device SDK interop failed");
-    assert!(String::from_utf8_lossy(&node.stdout).contains("# pass 27"), "all Node device tests ran");
+    assert!(String::from_utf8_lossy(&node.stdout).contains("# pass 29"), "all Node device tests ran");
     assert!(python.status.success(), "Python device SDK interop failed");
     assert!(String::from_utf8_lossy(&python.stdout).contains("9 passed"), "all Python device tests ran");
 }

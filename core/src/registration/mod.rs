@@ -19,20 +19,24 @@ mod outcome;
 pub mod state;
 #[cfg(test)]
 mod tests;
+pub mod tpm;
+#[cfg(test)]
+mod tpm_tests;
 pub mod x509;
 #[cfg(test)]
 mod x509_tests;
 
-pub use outcome::{Outcome, Reply};
+pub use outcome::{Outcome, Reply, TPM_KEY_NAME};
 pub use state::{Matched, NO_HUB_ERROR, UNSUPPORTED_POLICY_ERROR};
 
 use crate::device::{operation_id, operation_registration_key, parse_registration_body, DeviceRegistration};
 use crate::error::{ErrorKind, ServiceError};
 use crate::ids::{id_key, printable, validate_id};
 use crate::model::*;
-use crate::request::{device_resource, CertChain, Credential, DeviceRequest, Operation};
-use crate::sas::{self, SasToken};
+use crate::request::{CertChain, Credential, DeviceRequest, Operation};
+use crate::sas::SasToken;
 use crate::time::UtcTime;
+use crate::tpm::book::Issued;
 use admission::Admission;
 use std::collections::HashMap;
 
@@ -67,6 +71,8 @@ pub struct Needs {
     pub registration: bool,
     /// The [`Snapshot`] of groups and hubs.
     pub config: bool,
+    /// The TPM challenge issued to this registration id over HTTPS (taken: used once).
+    pub challenge: bool,
 }
 
 /// A request that passed the checks needing no stored data.
@@ -85,6 +91,16 @@ pub struct Pending {
 enum Proof {
     Token(SasToken),
     Certificate(CertChain),
+    Tpm(TpmProof),
+}
+
+/// A TPM device's keys and its answer, if it has answered: the token, with the challenge when
+/// the connection kept it (AMQP), or without (HTTPS: the host fetches it, [`Needs::challenge`]).
+#[derive(Debug)]
+struct TpmProof {
+    endorsement_key: Vec<u8>,
+    storage_root_key: Vec<u8>,
+    answer: Option<(SasToken, Option<Issued>)>,
 }
 
 #[derive(Debug)]
@@ -99,6 +115,8 @@ pub struct Facts<'a> {
     pub enrollment: Option<&'a IndividualEnrollment>,
     pub registration: Option<&'a DeviceRegistrationState>,
     pub config: &'a Snapshot,
+    /// The challenge the host took for [`Needs::challenge`].
+    pub challenge: Option<&'a Issued>,
 }
 
 /// Randomness for a new registration state: its etag and the operation id's nonce.
@@ -106,6 +124,15 @@ pub struct Facts<'a> {
 pub struct Fresh {
     pub etag: String,
     pub nonce: u64,
+}
+
+/// Where the machine's randomness comes from; each is drawn only when it is used (polls,
+/// lookups and refusals draw none).
+pub trait Entropy {
+    /// For a new registration state.
+    fn fresh(&mut self) -> Fresh;
+    /// For a TPM `authenticationKey`.
+    fn tpm_secrets(&mut self) -> crate::tpm::challenge::Secrets;
 }
 
 /// A registration state to store, create or replace (the store keeps its by-group index).
@@ -148,25 +175,45 @@ impl Registrar {
             return Err(ServiceError::unauthorized(format!("unknown ID scope '{}'", printable(&req.id_scope))));
         }
         validate_id("registrationId", &req.registration_id)?;
-        let proof = match req.credential {
-            Credential::SasToken(t) => {
-                let token = sas::parse(&t).map_err(|e| ServiceError::unauthorized(e.reason()))?;
-                token
-                    .check_scope(&device_resource(&req.id_scope, &req.registration_id), now.unix_secs())
-                    .map_err(|e| ServiceError::unauthorized(e.reason()))?;
-                Proof::Token(token)
+        // An HTTPS register with a `tpm` member is a TPM device's: without a token it asks for
+        // a challenge, with one it answers it.
+        let mut body = match &req.operation {
+            Operation::Register { body } => Some(parse_registration_body(body)),
+            Operation::OperationStatus { .. } | Operation::Lookup => None,
+        };
+        let tpm_keys = match body.as_ref().and_then(|b| b.as_ref().ok()).and_then(|b| b.tpm.as_ref()) {
+            Some(t) => Some(tpm::keys_from_body(t)?),
+            None => None,
+        };
+        let token = |t: &str| tpm::parse_token(t, &req.id_scope, &req.registration_id, now);
+        let proof = match (req.credential, tpm_keys) {
+            (Credential::Tpm(c), _) => {
+                let answer = match c.answer {
+                    Some((t, issued)) => Some((token(&t)?, Some(issued))),
+                    None => None,
+                };
+                Proof::Tpm(TpmProof { endorsement_key: c.endorsement_key, storage_root_key: c.storage_root_key, answer })
             }
-            Credential::ClientCertificate(chain) => {
+            (Credential::SasToken(t), Some((endorsement_key, storage_root_key))) => {
+                Proof::Tpm(TpmProof { endorsement_key, storage_root_key, answer: Some((token(&t)?, None)) })
+            }
+            (Credential::None, Some((endorsement_key, storage_root_key))) => {
+                Proof::Tpm(TpmProof { endorsement_key, storage_root_key, answer: None })
+            }
+            (Credential::SasToken(t), None) => Proof::Token(token(&t)?),
+            (Credential::ClientCertificate(chain), _) => {
                 x509::check_leaf(&chain, &req.registration_id)?;
                 Proof::Certificate(chain)
             }
-            Credential::TpmSasToken(_) => return Err(ServiceError::unauthorized("TPM attestation is not served yet")),
-            Credential::None => return Err(ServiceError::unauthorized("no SAS token")),
+            (Credential::None, None) => return Err(ServiceError::unauthorized("no SAS token")),
         };
+        if let Proof::Tpm(t) = &proof {
+            tpm::check_keys(&t.endorsement_key, &t.storage_root_key)?;
+        }
         let key = id_key(&req.registration_id);
         let step = match req.operation {
-            Operation::Register { body } => {
-                let reg = parse_registration_body(&body)?;
+            Operation::Register { .. } => {
+                let reg = body.take().unwrap_or_else(|| Ok(DeviceRegistration::default()))?;
                 if let Some(id) = reg.registration_id.as_deref().filter(|id| !id.eq_ignore_ascii_case(&req.registration_id)) {
                     return Err(ServiceError::invalid("registrationId in the body differs from the one the device authenticated as")
                         .because(format!("body names '{}'", printable(id))));
@@ -184,15 +231,14 @@ impl Registrar {
         };
         // Every operation attests against the enrollment list (a poller must still hold a key
         // that admits it), so each needs the enrollment, the state and the groups.
-        let needs = Needs { enrollment: true, registration: true, config: true };
+        let challenge = matches!((&proof, &step), (Proof::Tpm(TpmProof { answer: Some((_, None)), .. }), Step::Register(_)));
+        let needs = Needs { enrollment: true, registration: true, config: true, challenge };
         Ok(Pending { key, needs, registration_id: req.registration_id, proof, step })
     }
 
-    /// Attests, spends the rate budgets, and decides. `fresh` is called only when a new
-    /// registration state is made (a register that passed attestation), so polls, lookups and
-    /// refusals draw no randomness.
-    pub fn decide(&mut self, p: Pending, facts: Facts<'_>, now: UtcTime, mono: u64, fresh: impl FnOnce() -> Fresh) -> Decision {
-        match self.try_decide(p, facts, now, mono, fresh) {
+    /// Attests, spends the rate budgets, and decides.
+    pub fn decide(&mut self, p: Pending, facts: Facts<'_>, now: UtcTime, mono: u64, entropy: &mut impl Entropy) -> Decision {
+        match self.try_decide(p, facts, now, mono, entropy) {
             Ok(d) => d,
             Err(e) => Decision::answer(Outcome::Refused(e)),
         }
@@ -204,13 +250,31 @@ impl Registrar {
         facts: Facts<'_>,
         now: UtcTime,
         mono: u64,
-        fresh: impl FnOnce() -> Fresh,
+        entropy: &mut impl Entropy,
     ) -> Result<Decision, ServiceError> {
         match p.step {
             Step::Register(reg) => {
-                let (matched, x509) = admitting(&p.proof, &p.registration_id, &facts, now)?;
+                let (matched, x509, tpm) = match &p.proof {
+                    Proof::Tpm(t) => {
+                        let e = tpm::enrollment_for(&t.endorsement_key, facts.enrollment)?;
+                        let Some((token, kept)) = &t.answer else {
+                            let (authentication_key, issued) =
+                                tpm::challenge(&t.endorsement_key, &t.storage_root_key, entropy.tpm_secrets(), now)?;
+                            return Ok(Decision::answer(Outcome::Challenge { authentication_key, issued }));
+                        };
+                        let issued = kept.as_ref().or(facts.challenge).ok_or_else(|| {
+                            ServiceError::unauthorized("no TPM challenge is outstanding for this device (used, expired or never issued)")
+                        })?;
+                        tpm::verify_answer(issued, token, &t.endorsement_key, now)?;
+                        (Matched::Individual(e), None, Some(tpm::registration_secret(issued, entropy.tpm_secrets())?))
+                    }
+                    _ => {
+                        let (matched, x509) = admitting(&p.proof, &p.registration_id, &facts, now)?;
+                        (matched, x509, None)
+                    }
+                };
                 self.admission.take_registration(mono)?;
-                let fresh = fresh();
+                let fresh = entropy.fresh();
                 let config = facts.config;
                 let mut state = state::next_state(state::StateInputs {
                     matched,
@@ -223,6 +287,7 @@ impl Registrar {
                     latency: &|hub: &str| config.latency.get(&hub.to_ascii_lowercase()).copied(),
                 });
                 state.x509 = x509;
+                state.tpm = tpm;
                 let operation_id = operation_id(fresh.nonce, &p.key);
                 state.operation_id = Some(operation_id.clone());
                 let write =
@@ -263,6 +328,7 @@ fn admitting<'a>(
             let a = x509::admitting(chain, facts.enrollment, &facts.config.groups, &facts.config.verified_cas, now)?;
             Ok((a.matched, Some(a.result)))
         }
+        Proof::Tpm(_) => Err(ServiceError::unauthorized("a TPM device registers through its challenge")),
     }
 }
 
@@ -276,6 +342,12 @@ fn still_admitted(
     now: UtcTime,
 ) -> Result<(), ServiceError> {
     let group = state.enrollment_group_id.as_deref();
+    if let Some(secret) = &state.tpm {
+        return match proof {
+            Proof::Token(t) | Proof::Tpm(TpmProof { answer: Some((t, _)), .. }) => tpm::still_admitted(t, secret, facts.enrollment),
+            _ => Err(ServiceError::unauthorized("a TPM device signs with its TPM key")),
+        };
+    }
     match proof {
         Proof::Token(t) => attest::still_admitted(t, registration_id, group, facts.enrollment, &facts.config.groups),
         Proof::Certificate(chain) => {
@@ -288,6 +360,7 @@ fn still_admitted(
             };
             same.then_some(()).ok_or_else(|| ServiceError::unauthorized("the certificate now matches another enrollment"))
         }
+        Proof::Tpm(_) => Err(ServiceError::unauthorized("the registration is not a TPM device's")),
     }
 }
 

@@ -2,10 +2,11 @@
 //! response topic's status, or the AMQP settlement), a JSON body and, when throttled, a
 //! retry-after. Each transport carries the [`Reply`] its own way.
 
-use crate::device::{DeviceRegistrationResult, OperationStatus, SymmetricKeyResult};
+use crate::device::{DeviceRegistrationResult, OperationStatus, SymmetricKeyResult, TpmRegistrationResult};
 use crate::error::{error_body, ServiceError};
 use crate::model::{DeviceRegistrationState, RegistrationStatus};
 use crate::time::UtcTime;
+use crate::tpm::book::Issued;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -13,9 +14,16 @@ pub enum Outcome {
     Operation { operation_id: String, state: DeviceRegistrationState },
     /// A registration lookup (HTTPS only).
     Registration { state: DeviceRegistrationState },
+    /// A TPM device must first prove it holds its keys: the `authenticationKey` blob for it
+    /// and the challenge to remember until it answers (HTTPS: 401 with the blob; AMQP: SASL
+    /// challenge segments).
+    Challenge { authentication_key: Vec<u8>, issued: Issued },
     /// Refused, with the error the device is told.
     Refused(ServiceError),
 }
+
+/// The key name a TPM device signs its token under (`skn`); the SDKs echo what they are told.
+pub const TPM_KEY_NAME: &str = "registration";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
@@ -28,11 +36,14 @@ pub struct Reply {
 /// smaller values to 1; the Python SDK waits 2 s after a 202 whatever it is told.
 pub const POLL_AFTER_SECS: u64 = 1;
 
-/// The state with its attestation's member: `x509` for a certificate, else `symmetricKey`.
+/// The state with its attestation's member: `x509` for a certificate, `tpm` for a TPM, else
+/// `symmetricKey`.
 fn result(state: &DeviceRegistrationState) -> DeviceRegistrationResult {
     let x509 = state.x509.clone();
-    let symmetric_key = x509.is_none().then(|| SymmetricKeyResult { enrollment_group_id: state.enrollment_group_id.clone() });
-    DeviceRegistrationResult { state: state.clone().public(), symmetric_key, x509 }
+    let tpm = state.tpm.as_ref().map(|t| TpmRegistrationResult { authentication_key: t.authentication_key.clone() });
+    let symmetric_key =
+        (x509.is_none() && tpm.is_none()).then(|| SymmetricKeyResult { enrollment_group_id: state.enrollment_group_id.clone() });
+    DeviceRegistrationResult { state: state.clone().public(), symmetric_key, x509, tpm }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -54,6 +65,15 @@ impl Outcome {
                 Reply { status: code, body: json(&status), retry_after }
             }
             Outcome::Registration { state } => Reply { status: 200, body: json(&result(state)), retry_after: None },
+            Outcome::Challenge { authentication_key, .. } => {
+                use base64::Engine;
+                let key = base64::engine::general_purpose::STANDARD.encode(authentication_key);
+                Reply {
+                    status: 401,
+                    body: serde_json::json!({"authenticationKey": key, "keyName": TPM_KEY_NAME}).to_string(),
+                    retry_after: None,
+                }
+            }
             Outcome::Refused(e) => Reply { status: e.kind.status(), body: error_body(e, tracking_id, now), retry_after: e.retry_after },
         }
     }

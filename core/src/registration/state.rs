@@ -70,6 +70,7 @@ pub fn next_state(d: StateInputs<'_>) -> DeviceRegistrationState {
         enrollment_group_id: d.matched.group_id().map(str::to_string),
         operation_id: None,
         x509: None,
+        tpm: None,
     };
     if !common.is_enabled() {
         state.status = RegistrationStatus::Disabled;

@@ -3,7 +3,8 @@
 
 use super::admission::Limits;
 use super::*;
-use crate::sas::derive_device_key;
+use crate::request::device_resource;
+use crate::sas::{self, derive_device_key};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::json;
@@ -15,38 +16,70 @@ const KEY_B: &[u8] = b"individual-key-B-individual-key-B";
 const GROUP_1: &[u8] = b"group-one-key-group-one-key-group";
 const GROUP_2: &[u8] = b"group-two-key-group-two-key-group";
 
-struct World {
-    reg: Registrar,
-    enrollments: HashMap<String, IndividualEnrollment>,
-    states: HashMap<String, DeviceRegistrationState>,
-    config: Snapshot,
-    /// Unix seconds.
-    now: i64,
-    mono: u64,
-    nonce: u64,
-    writes: Vec<RegistrationWrite>,
+/// Counted randomness: every draw differs from the last, and a run replays exactly.
+#[derive(Default)]
+pub(super) struct Counted {
+    pub nonce: u64,
 }
 
-fn no_limits() -> Limits {
+impl Entropy for Counted {
+    fn fresh(&mut self) -> Fresh {
+        self.nonce += 1;
+        Fresh { etag: format!("\"etag-{}\"", self.nonce), nonce: self.nonce }
+    }
+    fn tpm_secrets(&mut self) -> crate::tpm::challenge::Secrets {
+        self.nonce += 1;
+        let b = |salt: u8| -> [u8; 32] {
+            std::array::from_fn(|i| (self.nonce as u8).wrapping_mul(31).wrapping_add(salt).wrapping_add(i as u8))
+        };
+        crate::tpm::challenge::Secrets {
+            hmac_key: b(1),
+            obfuscation: b(2),
+            inner_wrap_key: b(3)[..16].try_into().unwrap_or([3; 16]),
+            dup_seed: b(4),
+            dup_oaep_seed: b(5),
+            cred_seed: b(6),
+            cred_oaep_seed: b(7),
+        }
+    }
+}
+
+/// The host's part, in memory: enrollments, states, the groups and hubs, the HTTPS host's
+/// challenge book, a clock the test moves.
+pub(super) struct World {
+    pub reg: Registrar,
+    pub enrollments: HashMap<String, IndividualEnrollment>,
+    pub states: HashMap<String, DeviceRegistrationState>,
+    pub config: Snapshot,
+    pub challenges: crate::tpm::book::ChallengeBook,
+    /// Unix seconds.
+    pub now: i64,
+    pub mono: u64,
+    pub entropy: Counted,
+    pub writes: Vec<RegistrationWrite>,
+}
+
+pub(super) fn no_limits() -> Limits {
     Limits { registrations_per_minute: 0.0, polls_per_device: 0, poll_window_secs: 10 }
 }
 
 impl World {
-    fn new(limits: Limits) -> World {
+    pub fn new(limits: Limits) -> World {
         let settings = Settings { id_scope: SCOPE.into(), limits, max_registrations: 1000 };
         World {
             reg: Registrar::new(settings, 0),
             enrollments: HashMap::new(),
             states: HashMap::new(),
             config: Snapshot { hubs: vec![hub("hub-a"), hub("hub-b")], ..Snapshot::default() },
+            challenges: crate::tpm::book::ChallengeBook::new(100),
             now: 1_000_000,
             mono: 0,
-            nonce: 0,
+            entropy: Counted::default(),
             writes: Vec::new(),
         }
     }
 
-    fn enroll(&mut self, e: serde_json::Value) {
+    pub fn enroll(&mut self, e: serde_json::Value) {
         let e: IndividualEnrollment = serde_json::from_value(e).unwrap();
         self.enrollments.insert(id_key(&e.registration_id), e);
     }
@@ -55,20 +88,25 @@ impl World {
         self.config.groups.push(serde_json::from_value(g).unwrap());
     }
 
-    fn run(&mut self, req: DeviceRequest) -> Outcome {
+    pub fn run(&mut self, req: DeviceRequest) -> Outcome {
         let now = UtcTime::from_unix_secs(self.now);
         let p = match self.reg.begin(req, now) {
             Ok(p) => p,
             Err(e) => return Outcome::Refused(e),
         };
-        assert_eq!(p.needs, Needs { enrollment: true, registration: true, config: true });
-        let facts = Facts { enrollment: self.enrollments.get(&p.key), registration: self.states.get(&p.key), config: &self.config };
-        let nonce = &mut self.nonce;
-        let fresh = || {
-            *nonce += 1;
-            Fresh { etag: format!("\"etag-{nonce}\""), nonce: *nonce }
+        assert_eq!(p.needs, Needs { enrollment: true, registration: true, config: true, challenge: p.needs.challenge });
+        let key = p.key.clone();
+        let challenge = if p.needs.challenge { self.challenges.take(&key, self.now) } else { None };
+        let facts = Facts {
+            enrollment: self.enrollments.get(&p.key),
+            registration: self.states.get(&p.key),
+            config: &self.config,
+            challenge: challenge.as_ref(),
         };
-        let d = self.reg.decide(p, facts, now, self.mono, fresh);
+        let d = self.reg.decide(p, facts, now, self.mono, &mut self.entropy);
+        if let Outcome::Challenge { issued, .. } = &d.outcome {
+            self.challenges.remember(key, issued.clone(), self.now).unwrap();
+        }
         if let Some(w) = d.write {
             self.states.insert(w.key.clone(), w.state.clone());
             self.writes.push(w);
@@ -139,6 +177,7 @@ fn state(o: &Outcome) -> &DeviceRegistrationState {
     match o {
         Outcome::Operation { state, .. } | Outcome::Registration { state } => state,
         Outcome::Refused(e) => panic!("refused: {e}"),
+        Outcome::Challenge { .. } => panic!("challenged"),
     }
 }
 
@@ -171,7 +210,8 @@ fn admission_checks_before_any_store_read() {
     let not_a_certificate = Credential::ClientCertificate(std::sync::Arc::new(vec![b"garbage".to_vec()]));
     assert_eq!(refused(&w.run(reg(not_a_certificate))), (401, 401002));
     assert_eq!(refused(&w.run(reg(Credential::ClientCertificate(std::sync::Arc::new(Vec::new()))))), (401, 401002));
-    assert_eq!(refused(&w.run(reg(Credential::TpmSasToken(good.clone())))), (401, 401002));
+    let tpm = crate::request::TpmCredential { endorsement_key: vec![1], storage_root_key: vec![2], answer: None };
+    assert_eq!(refused(&w.run(reg(Credential::Tpm(Box::new(tpm))))), (400, 400004), "keys that do not parse");
 
     // Expiry is judged on the injected clock.
     assert!(w.run(reg(Credential::SasToken(good.clone()))).refusal().is_none());

@@ -121,8 +121,9 @@ impl World {
             Ok(p) => p,
             Err(e) => return Outcome::Refused(e),
         };
-        let facts = Facts { enrollment: self.enrollment.as_ref(), registration: self.state.as_ref(), config: &self.config };
-        let d = self.reg.decide(p, facts, now, 0, || Fresh { etag: "\"e\"".into(), nonce: 1 });
+        let facts =
+            Facts { enrollment: self.enrollment.as_ref(), registration: self.state.as_ref(), config: &self.config, challenge: None };
+        let d = self.reg.decide(p, facts, now, 0, &mut super::tests::Counted::default());
         if let Some(w) = d.write {
             self.state = Some(w.state);
         }

@@ -3,9 +3,14 @@
 //! miss reads the store. Service API writes invalidate the owning partition before they are
 //! acknowledged, so the very next registration sees them. Absence is cached too (group devices
 //! have no individual enrollment).
+//!
+//! The same partitions hold the TPM challenges issued over HTTPS (a device asks for its
+//! challenge with one request and answers with the next, maybe over another connection and
+//! so on another shard; the owner of its registration id keeps K in between).
 
 use super::{Answer, Request, ShardMesh};
 use crate::metrics::Metrics;
+use dps_core::tpm::book::{ChallengeBook, Full, Issued};
 use dps_storage::{Record, StoreCallError, StoreService, Table};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -25,6 +30,7 @@ pub struct EnrollmentCache {
     epoch: Cell<u64>,
     max_entries: usize,
     metrics: Rc<Metrics>,
+    challenges: RefCell<ChallengeBook>,
 }
 
 /// The partition (mesh peer) that owns a registration key: SipHash keyed with the instance's
@@ -43,6 +49,7 @@ impl EnrollmentCache {
         hash_key: (u64, u64),
         store: StoreService,
         max_entries: usize,
+        max_challenges: usize,
         metrics: Rc<Metrics>,
     ) -> EnrollmentCache {
         EnrollmentCache {
@@ -53,6 +60,7 @@ impl EnrollmentCache {
             epoch: Cell::new(0),
             max_entries: max_entries.max(1),
             metrics,
+            challenges: RefCell::new(ChallengeBook::new(max_challenges)),
         }
     }
 
@@ -89,6 +97,38 @@ impl EnrollmentCache {
             entries.insert(key.to_string(), v.clone());
         }
         Ok(v)
+    }
+
+    /// Takes the TPM challenge issued to a registration key (each is answered once).
+    pub async fn take_challenge(&self, key: &str, now_secs: i64) -> Option<Issued> {
+        let owner = owner_of(key, self.mesh.peers(), self.hash_key);
+        if owner == self.mesh.me() {
+            return self.challenges.borrow_mut().take(key, now_secs);
+        }
+        match self.mesh.call(owner, Request::TakeChallenge(key.to_string(), now_secs)).await {
+            Ok(Answer::Challenge(c)) => c,
+            _ => None,
+        }
+    }
+
+    /// Keeps a TPM challenge at its owner until the device answers it.
+    pub async fn remember_challenge(&self, key: &str, issued: Issued, now_secs: i64) -> Result<(), Full> {
+        let owner = owner_of(key, self.mesh.peers(), self.hash_key);
+        if owner == self.mesh.me() {
+            return self.local_remember_challenge(key.to_string(), issued, now_secs);
+        }
+        match self.mesh.call(owner, Request::RememberChallenge(key.to_string(), issued, now_secs)).await {
+            Ok(Answer::Remembered(r)) => r,
+            _ => Err(Full),
+        }
+    }
+
+    pub fn local_take_challenge(&self, key: &str, now_secs: i64) -> Option<Issued> {
+        self.challenges.borrow_mut().take(key, now_secs)
+    }
+
+    pub fn local_remember_challenge(&self, key: String, issued: Issued, now_secs: i64) -> Result<(), Full> {
+        self.challenges.borrow_mut().remember(key, issued, now_secs)
     }
 
     pub fn local_invalidate(&self, keys: &[String]) {

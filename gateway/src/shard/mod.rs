@@ -146,12 +146,18 @@ pub enum Request {
     Invalidate(Vec<String>),
     /// The peer's metric series.
     Scrape,
+    /// Take the TPM challenge of a registration key (at this time, unix seconds).
+    TakeChallenge(String, i64),
+    /// Keep a TPM challenge for a registration key.
+    RememberChallenge(String, dps_core::tpm::book::Issued, i64),
 }
 
 pub enum Answer {
     Found(Lookup),
     Invalidated,
     Scraped(Vec<(String, i64)>),
+    Challenge(Option<dps_core::tpm::book::Issued>),
+    Remembered(Result<(), dps_core::tpm::book::Full>),
 }
 
 pub type ShardMesh = Mesh<Request, Answer>;
@@ -169,6 +175,8 @@ fn serve_peers(cache: std::rc::Weak<EnrollmentCache>, metrics: Rc<Metrics>) -> m
                     Answer::Invalidated
                 }
                 Request::Scrape => Answer::Scraped(admin::snapshot(&metrics, cache.mesh())),
+                Request::TakeChallenge(key, now) => Answer::Challenge(cache.local_take_challenge(&key, now)),
+                Request::RememberChallenge(key, issued, now) => Answer::Remembered(cache.local_remember_challenge(key, issued, now)),
             }
         })
     })
@@ -222,7 +230,8 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     // cache weakly.
     let cache = Rc::new_cyclic(|cache| {
         let mesh = Mesh::start(mesh, serve_peers(cache.clone(), metrics.clone()));
-        EnrollmentCache::new(mesh, spec.svc.shard_hash_key, store, entries, metrics.clone())
+        let challenges = spec.svc.limits.max_tpm_challenges.div_ceil(spec.svc.shards.max(1));
+        EnrollmentCache::new(mesh, spec.svc.shard_hash_key, store, entries, challenges, metrics.clone())
     });
     let tracking = Rc::new(TrackingIds::new(spec.svc.boot, spec.id));
     let shard = Rc::new(Shard {

@@ -5,6 +5,9 @@
 use crate::provisioning::{Provisioning, Via};
 use crate::transport::stream::{ByteStream, End};
 use dps_core::amqp_connection::{Connection, Event, Failure, Settings};
+use dps_core::registration::tpm::verify_sasl_answer;
+use dps_core::request::{Credential, TpmCredential};
+use dps_core::tpm::book::Issued;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -37,6 +40,8 @@ pub async fn serve_amqp<S: ByteStream>(
     // sends a byte now and then hold the connection forever without ever logging in.
     let login_deadline = Instant::now() + Duration::from_secs(limits.login_timeout_secs);
     let mut chunk = vec![0u8; 16 * 1024];
+    // The TPM mechanism's keys and the challenge sent for them, until the device answers.
+    let mut tpm: Option<(Vec<u8>, Vec<u8>, Issued)> = None;
     loop {
         let event = conn.poll();
         let out = conn.take_output();
@@ -62,10 +67,38 @@ pub async fn serve_amqp<S: ByteStream>(
                 Err(i) => return End::from(i),
             },
             Some(Event::Closed) => return End::Closed,
-            // TPM attestation is not served yet: the mechanism is offered (C and Java need it
-            // offered to start) and refused here with a SASL `auth` outcome.
-            Some(Event::TpmKeys { .. }) => {
-                let _ = conn.refuse("TPM attestation is not supported yet");
+            Some(Event::TpmKeys { endorsement_key, storage_root_key }) => {
+                let id = conn.identity().map(|i| i.registration_id.clone()).unwrap_or_default();
+                match prov.tpm_challenge(&id, &endorsement_key, &storage_root_key, via) {
+                    Ok((blob, issued)) => {
+                        tpm = Some((endorsement_key, storage_root_key, issued));
+                        let _ = conn.tpm_challenge(&blob);
+                    }
+                    Err(_) => {
+                        let _ = conn.refuse("TPM attestation refused");
+                    }
+                }
+            }
+            Some(Event::TpmAnswer { token }) => {
+                let identity = conn.identity().map(|i| (i.id_scope.clone(), i.registration_id.clone()));
+                let verdict = match (tpm.take(), identity) {
+                    (Some((endorsement_key, storage_root_key, issued)), Some((scope, id))) => {
+                        match verify_sasl_answer(&issued, &token, &scope, &id, crate::clock::utc_now()) {
+                            Ok(()) => Ok(TpmCredential { endorsement_key, storage_root_key, answer: Some((token, issued)) }),
+                            Err(e) => Err((e, id)),
+                        }
+                    }
+                    _ => Err((dps_core::error::ServiceError::unauthorized("a TPM answer without a challenge"), String::new())),
+                };
+                match verdict {
+                    Ok(credential) => {
+                        let _ = conn.tpm_admit(Credential::Tpm(Box::new(credential)));
+                    }
+                    Err((e, id)) => {
+                        prov.refused_tpm_answer(e, &id, via);
+                        let _ = conn.refuse("TPM answer refused");
+                    }
+                }
             }
             Some(Event::Invalid { delivery_id, error }) => {
                 let reply = prov.refuse(error, via);

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the system packages the build and the tests use, when missing (Debian): Node.js and
+# npm and Python's venv for the interop tests, Mosquitto (the benchmark's peer), and for TPM
+# attestation the TSS libraries (tss-esapi links them), swtpm (a software TPM) and tpm2-tools.
+set -euo pipefail
+missing=()
+command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v mosquitto >/dev/null && command -v mosquitto_passwd >/dev/null || missing+=(mosquitto)
+command -v swtpm >/dev/null || missing+=(swtpm swtpm-tools)
+command -v tpm2_createprimary >/dev/null || missing+=(tpm2-tools)
+pkg-config --exists tss2-esys 2>/dev/null || missing+=(libtss2-dev pkg-config)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
