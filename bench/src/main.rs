@@ -44,6 +44,9 @@ struct Args {
     /// With --quick: the X.509 rows too (they always run without --quick).
     #[arg(long)]
     x509: bool,
+    /// With --quick: the TPM rows too (they always run without --quick).
+    #[arg(long)]
+    tpm: bool,
     /// Devices per measured run of items 1 to 3.
     #[arg(long)]
     devices: Option<usize>,
@@ -259,6 +262,31 @@ fn main() -> Result<(), BoxError> {
         )?;
         x509 = Some((hs, reg));
     }
+    // TPM: every device's challenge is activated and signed by one software TPM (swtpm)
+    // through the TSS, whose EK is enrolled under each registration id; the TPM, not the
+    // service, bounds the rate, so the figure that counts is the server's CPU per registration.
+    let mut tpm_rows = Vec::new();
+    if !a.quick || a.tpm {
+        let soft = dps_loadgen::swtpm::SoftTpm::start()?;
+        let handle = dps_loadgen::tpm_device::TpmHandle::open(&soft.tcti())?;
+        let n = if a.smoke { 20 } else { 1_000 };
+        let saved = b.warmup;
+        b.warmup = b.warmup.min(n);
+        let service = ServiceClient::new(&ep)?;
+        for (key, t) in [("tpm-amqp", Transport::Amqp), ("tpm-https", Transport::Https)] {
+            for prefix in [format!("warm-{key}"), format!("dev-{key}")] {
+                let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+                b.rt.block_on(service.create_tpm_individual(&ids, &handle.endorsement_key, 10))?;
+            }
+            let ids = |p: &str| Identities::Individual((0..n).map(|i| (format!("{p}-{i}"), Vec::new())).collect());
+            let label = format!("DPS registration over {} with TPM (one swtpm signs for all), 2 shards", t.name());
+            let tpm_fleet = |p: &str| -> Result<Arc<Fleet>, BoxError> {
+                Ok(Arc::new(Fleet { tpm: Some(handle.clone()), ..Fleet::new(ep.clone(), ids(p))? }))
+            };
+            tpm_rows.push(b.measure(key, &label, g.pid(), tpm_fleet, t, n)?);
+        }
+        b.warmup = saved;
+    }
     g.stop()?;
 
     let m = mosquitto::Mosquitto::start(&work.path().join("dps2/certs"), work.path())?;
@@ -351,6 +379,13 @@ fn main() -> Result<(), BoxError> {
         println!("| X.509 registrations ÷ symmetric-key registrations (MQTT) | {:.2} |", ratio(reg, &dps2));
         println!("| server CPU per X.509 registration ÷ per symmetric-key registration | {:.2} |", reg_cpu / dps2_cpu.max(1e-9));
         println!("| server CPU per handshake with a client certificate ÷ per X.509 registration | {:.2} |", hs_cpu / reg_cpu.max(1e-9));
+    }
+    for (r, cpu) in &tpm_rows {
+        println!(
+            "| server CPU per TPM registration over {} ÷ per symmetric-key registration (MQTT) | {:.2} |",
+            r.plan.transport.name(),
+            cpu / dps2_cpu.max(1e-9)
+        );
     }
     println!("| Mosquitto CPU per session ÷ gateway CPU per DPS registration | {:.2} |", mosq_cpu / dps2_cpu.max(1e-9));
     if !extra.is_empty() {

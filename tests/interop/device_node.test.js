@@ -153,9 +153,16 @@ function closeTpms() {
   openTpms = [];
 }
 
+// A refused TPM registration leaves the SDK's AMQP connection open (its TPM flow does not
+// disconnect on error), and our idle timeout would close it later under a test that has
+// ended (an uncaught "rhea: connection disconnected"): disconnect the transport.
 function registerTpm(transport, security) {
-  const client = ProvisioningDeviceClient.create('localhost', scope, transports[transport](), security);
-  return new Promise((resolve, reject) => client.register((err, result) => (err ? reject(err) : resolve(result))));
+  const t = transports[transport]();
+  const client = ProvisioningDeviceClient.create('localhost', scope, t, security);
+  return new Promise((resolve, reject) => client.register((err, result) => {
+    if (!err) return resolve(result);
+    t.disconnect(() => reject(err));
+  }));
 }
 
 const endorsementKey = (security) =>
