@@ -42,6 +42,12 @@ struct Args {
     /// `--group`, replaced on every run) signs each device's leaf certificate as it starts.
     #[arg(long)]
     x509: bool,
+    /// TPM devices (`https` and `amqp` transports): every device's challenge is activated and
+    /// signed by the TPM at this TSS TCTI (e.g. `swtpm:host=127.0.0.1,port=2321`, or
+    /// `start-swtpm` to start a software TPM of its own); its EK is enrolled under each device's
+    /// registration id (individual TPM enrollments, created first).
+    #[arg(long)]
+    tpm: Option<String>,
     /// Prefix of registration ids: `{prefix}-{n}`.
     #[arg(long, default_value = "loadgen-dev")]
     prefix: String,
@@ -112,10 +118,32 @@ fn main() -> Result<(), BoxError> {
         }
         None => Identities::Group { prefix: a.prefix.clone(), key: Vec::new() },
     };
-    let devices = a.devices.or(ids.count()).unwrap_or(1000);
+    let mut devices = a.devices.or(ids.count()).unwrap_or(1000);
+    // Kept alive for the run when loadgen started it.
+    let mut _soft_tpm = None;
+    let (ids, tpm) = match &a.tpm {
+        Some(tcti) => {
+            let tcti = if tcti == "start-swtpm" {
+                let soft = dps_loadgen::swtpm::SoftTpm::start()?;
+                let t = soft.tcti();
+                _soft_tpm = Some(soft);
+                t
+            } else {
+                tcti.clone()
+            };
+            let handle = dps_loadgen::tpm_device::TpmHandle::open(&tcti)?;
+            let reg_ids: Vec<String> = (0..devices).map(|i| ids.device(i).0).collect();
+            let n = rt.block_on(ServiceClient::new(&ep)?.create_tpm_individual(&reg_ids, &handle.endorsement_key, a.bulk_batch))?;
+            eprintln!("created {n} of {} TPM enrollments", reg_ids.len());
+            devices = reg_ids.len();
+            (Identities::Individual(reg_ids.into_iter().map(|id| (id, Vec::new())).collect()), Some(handle))
+        }
+        None => (ids, None),
+    };
     let fleet = Arc::new(Fleet {
         broker: Some(BrokerLogin { username: a.username.clone(), password: a.password.clone() }),
         amqp_max_frame: a.amqp_max_frame,
+        tpm,
         ..Fleet::new(ep, ids)?
     });
     let plan = Plan {
