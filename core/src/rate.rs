@@ -27,6 +27,13 @@ impl TokenBucket {
         self.tokens + elapsed * self.per_nano >= self.capacity
     }
 
+    /// Whole seconds until a token is available (None: one is), taking nothing.
+    pub fn wait(&self, now: u64) -> Option<u64> {
+        let elapsed = now.saturating_sub(self.last) as f64;
+        let tokens = (self.tokens + elapsed * self.per_nano).min(self.capacity);
+        (tokens < 1.0).then(|| ((((1.0 - tokens) / self.per_nano) / 1e9).ceil() as u64).max(1))
+    }
+
     /// Takes a token, or says how many whole seconds until one is available.
     pub fn try_take(&mut self, now: u64) -> Result<(), u64> {
         self.refill(now);

@@ -189,6 +189,10 @@ pub struct Limits {
     /// its share; one per registration id at most, each valid 5 minutes). When full, new
     /// challenges are refused with 503 and a retry-after until older ones expire.
     pub max_tpm_challenges: usize,
+    /// Refused device credentials (401) allowed per source address per minute, service-wide
+    /// (each shard holds its share); past it the source is answered 429 before any store read
+    /// until its budget refills. 0: no bound. Sources in `source_allow_list` are exempt.
+    pub attestation_failures_per_source: u64,
 }
 
 impl Default for Limits {
@@ -220,6 +224,7 @@ impl Default for Limits {
             hub_latency_port: 443,
             enrollment_cache_entries: 200_000,
             max_tpm_challenges: 100_000,
+            attestation_failures_per_source: 120,
         }
     }
 }

@@ -12,6 +12,7 @@ use dps_core::error::{ErrorKind, ServiceError};
 use dps_core::ids::printable;
 use dps_core::model::*;
 use dps_core::registration::admission::Limits;
+use dps_core::registration::source_failures::SourceFailures;
 use dps_core::registration::{
     quota_exhausted, Decision, Entropy, Facts, Fresh, Outcome, Registrar, RegistrationWrite, Reply, Settings, Snapshot,
 };
@@ -21,6 +22,7 @@ use dps_core::tpm::challenge::Secrets;
 use dps_core::tracking::TrackingIds;
 use dps_storage::{Expect, Op, Record, Table, Txn, TxnError};
 use std::cell::RefCell;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -78,6 +80,8 @@ pub struct Provisioning {
     metrics: Rc<Metrics>,
     tracking: Rc<TrackingIds>,
     registrar: RefCell<Registrar>,
+    /// Failed attestations by source address (this shard's share of the budget).
+    failures: RefCell<SourceFailures>,
     /// This shard's copy of the enrollment groups and linked hubs (few, read by every
     /// registration), valid while the service's config generation is unchanged.
     snapshot: RefCell<Option<Rc<Snapshot>>>,
@@ -97,7 +101,8 @@ impl Provisioning {
             max_registrations: l.max_registrations,
         };
         let registrar = RefCell::new(Registrar::new(settings, mono_nanos()));
-        Provisioning { svc, enrollments, metrics, tracking, registrar, snapshot: RefCell::new(None), shard }
+        let failures = RefCell::new(SourceFailures::new(l.attestation_failures_per_source.div_ceil(svc.shards.max(1) as u64)));
+        Provisioning { svc, enrollments, metrics, tracking, registrar, failures, snapshot: RefCell::new(None), shard }
     }
 
     /// This instance's ID scope.
@@ -105,8 +110,8 @@ impl Provisioning {
         &self.svc.id_scope
     }
 
-    /// Serves one device request to its answer.
-    pub async fn handle(&self, req: DeviceRequest, via: Via) -> Reply {
+    /// Serves one device request from `source` to its answer.
+    pub async fn handle(&self, req: DeviceRequest, via: Via, source: IpAddr) -> Reply {
         let operation = req.operation.name();
         let registration_id = printable(&req.registration_id);
         let http_register = via == Via::Https && matches!(req.operation, Operation::Register { .. });
@@ -119,7 +124,13 @@ impl Provisioning {
         };
         let now = utc_now();
         let key = dps_core::ids::id_key(&req.registration_id);
-        let outcome = match self.decide(req, now).await {
+        let exempt = self.svc.limits.source_allow_list.contains(&source);
+        let checked = if exempt { Ok(()) } else { self.failures.borrow().check(source, mono_nanos()) };
+        let decided = match checked {
+            Ok(()) => self.decide(req, now).await,
+            Err(e) => Err(e),
+        };
+        let outcome = match decided {
             // HTTPS devices answer the challenge with their next request: its owner keeps it.
             Ok(Outcome::Challenge { authentication_key, issued }) => {
                 match self.enrollments.remember_challenge(&key, issued.clone(), now.unix_secs()).await {
@@ -133,6 +144,7 @@ impl Provisioning {
             Ok(o) => o,
             Err(e) => Outcome::Refused(e),
         };
+        self.count_failure(&outcome, source, exempt);
         self.record(&outcome, operation, &registration_id, via, attestation);
         // Only error bodies carry a tracking id.
         let tracking = if outcome.refusal().is_some() { self.tracking.next() } else { String::new() };
@@ -170,8 +182,17 @@ impl Provisioning {
     }
 
     /// Logs and counts a TPM answer the AMQP SASL layer refused.
-    pub fn refused_tpm_answer(&self, error: ServiceError, registration_id: &str, via: Via) {
-        self.record(&Outcome::Refused(error), "register", &printable(registration_id), via, "tpm");
+    pub fn refused_tpm_answer(&self, error: ServiceError, registration_id: &str, via: Via, source: IpAddr) {
+        let outcome = Outcome::Refused(error);
+        self.count_failure(&outcome, source, self.svc.limits.source_allow_list.contains(&source));
+        self.record(&outcome, "register", &printable(registration_id), via, "tpm");
+    }
+
+    /// A refused credential spends one of its source's failures.
+    fn count_failure(&self, outcome: &Outcome, source: IpAddr, exempt: bool) {
+        if !exempt && outcome.refusal().is_some_and(|e| e.kind == ErrorKind::Unauthorized) {
+            self.failures.borrow_mut().record(source, mono_nanos());
+        }
     }
 
     /// Answers a request the transport could not even parse (logged like any refusal).

@@ -139,3 +139,53 @@ fn one_source_address_cannot_take_every_slot() {
     assert_eq!(operator.get(url).header("Authorization", s.token()).send().unwrap().status().as_u16(), 200);
     drop(idle);
 }
+
+/// A client from one loopback address, on a new connection per request.
+fn client_from(s: &TestServer, source: &str) -> reqwest::blocking::Client {
+    let ca = std::fs::read(s.ep.ca_certificate.as_ref().unwrap()).unwrap();
+    reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .local_address(source.parse::<std::net::IpAddr>().unwrap())
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn failed_attestations_are_bounded_per_source_address() {
+    // Regression: every guessed token cost a store read and its HMACs, without end. Now a
+    // source that used up its failures is answered 429 before either, and only that source.
+    let mut cfg = test_config();
+    cfg.linked_hubs.push(hub("hub-a.example"));
+    cfg.limits.attestation_failures_per_source = 4; // 2 per shard
+    cfg.limits.source_allow_list = vec!["127.0.0.4".parse().unwrap()];
+    let s = TestServer::start(cfg);
+    let e = json!({"registrationId": "src-dev", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}});
+    assert_eq!(s.send("PUT", "/enrollments/src-dev", Some(e)).status().as_u16(), 200);
+    let url = format!("https://localhost:{}/{}/registrations/src-dev/register?api-version=2019-03-31", s.ep.ports.https, s.ep.id_scope);
+    let wrong = device_token(&s.ep.id_scope, "src-dev", "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXkhIQ==");
+    let statuses = |source: &str, n: usize| -> Vec<(u16, Option<String>)> {
+        let c = client_from(&s, source);
+        (0..n)
+            .map(|_| {
+                let r = c.put(&url).header("Authorization", &wrong).body("{}").send().unwrap();
+                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                (r.status().as_u16(), retry)
+            })
+            .collect()
+    };
+    let seen = statuses("127.0.0.2", 12);
+    let refused = seen.iter().filter(|(st, _)| *st == 401).count();
+    let throttled: Vec<_> = seen.iter().filter(|(st, _)| *st == 429).collect();
+    assert!(refused <= 4, "{seen:?}");
+    assert_eq!(refused + throttled.len(), 12, "{seen:?}");
+    assert!(throttled.iter().all(|(_, retry)| retry.is_some()), "429 says when to retry: {seen:?}");
+    // The genuine device from another address is served at once.
+    let token = device_token(&s.ep.id_scope, "src-dev", KEY);
+    let r = client_from(&s, "127.0.0.3").put(&url).header("Authorization", &token).body("{}").send().unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    // A source on the allow-list (a factory line behind NAT) is never throttled.
+    assert!(statuses("127.0.0.4", 12).iter().all(|(st, _)| *st == 401));
+}

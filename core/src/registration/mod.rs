@@ -16,6 +16,7 @@
 pub mod admission;
 pub mod attest;
 mod outcome;
+pub mod source_failures;
 pub mod state;
 #[cfg(test)]
 mod tests;

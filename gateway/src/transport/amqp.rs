@@ -23,6 +23,7 @@ pub async fn serve_amqp<S: ByteStream>(
     stop: &AtomicBool,
     limits: &crate::config::Limits,
     client_certificate: Option<dps_core::request::CertChain>,
+    source: std::net::IpAddr,
 ) -> End {
     let settings = Settings {
         max_frame: MAX_FRAME,
@@ -95,7 +96,7 @@ pub async fn serve_amqp<S: ByteStream>(
                         let _ = conn.tpm_admit(Credential::Tpm(Box::new(credential)));
                     }
                     Err((e, id)) => {
-                        prov.refused_tpm_answer(e, &id, via);
+                        prov.refused_tpm_answer(e, &id, via, source);
                         let _ = conn.refuse("TPM answer refused");
                     }
                 }
@@ -105,7 +106,7 @@ pub async fn serve_amqp<S: ByteStream>(
                 let _ = conn.answer(delivery_id, None, reply.status, &reply.body, None);
             }
             Some(Event::Request { delivery_id, correlation_id, request }) => {
-                let reply = prov.handle(request, via).await;
+                let reply = prov.handle(request, via, source).await;
                 let _ = conn.answer(delivery_id, correlation_id, reply.status, &reply.body, reply.retry_after);
             }
         }

@@ -5,9 +5,14 @@ use crate::provisioning::{Provisioning, Via};
 use crate::transport::http::{Request, Response};
 
 /// Answers a device API request, or None when the path is not one.
-pub async fn handle(prov: &Provisioning, req: &Request, chain: Option<&dps_core::request::CertChain>) -> Option<Response> {
+pub async fn handle(
+    prov: &Provisioning,
+    req: &Request,
+    chain: Option<&dps_core::request::CertChain>,
+    source: std::net::IpAddr,
+) -> Option<Response> {
     let request = dps_core::request::from_http(&req.method, &req.path, req.header("authorization"), &req.body, chain)?;
-    let reply = prov.handle(request, Via::Https).await;
+    let reply = prov.handle(request, Via::Https, source).await;
     let mut r = Response::json(reply.status, reply.body);
     if let Some(s) = reply.retry_after {
         r = r.header("Retry-After", s.to_string());

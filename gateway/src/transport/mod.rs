@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
     let _ = stream.set_nodelay(true);
+    // The peer's address: failed attestations are bounded per source.
+    let Ok(source) = stream.peer_addr().map(|a| a.ip()) else { return };
     let handshake = Duration::from_secs(shard.limits.handshake_timeout_secs);
     let sid = shard.id.to_string();
     let accept = async {
@@ -64,8 +66,8 @@ pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) 
         s.get_ref().1.peer_certificates().filter(|c| !c.is_empty()).map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect()));
     match kind {
         Listener::Https => {
-            if let Some((req, leftover)) = serve_http(&mut s, shard, chain.as_ref()).await {
-                serve_websocket(&mut s, req, leftover, shard, chain).await;
+            if let Some((req, leftover)) = serve_http(&mut s, shard, chain.as_ref(), source).await {
+                serve_websocket(&mut s, req, leftover, shard, chain, source).await;
             }
         }
         Listener::Mqtt if shard.handshake_only => {
@@ -80,11 +82,11 @@ pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) 
             .await;
         }
         Listener::Mqtt => {
-            let end = mqtt::serve_mqtt(&mut s, Via::Mqtt, &shard.prov, &shard.stop, &shard.limits, chain).await;
+            let end = mqtt::serve_mqtt(&mut s, Via::Mqtt, &shard.prov, &shard.stop, &shard.limits, chain, source).await;
             tracing::debug!(shard = shard.id, ?end, "MQTT connection ended");
         }
         Listener::Amqp => {
-            let end = amqp::serve_amqp(&mut s, Via::Amqp, &shard.prov, &shard.stop, &shard.limits, chain).await;
+            let end = amqp::serve_amqp(&mut s, Via::Amqp, &shard.prov, &shard.stop, &shard.limits, chain, source).await;
             tracing::debug!(shard = shard.id, ?end, "AMQP connection ended");
         }
     }
@@ -114,6 +116,7 @@ async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(
     leftover: Vec<u8>,
     shard: &Shard,
     client_certificate: Option<CertChain>,
+    source: std::net::IpAddr,
 ) {
     match websocket::handshake(&req, &[websocket::MQTT, websocket::AMQP]) {
         Ok((resp, protocol)) => {
@@ -122,10 +125,10 @@ async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let mut ws = websocket::WsStream::new(s, leftover, shard.limits.max_mqtt_packet_bytes + 16);
             if protocol == websocket::AMQP {
-                let end = amqp::serve_amqp(&mut ws, Via::AmqpWs, &shard.prov, &shard.stop, &shard.limits, client_certificate).await;
+                let end = amqp::serve_amqp(&mut ws, Via::AmqpWs, &shard.prov, &shard.stop, &shard.limits, client_certificate, source).await;
                 tracing::debug!(shard = shard.id, ?end, "AMQP over WebSocket ended");
             } else {
-                let end = mqtt::serve_mqtt(&mut ws, Via::MqttWs, &shard.prov, &shard.stop, &shard.limits, client_certificate).await;
+                let end = mqtt::serve_mqtt(&mut ws, Via::MqttWs, &shard.prov, &shard.stop, &shard.limits, client_certificate, source).await;
                 tracing::debug!(shard = shard.id, ?end, "MQTT over WebSocket ended");
             }
         }
@@ -142,6 +145,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     shard: &Shard,
     chain: Option<&CertChain>,
+    source: std::net::IpAddr,
 ) -> Option<(http::Request, Vec<u8>)> {
     let (stop, limits) = (&shard.stop, &shard.limits);
     let idle = Duration::from_secs(limits.idle_timeout_secs);
@@ -185,7 +189,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
         if websocket::is_upgrade(&req) {
             return Some((req, std::mem::take(&mut buf)));
         }
-        let resp = match https::handle(&shard.prov, &req, chain).await {
+        let resp = match https::handle(&shard.prov, &req, chain, source).await {
             Some(r) => r,
             None => shard.api.handle(&req, utc_now(), mono_nanos()).await,
         };

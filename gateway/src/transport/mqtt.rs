@@ -28,6 +28,7 @@ pub async fn serve_mqtt<S: ByteStream>(
     stop: &AtomicBool,
     limits: &crate::config::Limits,
     client_certificate: Option<dps_core::request::CertChain>,
+    source: std::net::IpAddr,
 ) -> End {
     let settings = Settings {
         max_packet: limits.max_mqtt_packet_bytes,
@@ -44,7 +45,7 @@ pub async fn serve_mqtt<S: ByteStream>(
     loop {
         match session.poll() {
             Ok(Some(Event::Request { rid, request })) => {
-                let reply = prov.handle(request, via).await;
+                let reply = prov.handle(request, via, source).await;
                 if let Err(e) = session.answer(&rid, reply.status, &reply.body, reply.retry_after) {
                     return e.into();
                 }
