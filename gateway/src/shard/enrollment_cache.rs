@@ -2,7 +2,8 @@
 //! whose registration id hashes to it and answers the other shards' lookups over the mesh; a
 //! miss reads the store. Service API writes invalidate the owning partition before they are
 //! acknowledged, so the very next registration sees them. Absence is cached too (group devices
-//! have no individual enrollment).
+//! have no individual enrollment), bounded apart from the records: ids that name nothing are
+//! anyone's to invent, and a flood of them must not push real enrollments out.
 //!
 //! The same partitions hold the TPM challenges issued over HTTPS (a device asks for its
 //! challenge with one request and answers with the next, maybe over another connection and
@@ -25,10 +26,9 @@ pub struct EnrollmentCache {
     mesh: Rc<ShardMesh>,
     hash_key: (u64, u64),
     store: StoreService,
-    entries: RefCell<HashMap<String, Option<Record>>>,
+    entries: RefCell<Remembered>,
     /// Bumped by every invalidation of this partition; a store read that raced one is not cached.
     epoch: Cell<u64>,
-    max_entries: usize,
     metrics: Rc<Metrics>,
     challenges: RefCell<ChallengeBook>,
 }
@@ -56,9 +56,8 @@ impl EnrollmentCache {
             mesh,
             hash_key,
             store,
-            entries: RefCell::new(HashMap::new()),
+            entries: RefCell::new(Remembered::new(max_entries)),
             epoch: Cell::new(0),
-            max_entries: max_entries.max(1),
             metrics,
             challenges: RefCell::new(ChallengeBook::new(max_challenges)),
         }
@@ -84,17 +83,12 @@ impl EnrollmentCache {
     /// This partition's answer: the cached record, or the store's.
     pub async fn local_get(&self, key: &str) -> Lookup {
         if let Some(v) = self.entries.borrow().get(key) {
-            return Ok(v.clone());
+            return Ok(v);
         }
         let epoch = self.epoch.get();
         let v = self.store.get(Table::Enrollments, key).await?;
         if self.epoch.get() == epoch {
-            let mut entries = self.entries.borrow_mut();
-            if entries.len() >= self.max_entries {
-                // Simple bound: start over; the store's block cache keeps misses cheap.
-                entries.clear();
-            }
-            entries.insert(key.to_string(), v.clone());
+            self.entries.borrow_mut().insert(key, v.clone());
         }
         Ok(v)
     }
@@ -155,9 +149,83 @@ impl EnrollmentCache {
     }
 }
 
+/// What a partition remembers: records, and ids known to have none, each bounded on its own
+/// (absences to a quarter of the records' bound). A full side starts over; the store's block
+/// cache keeps the misses that follow cheap.
+struct Remembered {
+    present: HashMap<String, Record>,
+    absent: std::collections::HashSet<String>,
+    max_present: usize,
+    max_absent: usize,
+}
+
+impl Remembered {
+    fn new(max_entries: usize) -> Remembered {
+        let max_present = max_entries.max(1);
+        Remembered { present: HashMap::new(), absent: Default::default(), max_present, max_absent: (max_present / 4).max(1) }
+    }
+
+    /// Some(None): known to have no record; None: not remembered.
+    fn get(&self, key: &str) -> Option<Option<Record>> {
+        match self.present.get(key) {
+            Some(r) => Some(Some(r.clone())),
+            None => self.absent.contains(key).then_some(None),
+        }
+    }
+
+    fn insert(&mut self, key: &str, v: Option<Record>) {
+        match v {
+            Some(r) => {
+                if self.present.len() >= self.max_present {
+                    self.present.clear();
+                }
+                self.absent.remove(key);
+                self.present.insert(key.to_string(), r);
+            }
+            None => {
+                if self.absent.len() >= self.max_absent {
+                    self.absent.clear();
+                }
+                self.present.remove(key);
+                self.absent.insert(key.to_string());
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.present.remove(key);
+        self.absent.remove(key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_unknown_ids_does_not_push_out_enrollments() {
+        // Regression: absences shared the bound with records, so random registration ids filled
+        // the partition and cleared it, real enrollments included.
+        let mut r = Remembered::new(100);
+        let record = |i: u8| Record { etag: format!("e{i}"), class: 0, body: vec![i] };
+        for i in 0..50u8 {
+            r.insert(&format!("dev-{i}"), Some(record(i)));
+        }
+        for i in 0..10_000 {
+            r.insert(&format!("random-{i}"), None);
+        }
+        for i in 0..50u8 {
+            assert_eq!(r.get(&format!("dev-{i}")).and_then(|v| v.map(|rec| rec.body)), Some(vec![i]), "dev-{i} survived");
+        }
+        assert!(r.absent.len() <= 25);
+        assert_eq!(r.get("random-9999"), Some(None), "recent absences are remembered");
+        assert_eq!(r.get("never-seen"), None);
+        // An enrollment created for a remembered absence replaces it, and removal forgets both.
+        r.insert("random-9999", Some(record(7)));
+        assert!(matches!(r.get("random-9999"), Some(Some(_))));
+        r.remove("random-9999");
+        assert_eq!(r.get("random-9999"), None);
+    }
 
     #[test]
     fn owners_spread_and_agree() {
