@@ -193,6 +193,9 @@ pub struct Limits {
     /// (each shard holds its share); past it the source is answered 429 before any store read
     /// until its budget refills. 0: no bound. Sources in `source_allow_list` are exempt.
     pub attestation_failures_per_source: u64,
+    /// Seconds a write may wait for the peer to read before the connection is closed (a client
+    /// that stops reading would otherwise hold its connection's task and slot for ever).
+    pub write_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -225,6 +228,7 @@ impl Default for Limits {
             enrollment_cache_entries: 200_000,
             max_tpm_challenges: 100_000,
             attestation_failures_per_source: 120,
+            write_timeout_secs: 30,
         }
     }
 }

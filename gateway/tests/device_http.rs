@@ -189,3 +189,45 @@ fn failed_attestations_are_bounded_per_source_address() {
     // A source on the allow-list (a factory line behind NAT) is never throttled.
     assert!(statuses("127.0.0.4", 12).iter().all(|(st, _)| *st == 401));
 }
+
+#[test]
+fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
+    // Regression: no write had a timeout, so a client that pipelines requests and never reads
+    // the answers pinned its connection's task (and slot) for ever. Now a write that makes no
+    // progress for `limits.write_timeout_secs` ends the connection.
+    use std::io::{Read, Write};
+    let mut cfg = test_config();
+    cfg.limits.write_timeout_secs = 1;
+    let s = TestServer::start(cfg);
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.https)).unwrap();
+    tcp.set_write_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let conn = rustls::ClientConnection::new(tls_config(s.ep.ca_certificate.as_ref().unwrap()), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // Enough answers (~250 bytes each) to fill both sides' socket buffers many times over.
+    let request = b"GET /no/such/thing HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let batch: Vec<u8> = request.iter().copied().cycle().take(request.len() * 1000).collect();
+    let mut sent = 0;
+    for _ in 0..100 {
+        if tls.write_all(&batch).is_err() {
+            break;
+        }
+        sent += 1000;
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Now read: the server gave up on the connection, so the answers stop short of the requests
+    // and the stream ends (without the timeout it would answer all of them and then wait).
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let ended = loop {
+        match tls.read(&mut chunk) {
+            Ok(0) => break Ok(()),
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break Err(e),
+            Err(_) => break Ok(()), // reset or an unclean TLS end: closed by the server
+        }
+    };
+    let answers = out.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+    assert!(ended.is_ok(), "the connection was still open after {answers} answers to {sent} requests");
+    assert!(answers < sent, "{answers} answers to {sent} requests");
+}

@@ -8,6 +8,7 @@ pub mod https;
 pub mod mqtt;
 pub mod stream;
 pub mod websocket;
+pub mod write_deadline;
 
 use crate::clock::{mono_nanos, utc_now};
 use crate::provisioning::Via;
@@ -25,6 +26,8 @@ pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) 
     let _ = stream.set_nodelay(true);
     // The peer's address: failed attestations are bounded per source.
     let Ok(source) = stream.peer_addr().map(|a| a.ip()) else { return };
+    // Every write of the connection, whatever the protocol, gives up when the peer stops reading.
+    let stream = write_deadline::WriteDeadline::new(stream, Duration::from_secs(shard.limits.write_timeout_secs.max(1)));
     let handshake = Duration::from_secs(shard.limits.handshake_timeout_secs);
     let sid = shard.id.to_string();
     let accept = async {
