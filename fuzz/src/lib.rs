@@ -1,0 +1,2 @@
+//! Fuzz targets of the DPS workspace (see `targets`).
+pub mod targets;
