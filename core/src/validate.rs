@@ -155,8 +155,11 @@ fn check_key(name: &str, key: &str) -> Result<(), ServiceError> {
 
 fn check_tpm_public(name: &str, b64: &str) -> Result<(), ServiceError> {
     let bytes = B64.decode(b64.trim()).map_err(|_| ServiceError::invalid(format!("tpm.{name} is not valid base64")))?;
-    crate::tpm::parse_tpm2b_public(&bytes).map_err(|e| ServiceError::invalid(format!("tpm.{name} is not a TPM2B_PUBLIC: {e}")))?;
-    Ok(())
+    let key = crate::tpm::parse_tpm2b_public(&bytes)
+        .map_err(|e| ServiceError::invalid(format!("tpm.{name} is not a TPM2B_PUBLIC: {e}")))?;
+    // Refused now rather than at every registration: a key the challenge cannot be built for
+    // would never admit its device.
+    crate::tpm::challenge::challengeable(&key).map_err(|e| ServiceError::invalid(format!("tpm.{name} cannot be challenged: {e}")))
 }
 
 /// Rules shared by enrollments and groups: reprovision policy, hubs, weights, custom allocation.
@@ -403,6 +406,18 @@ mod tests {
         assert!(prepare_enrollment(ok, None, None, UtcTime::from_unix_secs(5), &mut keygen()).is_ok());
         let bad = enrollment(r#"{"registrationId":"t1","attestation":{"type":"tpm","tpm":{"endorsementKey":"AAEC"}}}"#);
         assert!(prepare_enrollment(bad, None, None, UtcTime::from_unix_secs(5), &mut keygen()).is_err());
+        // A well-formed key the challenge cannot use (a 1024-bit modulus here) is refused at once.
+        let mut short = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ek.pub")).unwrap();
+        let at = short.len() - 258; // keyBits, exponent, then the TPM2B modulus: truncate to 128 bytes
+        short.truncate(at + 128 + 2);
+        short[at - 6..at - 4].copy_from_slice(&1024u16.to_be_bytes());
+        short[at..at + 2].copy_from_slice(&128u16.to_be_bytes());
+        let size = (short.len() - 2) as u16;
+        short[..2].copy_from_slice(&size.to_be_bytes());
+        assert!(crate::tpm::parse_tpm2b_public(&short).is_ok(), "still a well-formed TPM2B_PUBLIC");
+        let e = enrollment(&format!(r#"{{"registrationId":"t1","attestation":{{"type":"tpm","tpm":{{"endorsementKey":"{}"}}}}}}"#, B64.encode(&short)));
+        let err = prepare_enrollment(e, None, None, UtcTime::from_unix_secs(5), &mut keygen()).unwrap_err();
+        assert!(err.message.contains("cannot be challenged"), "{err:?}");
     }
 
     #[test]

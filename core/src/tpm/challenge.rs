@@ -69,6 +69,11 @@ fn storage_key(what: &str, p: &TpmPublic) -> Result<StorageKey, String> {
     Ok(StorageKey { rsa, name: name_of(&p.tpmt) })
 }
 
+/// Whether a challenge can be built for this key (an EK or SRK): why not, if not.
+pub fn challengeable(p: &TpmPublic) -> Result<(), String> {
+    storage_key("key", p).map(|_| ())
+}
+
 /// `000b ‖ SHA-256(TPMT_PUBLIC)`.
 fn name_of(tpmt_public: &[u8]) -> Vec<u8> {
     let mut n = ALG_SHA256.to_be_bytes().to_vec();
