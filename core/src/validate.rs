@@ -155,8 +155,8 @@ fn check_key(name: &str, key: &str) -> Result<(), ServiceError> {
 
 fn check_tpm_public(name: &str, b64: &str) -> Result<(), ServiceError> {
     let bytes = B64.decode(b64.trim()).map_err(|_| ServiceError::invalid(format!("tpm.{name} is not valid base64")))?;
-    let key = crate::tpm::parse_tpm2b_public(&bytes)
-        .map_err(|e| ServiceError::invalid(format!("tpm.{name} is not a TPM2B_PUBLIC: {e}")))?;
+    let key =
+        crate::tpm::parse_tpm2b_public(&bytes).map_err(|e| ServiceError::invalid(format!("tpm.{name} is not a TPM2B_PUBLIC: {e}")))?;
     // Refused now rather than at every registration: a key the challenge cannot be built for
     // would never admit its device.
     crate::tpm::challenge::challengeable(&key).map_err(|e| ServiceError::invalid(format!("tpm.{name} cannot be challenged: {e}")))
@@ -415,7 +415,10 @@ mod tests {
         let size = (short.len() - 2) as u16;
         short[..2].copy_from_slice(&size.to_be_bytes());
         assert!(crate::tpm::parse_tpm2b_public(&short).is_ok(), "still a well-formed TPM2B_PUBLIC");
-        let e = enrollment(&format!(r#"{{"registrationId":"t1","attestation":{{"type":"tpm","tpm":{{"endorsementKey":"{}"}}}}}}"#, B64.encode(&short)));
+        let e = enrollment(&format!(
+            r#"{{"registrationId":"t1","attestation":{{"type":"tpm","tpm":{{"endorsementKey":"{}"}}}}}}"#,
+            B64.encode(&short)
+        ));
         let err = prepare_enrollment(e, None, None, UtcTime::from_unix_secs(5), &mut keygen()).unwrap_err();
         assert!(err.message.contains("cannot be challenged"), "{err:?}");
     }

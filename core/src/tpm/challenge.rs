@@ -8,9 +8,9 @@
 //! reproduces byte for byte; the host draws them from the system's random source.
 
 use super::public::{TpmKey, TpmPublic, ALG_SHA256};
+use super::rsa_public::RsaPublic;
 use aes::cipher::{generic_array::GenericArray, BlockEncrypt, KeyInit};
 use ring::{digest, hmac};
-use rsa::{traits::PublicKeyParts, BigUint, RsaPublicKey};
 
 /// The random inputs of one challenge. Sizes are fixed by what the TPMs accept: the
 /// obfuscation value must be as long as SHA-256's digest, and the inner wrapping key is an
@@ -46,7 +46,7 @@ const ALG_CFB: u16 = 0x0043;
 /// as name algorithm and an AES-128-CFB symmetric definition (the SDKs' EK and SRK templates;
 /// the key sizes of every derived key follow from these).
 struct StorageKey {
-    rsa: RsaPublicKey,
+    rsa: RsaPublic,
     /// TPM Name: nameAlg ‖ SHA-256 of the TPMT_PUBLIC exactly as received.
     name: Vec<u8>,
 }
@@ -65,7 +65,7 @@ fn storage_key(what: &str, p: &TpmPublic) -> Result<StorageKey, String> {
         return Err(format!("the {what} is not a 2048-bit RSA key"));
     }
     let e = if *exponent == 0 { 65537 } else { *exponent };
-    let rsa = RsaPublicKey::new(BigUint::from_bytes_be(modulus), BigUint::from(e)).map_err(|e| format!("the {what}: {e}"))?;
+    let rsa = RsaPublic::new(modulus, e).map_err(|e| format!("the {what}: {e}"))?;
     Ok(StorageKey { rsa, name: name_of(&p.tpmt) })
 }
 
@@ -161,14 +161,9 @@ fn oaep_encode(message: &[u8], label: &[u8], seed: &[u8; 32], k: usize) -> Resul
     Ok(em)
 }
 
-/// RSAES-OAEP-SHA256 with a fixed seed: the ciphertext, left-padded to the modulus length.
-fn rsa_oaep(key: &RsaPublicKey, message: &[u8], label: &[u8], seed: &[u8; 32]) -> Result<Vec<u8>, String> {
-    let k = key.size();
-    let em = oaep_encode(message, label, seed, k)?;
-    let c = rsa::hazmat::rsa_encrypt(key, &BigUint::from_bytes_be(&em)).map_err(|e| e.to_string())?.to_bytes_be();
-    let mut out = vec![0u8; k.saturating_sub(c.len())];
-    out.extend(c);
-    Ok(out)
+/// RSAES-OAEP-SHA256 with a fixed seed: the 256-byte ciphertext.
+fn rsa_oaep(key: &RsaPublic, message: &[u8], label: &[u8], seed: &[u8; 32]) -> Result<Vec<u8>, String> {
+    key.encrypt(&oaep_encode(message, label, seed, 256)?)
 }
 
 /// The identity key's TPMT_PUBLIC: a keyed-hash object with an HMAC-SHA256 scheme (devices

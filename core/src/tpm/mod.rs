@@ -5,5 +5,6 @@
 pub mod book;
 pub mod challenge;
 pub mod public;
+pub mod rsa_public;
 
 pub use public::{parse_tpm2b_public, TpmKey, TpmPublic, ALG_SHA256};
