@@ -156,15 +156,7 @@ pub fn run(budget: Duration) -> Result<Vec<(String, f64)>, BoxError> {
     // the assigned result): their RSA-2048 public-key operations are its crypto floor.
     let ek = dps_core::tpm::parse_tpm2b_public(include_bytes!("../../core/tests/fixtures/ek.pub"))?;
     let srk = dps_core::tpm::parse_tpm2b_public(include_bytes!("../../core/tests/fixtures/srk.pub"))?;
-    let secrets = dps_core::tpm::challenge::Secrets {
-        hmac_key: [1; 32],
-        obfuscation: [2; 32],
-        inner_wrap_key: [3; 16],
-        dup_seed: [4; 32],
-        dup_oaep_seed: [5; 32],
-        cred_seed: [6; 32],
-        cred_oaep_seed: [7; 32],
-    };
+    let secrets = dps_core::tpm::challenge::Secrets::from_bytes(&std::array::from_fn(|i| i as u8));
     out.push((
         "TPM authenticationKey (2 RSA-2048 OAEP encryptions, KDFa, AES-CFB, HMAC)".into(),
         time(budget, || assert!(dps_core::tpm::challenge::authentication_key(&ek, &srk, &secrets).is_ok_and(|b| b.len() == 766))),

@@ -140,15 +140,7 @@ pub fn tpm_public(data: &[u8]) {
     let _ = dps_core::tpm::parse_tpm2b_public(data);
     if dps_core::registration::tpm::check_keys(ek, srk).is_ok() {
         let (Ok(ek), Ok(srk)) = (dps_core::tpm::parse_tpm2b_public(ek), dps_core::tpm::parse_tpm2b_public(srk)) else { return };
-        let s = Secrets {
-            hmac_key: [1; 32],
-            obfuscation: [2; 32],
-            inner_wrap_key: [3; 16],
-            dup_seed: [4; 32],
-            dup_oaep_seed: [5; 32],
-            cred_seed: [6; 32],
-            cred_oaep_seed: [7; 32],
-        };
+        let s = Secrets::from_bytes(&std::array::from_fn(|i| i as u8));
         let _ = authentication_key(&ek, &srk, &s);
     }
 }

@@ -18,7 +18,7 @@ use dps_core::registration::{
 };
 use dps_core::request::{Credential, DeviceRequest, Operation};
 use dps_core::tpm::book::Issued;
-use dps_core::tpm::challenge::Secrets;
+use dps_core::tpm::challenge::{Secrets, SECRETS_LEN};
 use dps_core::tracking::TrackingIds;
 use dps_storage::{Expect, Op, Record, Table, Txn, TxnError};
 use std::cell::RefCell;
@@ -57,17 +57,7 @@ impl Entropy for SystemEntropy {
         Fresh { etag: new_etag(), nonce: u64::from_be_bytes(random_bytes::<8>()) }
     }
     fn tpm_secrets(&mut self) -> Secrets {
-        let b: [u8; 208] = random_bytes();
-        let take = |at: usize| -> [u8; 32] { std::array::from_fn(|i| b[at + i]) };
-        Secrets {
-            hmac_key: take(0),
-            obfuscation: take(32),
-            inner_wrap_key: std::array::from_fn(|i| b[192 + i]),
-            dup_seed: take(64),
-            dup_oaep_seed: take(96),
-            cred_seed: take(128),
-            cred_oaep_seed: take(160),
-        }
+        Secrets::from_bytes(&random_bytes::<SECRETS_LEN>())
     }
 }
 
@@ -123,28 +113,13 @@ impl Provisioning {
             (Credential::SasToken(_) | Credential::None, _) => "symmetricKey",
         };
         let now = utc_now();
-        let key = dps_core::ids::id_key(&req.registration_id);
-        let exempt = self.svc.limits.source_allow_list.contains(&source);
-        let checked = if exempt { Ok(()) } else { self.failures.borrow().check(source, mono_nanos()) };
+        let checked = if self.exempt(source) { Ok(()) } else { self.failures.borrow().check(source, mono_nanos()) };
         let decided = match checked {
             Ok(()) => self.decide(req, now).await,
             Err(e) => Err(e),
         };
-        let outcome = match decided {
-            // HTTPS devices answer the challenge with their next request: its owner keeps it.
-            Ok(Outcome::Challenge { authentication_key, issued }) => {
-                match self.enrollments.remember_challenge(&key, issued.clone(), now.unix_secs()).await {
-                    Ok(()) => Outcome::Challenge { authentication_key, issued },
-                    Err(_) => Outcome::Refused(
-                        ServiceError::new(ErrorKind::Unavailable, "too many TPM challenges outstanding")
-                            .retry_after(CHALLENGES_FULL_RETRY_SECS),
-                    ),
-                }
-            }
-            Ok(o) => o,
-            Err(e) => Outcome::Refused(e),
-        };
-        self.count_failure(&outcome, source, exempt);
+        let outcome = decided.unwrap_or_else(Outcome::Refused);
+        self.count_failure(&outcome, source);
         self.record(&outcome, operation, &registration_id, via, attestation);
         // Only error bodies carry a tracking id.
         let tracking = if outcome.refusal().is_some() { self.tracking.next() } else { String::new() };
@@ -184,13 +159,18 @@ impl Provisioning {
     /// Logs and counts a TPM answer the AMQP SASL layer refused.
     pub fn refused_tpm_answer(&self, error: ServiceError, registration_id: &str, via: Via, source: IpAddr) {
         let outcome = Outcome::Refused(error);
-        self.count_failure(&outcome, source, self.svc.limits.source_allow_list.contains(&source));
+        self.count_failure(&outcome, source);
         self.record(&outcome, "register", &printable(registration_id), via, "tpm");
     }
 
+    /// Sources on the allow-list (factory lines behind NAT) have no failure budget.
+    fn exempt(&self, source: IpAddr) -> bool {
+        self.svc.limits.source_allow_list.contains(&source)
+    }
+
     /// A refused credential spends one of its source's failures.
-    fn count_failure(&self, outcome: &Outcome, source: IpAddr, exempt: bool) {
-        if !exempt && outcome.refusal().is_some_and(|e| e.kind == ErrorKind::Unauthorized) {
+    fn count_failure(&self, outcome: &Outcome, source: IpAddr) {
+        if !self.exempt(source) && outcome.refusal().is_some_and(|e| e.kind == ErrorKind::Unauthorized) {
             self.failures.borrow_mut().record(source, mono_nanos());
         }
     }
@@ -242,6 +222,13 @@ impl Provisioning {
         let Decision { write, outcome } = self.registrar.borrow_mut().decide(pending, facts, now, mono_nanos(), &mut SystemEntropy);
         if let Some(w) = write {
             self.commit(w).await?;
+        }
+        // A challenge waits for the device's next request (HTTPS, maybe over another connection
+        // and shard) with the owner of its registration id, where that request takes it.
+        if let Outcome::Challenge { issued, .. } = &outcome {
+            self.enrollments.remember_challenge(&key, issued.clone(), now.unix_secs()).await.map_err(|_| {
+                ServiceError::new(ErrorKind::Unavailable, "too many TPM challenges outstanding").retry_after(CHALLENGES_FULL_RETRY_SECS)
+            })?;
         }
         Ok(outcome)
     }

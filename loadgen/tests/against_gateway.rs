@@ -227,18 +227,39 @@ fn tpm_ids(ids: &[String]) -> Identities {
     Identities::Individual(ids.iter().map(|id| (id.clone(), Vec::new())).collect())
 }
 
+/// A gateway, a client runtime, and two software TPMs opened through the TSS: the device's and
+/// a stranger's.
+struct TpmWorld {
+    gw: dps_gateway::Running,
+    rt: tokio::runtime::Runtime,
+    ep: Endpoint,
+    service: ServiceClient,
+    device: TpmHandle,
+    stranger: TpmHandle,
+    _tpms: (SoftTpm, SoftTpm),
+    _dir: tempfile::TempDir,
+}
+
+impl TpmWorld {
+    fn start() -> TpmWorld {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = dps_gateway::start(config(false), dir.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
+        let service = ServiceClient::new(&ep).unwrap();
+        let tpms = (SoftTpm::start().unwrap(), SoftTpm::start().unwrap());
+        let (device, stranger) = (TpmHandle::open(&tpms.0.tcti()).unwrap(), TpmHandle::open(&tpms.1.tcti()).unwrap());
+        TpmWorld { gw, rt, ep, service, device, stranger, _tpms: tpms, _dir: dir }
+    }
+}
+
 #[test]
 fn tpm_devices_on_a_software_tpm_over_https_and_amqp() {
     // A real TPM (swtpm) through the TSS: the EK and SRK made with the SDKs' templates, every
     // challenge activated, imported and signed inside it, and the assigned result's second
     // authenticationKey imported as the SDKs do.
-    let dir = tempfile::tempdir().unwrap();
-    let gw = dps_gateway::start(config(false), dir.path()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
-    let service = ServiceClient::new(&ep).unwrap();
-    let (tpm, other) = (SoftTpm::start().unwrap(), SoftTpm::start().unwrap());
-    let (device, stranger) = (TpmHandle::open(&tpm.tcti()).unwrap(), TpmHandle::open(&other.tcti()).unwrap());
+    let t = TpmWorld::start();
+    let (rt, ep, service, device, stranger) = (&t.rt, &t.ep, &t.service, &t.device, &t.stranger);
     assert_eq!((device.endorsement_key.len(), device.storage_root_key.len()), (316, 284), "the SDK templates' sizes");
     assert_ne!(device.endorsement_key, stranger.endorsement_key);
     let ids: Vec<String> = (0..8).map(|i| format!("tpm-{i}")).collect();
@@ -260,18 +281,13 @@ fn tpm_devices_on_a_software_tpm_over_https_and_amqp() {
         assert_eq!(r.assigned, 0);
         assert_eq!(r.errors.get("status 401 errorCode 401002"), Some(&2), "{}: {:?}", t.name(), r.errors);
     }
-    gw.shutdown().unwrap();
+    t.gw.shutdown().unwrap();
 }
 
 #[test]
 fn tpm_challenges_refuse_tampering_other_keys_and_replays() {
-    let dir = tempfile::tempdir().unwrap();
-    let gw = dps_gateway::start(config(false), dir.path()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
-    let service = ServiceClient::new(&ep).unwrap();
-    let (tpm, other) = (SoftTpm::start().unwrap(), SoftTpm::start().unwrap());
-    let (device, stranger) = (TpmHandle::open(&tpm.tcti()).unwrap(), TpmHandle::open(&other.tcti()).unwrap());
+    let t = TpmWorld::start();
+    let (rt, ep, service, device, stranger) = (&t.rt, &t.ep, &t.service, &t.device, &t.stranger);
     let id = "tpm-neg";
     rt.block_on(service.create_tpm_individual(&[id.to_string()], &device.endorsement_key, 10)).unwrap();
     let tls = dps_loadgen::tls::client_config(&ep.ca).unwrap();
@@ -330,5 +346,5 @@ fn tpm_challenges_refuse_tampering_other_keys_and_replays() {
     let _newer = challenge(&ek, &srk);
     let (st, _) = put(&ek, &srk, Some(&dps_loadgen::device::tpm_token_of(&resource, se, &first)));
     assert_eq!(st, 401);
-    gw.shutdown().unwrap();
+    t.gw.shutdown().unwrap();
 }

@@ -186,7 +186,7 @@ impl Registrar {
             Some(t) => Some(tpm::keys_from_body(t)?),
             None => None,
         };
-        let token = |t: &str| tpm::parse_token(t, &req.id_scope, &req.registration_id, now);
+        let token = |t: &str| parse_token(t, &req.id_scope, &req.registration_id, now);
         let proof = match (req.credential, tpm_keys) {
             (Credential::Tpm(c), _) => {
                 let answer = match c.answer {
@@ -363,6 +363,15 @@ fn still_admitted(
         }
         Proof::Tpm(_) => Err(ServiceError::unauthorized("the registration is not a TPM device's")),
     }
+}
+
+/// A device's SAS token: its syntax, its resource (this device) and its expiry; the signature
+/// is checked later, against the key of whatever enrollment or challenge it claims.
+pub fn parse_token(token: &str, id_scope: &str, registration_id: &str, now: UtcTime) -> Result<SasToken, ServiceError> {
+    let t = crate::sas::parse(token).map_err(|e| ServiceError::unauthorized(e.reason()))?;
+    t.check_scope(&crate::request::device_resource(id_scope, registration_id), now.unix_secs())
+        .map_err(|e| ServiceError::unauthorized(e.reason()))?;
+    Ok(t)
 }
 
 fn operation_not_found(operation_id: &str) -> ServiceError {

@@ -29,18 +29,8 @@ impl Entropy for Counted {
     }
     fn tpm_secrets(&mut self) -> crate::tpm::challenge::Secrets {
         self.nonce += 1;
-        let b = |salt: u8| -> [u8; 32] {
-            std::array::from_fn(|i| (self.nonce as u8).wrapping_mul(31).wrapping_add(salt).wrapping_add(i as u8))
-        };
-        crate::tpm::challenge::Secrets {
-            hmac_key: b(1),
-            obfuscation: b(2),
-            inner_wrap_key: b(3)[..16].try_into().unwrap_or([3; 16]),
-            dup_seed: b(4),
-            dup_oaep_seed: b(5),
-            cred_seed: b(6),
-            cred_oaep_seed: b(7),
-        }
+        let n = self.nonce as u8;
+        crate::tpm::challenge::Secrets::from_bytes(&std::array::from_fn(|i| n.wrapping_mul(31).wrapping_add(i as u8)))
     }
 }
 

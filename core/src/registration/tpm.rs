@@ -6,8 +6,7 @@
 
 use crate::error::{ErrorKind, ServiceError};
 use crate::model::*;
-use crate::request::device_resource;
-use crate::sas::{self, SasToken};
+use crate::sas::SasToken;
 use crate::time::UtcTime;
 use crate::tpm::book::{Issued, CHALLENGE_SECS};
 use crate::tpm::challenge::{authentication_key, Secrets};
@@ -86,13 +85,6 @@ pub fn challenge(
     Ok((blob, issued))
 }
 
-/// A SAS token's syntax, resource and expiry (the signature is checked against a key later).
-pub fn parse_token(token: &str, id_scope: &str, registration_id: &str, now: UtcTime) -> Result<SasToken, ServiceError> {
-    let t = sas::parse(token).map_err(|e| ServiceError::unauthorized(e.reason()))?;
-    t.check_scope(&device_resource(id_scope, registration_id), now.unix_secs()).map_err(|e| ServiceError::unauthorized(e.reason()))?;
-    Ok(t)
-}
-
 /// The device answered `issued`: in time, from the TPM it was built for, signed with its key.
 pub fn verify_answer(issued: &Issued, token: &SasToken, endorsement_key: &[u8], now: UtcTime) -> Result<(), ServiceError> {
     if issued.expires_secs <= now.unix_secs() {
@@ -109,7 +101,7 @@ pub fn verify_answer(issued: &Issued, token: &SasToken, endorsement_key: &[u8], 
 
 /// The AMQP SASL layer's check of the device's last response, before the outcome is sent.
 pub fn verify_sasl_answer(issued: &Issued, token: &str, id_scope: &str, registration_id: &str, now: UtcTime) -> Result<(), ServiceError> {
-    let t = parse_token(token, id_scope, registration_id, now)?;
+    let t = super::parse_token(token, id_scope, registration_id, now)?;
     verify_answer(issued, &t, &issued.endorsement_key, now)
 }
 

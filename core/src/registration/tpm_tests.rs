@@ -62,6 +62,12 @@ fn ask(w: &mut World, ek: &[u8], srk: &[u8]) -> Result<(Vec<u8>, [u8; 32]), Box<
     }
 }
 
+/// The HTTPS answer with a token signed by `key`, expiring `expires_in` seconds from now.
+fn answer_signed(w: &mut World, key: &[u8], expires_in: i64) -> Outcome {
+    let token = signed(key, w.now + expires_in);
+    answer(w, token)
+}
+
 fn answer(w: &mut World, token: String) -> Outcome {
     let (ek, srk) = keys();
     w.run(http(Credential::SasToken(token), Operation::Register { body: body(&ek, &srk) }))
@@ -82,13 +88,7 @@ fn https_challenge_then_signed_register_then_polls() {
     assert_eq!(B64.decode(v["authenticationKey"].as_str().unwrap()).unwrap().len(), 766);
     assert!(w.writes.is_empty(), "a challenge writes nothing");
     // That second ask replaced the first challenge: a token signed with the first K fails.
-    assert_eq!(
-        refused(&{
-            let t = signed(&k, w.now + 3600);
-            answer(&mut w, t)
-        }),
-        (401, 401002)
-    );
+    assert_eq!(refused(&answer_signed(&mut w, &k, 3600)), (401, 401002));
 
     let (_, k) = ask(&mut w, &ek, &srk).unwrap();
     let token = signed(&k, w.now + 3600);
@@ -134,40 +134,15 @@ fn refusals() {
     let (_, k) = ask(&mut w, &ek, &srk).unwrap();
     let mut bad = k;
     bad[0] ^= 1;
-    assert_eq!(
-        refused(&{
-            let t = signed(&bad, w.now + 3600);
-            answer(&mut w, t)
-        }),
-        (401, 401002)
-    );
-    assert_eq!(
-        refused(&{
-            let t = signed(&k, w.now + 3600);
-            answer(&mut w, t)
-        }),
-        (401, 401002),
-        "the challenge was used up"
-    );
+    assert_eq!(refused(&answer_signed(&mut w, &bad, 3600)), (401, 401002));
+    assert_eq!(refused(&answer_signed(&mut w, &k, 3600)), (401, 401002), "the challenge was used up");
     // An expired challenge.
     let (_, k) = ask(&mut w, &ek, &srk).unwrap();
     w.now += crate::tpm::book::CHALLENGE_SECS + 1;
-    assert_eq!(
-        refused(&{
-            let t = signed(&k, w.now + 3600);
-            answer(&mut w, t)
-        }),
-        (401, 401002)
-    );
+    assert_eq!(refused(&answer_signed(&mut w, &k, 3600)), (401, 401002));
     // An expired token (its expiry judged on the injected clock).
     let (_, k) = ask(&mut w, &ek, &srk).unwrap();
-    assert_eq!(
-        refused(&{
-            let t = signed(&k, w.now - 1);
-            answer(&mut w, t)
-        }),
-        (401, 401002)
-    );
+    assert_eq!(refused(&answer_signed(&mut w, &k, -1)), (401, 401002));
     // TPM devices are not in groups, and a symmetric-key enrollment does not admit a TPM.
     let mut w = World::new(no_limits());
     assert_eq!(refused(&ask(&mut w, &ek, &srk).unwrap_err()), (401, 401002));
@@ -231,10 +206,7 @@ fn disabled_enrollment_answers_disabled_after_the_proof() {
     w.enroll(json!({"registrationId": ID, "provisioningStatus": "disabled",
         "attestation": {"type": "tpm", "tpm": {"endorsementKey": B64.encode(&ek)}}}));
     let (_, k) = ask(&mut w, &ek, &srk).unwrap();
-    let o = {
-        let t = signed(&k, w.now + 60);
-        answer(&mut w, t)
-    };
+    let o = answer_signed(&mut w, &k, 60);
     let Outcome::Operation { state, .. } = &o else { panic!("{o:?}") };
     assert_eq!(state.status, RegistrationStatus::Disabled);
 }

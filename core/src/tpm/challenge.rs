@@ -28,6 +28,26 @@ pub struct Secrets {
     pub cred_oaep_seed: [u8; 32],
 }
 
+/// Bytes a [`Secrets`] is made of.
+pub const SECRETS_LEN: usize = 32 * 6 + 16;
+
+impl Secrets {
+    /// The secrets laid out in one buffer (K, obfuscation, dup seed, its OAEP seed, cred seed,
+    /// its OAEP seed, then the 16-byte W): one draw from a random source makes them all.
+    pub fn from_bytes(b: &[u8; SECRETS_LEN]) -> Secrets {
+        let at = |i: usize| -> [u8; 32] { std::array::from_fn(|j| b[32 * i + j]) };
+        Secrets {
+            hmac_key: at(0),
+            obfuscation: at(1),
+            dup_seed: at(2),
+            dup_oaep_seed: at(3),
+            cred_seed: at(4),
+            cred_oaep_seed: at(5),
+            inner_wrap_key: std::array::from_fn(|j| b[192 + j]),
+        }
+    }
+}
+
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secrets(..)")
@@ -332,6 +352,16 @@ mod tests {
             modulus[0] = 0;
         }
         assert!(authentication_key(&ek, &srk, &s).unwrap_err().contains("2048-bit"));
+    }
+
+    #[test]
+    fn secrets_take_disjoint_parts_of_one_buffer() {
+        let b: [u8; SECRETS_LEN] = std::array::from_fn(|i| i as u8);
+        let s = Secrets::from_bytes(&b);
+        let mut all =
+            [&s.hmac_key[..], &s.obfuscation, &s.dup_seed, &s.dup_oaep_seed, &s.cred_seed, &s.cred_oaep_seed, &s.inner_wrap_key].concat();
+        all.sort_unstable();
+        assert_eq!(all, b.to_vec(), "every byte used exactly once");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! writing. Reads pass through untouched.
 
 use futures::io::{AsyncRead, AsyncWrite};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -47,8 +48,6 @@ impl<S> WriteDeadline<S> {
         }
     }
 }
-
-use std::future::Future;
 
 impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
