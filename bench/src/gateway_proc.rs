@@ -23,9 +23,7 @@ pub fn config(shards: usize, handshake_only: bool) -> dps_gateway::config::Confi
             connection_string: format!(
                 "HostName={h};SharedAccessKeyName=iothubowner;SharedAccessKey=YmVuY2gta2V5LWJlbmNoLWtleS1iZW5jaC1rZXk="
             ),
-            allocation_weight: None,
-            apply_allocation_policy: None,
-            location: None,
+            ..Default::default()
         });
     }
     c

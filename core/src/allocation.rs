@@ -93,13 +93,7 @@ mod tests {
     use super::*;
 
     fn hub(name: &str, weight: u32, apply: bool) -> LinkedHub {
-        LinkedHub {
-            name: name.into(),
-            connection_string: String::new(),
-            location: None,
-            allocation_weight: Some(weight),
-            apply_allocation_policy: Some(apply),
-        }
+        LinkedHub { name: name.into(), allocation_weight: Some(weight), apply_allocation_policy: Some(apply), ..LinkedHub::default() }
     }
 
     #[test]

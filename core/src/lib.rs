@@ -8,6 +8,7 @@ pub mod amqp_connection;
 pub mod ca;
 pub mod device;
 pub mod error;
+pub mod hub;
 pub mod ids;
 pub mod model;
 pub mod mqtt_session;

@@ -46,6 +46,10 @@ macro_rules! wire_enum {
 wire_enum!(AttestationType { None = "none", Tpm = "tpm", X509 = "x509", SymmetricKey = "symmetricKey" });
 wire_enum!(ProvisioningStatus { Enabled = "enabled", Disabled = "disabled" });
 wire_enum!(AllocationPolicy { Hashed = "hashed", GeoLatency = "geoLatency", Static = "static", Custom = "custom" });
+wire_enum!(
+    /// How the service reaches a linked hub to create a device's identity there.
+    HubKind { RegistryOnly = "registry-only", Mosquitto = "mosquitto", AzureIotHub = "azure-iothub", Webhook = "webhook" }
+);
 wire_enum!(RegistrationStatus {
     Unassigned = "unassigned",
     Assigning = "assigning",
@@ -300,6 +304,14 @@ pub struct DeviceRegistrationState {
     /// (not a DPS member, never serialised to clients; sealed at rest like every record).
     #[serde(default, rename = "_tpm", skip_serializing_if = "Option::is_none")]
     pub tpm: Option<TpmRegistrationSecret>,
+    /// While `assigning`: the hub connector's work still to do (not a DPS member, never
+    /// serialised to clients; a restarted service resumes it).
+    #[serde(default, rename = "_hubTask", skip_serializing_if = "Option::is_none")]
+    pub hub_task: Option<crate::hub::HubTask>,
+    /// The twin the service last wrote to the device's hub, migrated when the device moves
+    /// (not a DPS member, never serialised to clients).
+    #[serde(default, rename = "_twin", skip_serializing_if = "Option::is_none")]
+    pub twin: Option<crate::hub::Twin>,
 }
 
 impl DeviceRegistrationState {
@@ -309,6 +321,8 @@ impl DeviceRegistrationState {
         self.operation_id = None;
         self.x509 = None;
         self.tpm = None;
+        self.hub_task = None;
+        self.twin = None;
         self
     }
 }
@@ -382,12 +396,14 @@ pub struct BulkOperationResult {
 }
 
 /// A linked IoT hub (ARM `IotHubDefinitionDescription`, docs/service-api.md §4.3).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LinkedHub {
     /// Host name, e.g. `hub-a.azure-devices.net`. Derived from the connection string when absent.
     #[serde(default)]
     pub name: String,
+    /// The hub's shared access policy (`registry-only` and `azure-iothub`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub connection_string: String,
     #[serde(default)]
     pub location: Option<String>,
@@ -395,9 +411,29 @@ pub struct LinkedHub {
     pub allocation_weight: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apply_allocation_policy: Option<bool>,
+    /// The hub connector (absent: `registry-only`, the assignment is only recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<HubKind>,
+    /// `mosquitto`: where the dynamic-security commands go (`mqtt://host:port`, `mqtts://…`);
+    /// `webhook`: the URL the assignment is POSTed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_url: Option<String>,
+    /// `mosquitto`: the dynamic-security client the service logs in as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// `mosquitto`: its password (a secret: sealed at rest, never returned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// PEM CA certificate the control connection verifies the broker with (`mqtts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
 }
 
 impl LinkedHub {
+    pub fn kind(&self) -> HubKind {
+        self.kind.unwrap_or(HubKind::RegistryOnly)
+    }
+
     pub fn weight(&self) -> u32 {
         self.allocation_weight.unwrap_or(1)
     }
@@ -407,7 +443,12 @@ impl LinkedHub {
     /// The view returned to clients: the connection string's key is replaced.
     pub fn redacted(&self) -> LinkedHub {
         let mut h = self.clone();
-        h.connection_string = redact_connection_string(&h.connection_string);
+        if !h.connection_string.is_empty() {
+            h.connection_string = redact_connection_string(&h.connection_string);
+        }
+        if h.password.is_some() {
+            h.password = Some("****".into());
+        }
         h
     }
 }

@@ -286,16 +286,34 @@ pub fn prepare_group(
 
 /// Checks a linked hub definition; fills `name` from the connection string.
 pub fn prepare_hub(mut h: LinkedHub, path_name: Option<&str>) -> Result<LinkedHub, ServiceError> {
-    let cs = parse_connection_string(&h.connection_string)
-        .ok_or_else(|| ServiceError::invalid("connectionString must hold HostName, SharedAccessKeyName and SharedAccessKey"))?;
-    if B64.decode(&cs.key).is_err() {
-        return Err(ServiceError::invalid("the connection string's SharedAccessKey is not base64"));
+    match h.kind() {
+        HubKind::AzureIotHub | HubKind::Webhook => {
+            return Err(ServiceError::invalid(format!("hub kind '{}' is not available yet", h.kind().as_str())));
+        }
+        HubKind::RegistryOnly => {
+            let cs = parse_connection_string(&h.connection_string)
+                .ok_or_else(|| ServiceError::invalid("connectionString must hold HostName, SharedAccessKeyName and SharedAccessKey"))?;
+            if B64.decode(&cs.key).is_err() {
+                return Err(ServiceError::invalid("the connection string's SharedAccessKey is not base64"));
+            }
+            if h.name.is_empty() {
+                h.name = cs.host_name.clone();
+            }
+            if !h.name.eq_ignore_ascii_case(&cs.host_name) {
+                return Err(ServiceError::invalid("name differs from the connection string's HostName"));
+            }
+        }
+        HubKind::Mosquitto => {
+            let url = h.control_url.as_deref().unwrap_or_default();
+            crate::hub::ControlUrl::parse(url)
+                .ok_or_else(|| ServiceError::invalid("a mosquitto hub needs controlUrl mqtt://host:port or mqtts://host:port"))?;
+            if h.username.as_deref().unwrap_or_default().is_empty() || h.password.is_none() {
+                return Err(ServiceError::invalid("a mosquitto hub needs the username and password of a dynamic-security admin client"));
+            }
+        }
     }
     if h.name.is_empty() {
-        h.name = cs.host_name.clone();
-    }
-    if !h.name.eq_ignore_ascii_case(&cs.host_name) {
-        return Err(ServiceError::invalid("name differs from the connection string's HostName"));
+        return Err(ServiceError::invalid("a linked hub needs a name (the host name devices are told)"));
     }
     if let Some(p) = path_name {
         if !p.eq_ignore_ascii_case(&h.name) {

@@ -6,7 +6,7 @@ use crate::service::{random_bytes, random_key, InstanceRecord, StoredPolicy};
 use crate::tls::certs::{self, CertFiles};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use dps_core::model::LinkedHub;
+use dps_core::model::{HubKind, LinkedHub};
 use dps_core::rights::Rights;
 use dps_storage::{DataKey, Expect, FjallStore, Op, Record, Store, Table, Txn};
 use std::path::Path;
@@ -110,12 +110,25 @@ pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
     // Hubs named in the config are (re)written on every start; ones added through the API stay.
     let mut txns = Vec::new();
     for h in &cfg.linked_hubs {
+        let ca_cert = match &h.ca_cert {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("linked hub {}: ca_cert {}: {e}", h.host_name, p.display()))?),
+            None => None,
+        };
+        let kind = match h.kind.as_deref() {
+            Some(k) => Some(HubKind::parse(k).ok_or_else(|| format!("linked hub {}: unknown kind '{k}'", h.host_name))?),
+            None => None,
+        };
         let hub = LinkedHub {
             name: h.host_name.clone(),
             connection_string: h.connection_string.clone(),
             location: h.location.clone(),
             allocation_weight: h.allocation_weight,
             apply_allocation_policy: h.apply_allocation_policy,
+            kind,
+            control_url: h.control_url.clone(),
+            username: h.username.clone(),
+            password: h.password.clone(),
+            ca_cert,
         };
         let hub = dps_core::validate::prepare_hub(hub, None).map_err(|e| format!("linked hub {}: {}", h.host_name, e.message))?;
         let body = serde_json::to_vec(&hub).map_err(|e| e.to_string())?;

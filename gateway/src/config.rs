@@ -189,6 +189,20 @@ pub struct Limits {
     /// its share; one per registration id at most, each valid 5 minutes). When full, new
     /// challenges are refused with 503 and a retry-after until older ones expire.
     pub max_tpm_challenges: usize,
+    /// Hub worker threads: they run the hub connectors' steps (each mostly waits on its hub),
+    /// so this bounds the requests in flight to all hubs together.
+    pub hub_workers: usize,
+    /// Hub steps waiting for a worker; past it a step counts as a transient failure and is
+    /// retried after a backoff.
+    pub hub_queue: usize,
+    /// How long a device's register (or poll) waits for its hub to take it before it is
+    /// answered `assigning` and polls (ms). Within it, the device gets `assigned` at once.
+    pub hub_wait_ms: u64,
+    /// Retries of a hub step: the first after `hub_retry_first_ms`, doubling up to
+    /// `hub_retry_max_ms`; after `hub_deadline_secs` the registration is `failed` (503201).
+    pub hub_retry_first_ms: u64,
+    pub hub_retry_max_ms: u64,
+    pub hub_deadline_secs: u64,
     /// Refused device credentials (401) allowed per source address per minute, service-wide
     /// (each shard holds its share); past it the source is answered 429 before any store read
     /// until its budget refills. 0: no bound. Sources in `source_allow_list` are exempt.
@@ -227,6 +241,12 @@ impl Default for Limits {
             hub_latency_port: 443,
             enrollment_cache_entries: 200_000,
             max_tpm_challenges: 100_000,
+            hub_workers: 8,
+            hub_queue: 4096,
+            hub_wait_ms: 3000,
+            hub_retry_first_ms: 200,
+            hub_retry_max_ms: 5000,
+            hub_deadline_secs: 120,
             attestation_failures_per_source: 120,
             write_timeout_secs: 30,
         }
@@ -251,11 +271,28 @@ impl Default for StoreKnobs {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubConfig {
+    /// What devices are told and connect to.
     pub host_name: String,
+    /// `registry-only` (the default: the assignment is only recorded) or `mosquitto`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// The hub's shared access policy (`registry-only`).
+    #[serde(default)]
     pub connection_string: String,
+    /// `mosquitto`: where the dynamic-security commands go, `mqtt://host:port` or `mqtts://…`.
+    #[serde(default)]
+    pub control_url: Option<String>,
+    /// `mosquitto`: the dynamic-security admin client the service logs in as.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// `mosquitto` over `mqtts`: a PEM file with the CA the broker's certificate chains to.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
     #[serde(default)]
     pub allocation_weight: Option<u32>,
     #[serde(default)]

@@ -4,6 +4,7 @@ pub mod api;
 pub mod bootstrap;
 pub mod clock;
 pub mod config;
+pub mod hubs;
 pub mod latency;
 pub mod listening;
 pub mod metrics;
@@ -57,6 +58,7 @@ pub struct Running {
     stop: Arc<AtomicBool>,
     shards: Vec<glommio::ExecutorJoinHandle<()>>,
     latency: Option<std::thread::JoinHandle<()>>,
+    hub_workers: Vec<std::thread::JoinHandle<()>>,
     threads: dps_storage::StoreThreads,
 }
 
@@ -71,6 +73,10 @@ impl Running {
         // holds the store, which must be closed before this returns.
         if let Some(l) = self.latency {
             let _ = l.join();
+        }
+        // Hub workers see `stop` within 200 ms, or when the step in hand ends (10 s at most).
+        for w in self.hub_workers {
+            let _ = w.join();
         }
         self.threads.join().map_err(|e| format!("final store flush failed: {e}"))
     }
@@ -107,6 +113,10 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
         linger_us: cfg.store.linger_us,
     };
     let (store, threads) = dps_storage::StoreService::start(Arc::new(prepared.store), &store_cfg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let boot = u32::from_be_bytes(service::random_bytes::<4>());
+    let (hub_workers, hub_threads) = hubs::workers::HubWorkers::start(cfg.limits.hub_workers, cfg.limits.hub_queue, boot, stop.clone())
+        .map_err(|e| format!("cannot start the hub workers: {e}"))?;
     let svc = Arc::new(Service {
         config_generation: std::sync::atomic::AtomicU64::new(0),
         hub_latency: Default::default(),
@@ -116,10 +126,11 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
         store,
         limits: cfg.limits.clone(),
         shards: cfg.shards,
-        boot: u32::from_be_bytes(service::random_bytes::<4>()),
+        boot,
         shard_hash_key: (u64::from_be_bytes(service::random_bytes::<8>()), u64::from_be_bytes(service::random_bytes::<8>())),
+        hub_workers,
+        hub_tasks: Default::default(),
     });
-    let stop = Arc::new(AtomicBool::new(false));
     let ip: std::net::IpAddr = cfg.ports.bind.parse().map_err(|_| format!("ports.bind '{}' is not an IP address", cfg.ports.bind))?;
     let mut https = SocketAddr::new(ip, cfg.ports.https);
     let mut mqtt = SocketAddr::new(ip, cfg.ports.mqtt);
@@ -211,5 +222,5 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
                 .map_err(|e| format!("cannot start the hub latency thread: {e}"))?,
         ),
     };
-    Ok(Running { endpoint, stop, shards, latency, threads })
+    Ok(Running { endpoint, stop, shards, latency, hub_workers: hub_threads, threads })
 }

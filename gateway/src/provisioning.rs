@@ -223,6 +223,16 @@ impl Provisioning {
         if let Some(w) = write {
             self.commit(w).await?;
         }
+        // A registration whose hub must first take the device: start (or, after a restart,
+        // resume) the hub task, and wait a little for it so the device is usually answered
+        // `assigned` at once instead of polling.
+        let outcome = match outcome {
+            Outcome::Operation { operation_id, state } if state.hub_task.is_some() => {
+                let state = self.hub_task(&key, state, &snapshot.hubs).await;
+                Outcome::Operation { operation_id, state }
+            }
+            other => other,
+        };
         // A challenge waits for the device's next request (HTTPS, maybe over another connection
         // and shard) with the owner of its registration id, where that request takes it.
         if let Outcome::Challenge { issued, .. } = &outcome {
@@ -231,6 +241,22 @@ impl Provisioning {
             })?;
         }
         Ok(outcome)
+    }
+
+    /// Starts the hub task of an `assigning` state unless it already runs in this process, and
+    /// waits up to `hub_wait_ms` for its end: the state then, or the one given.
+    async fn hub_task(&self, key: &str, state: DeviceRegistrationState, hubs: &[LinkedHub]) -> DeviceRegistrationState {
+        let Some(claim) = crate::hubs::run::claim(&self.svc, key) else { return state };
+        let running = glommio::spawn_local(crate::hubs::run::run(claim, hubs.to_vec(), state.clone())).detach();
+        let wait = glommio::timer::sleep(std::time::Duration::from_millis(self.svc.limits.hub_wait_ms));
+        match futures::future::select(running, std::pin::pin!(wait)).await {
+            futures::future::Either::Left((Some(Ok(done)), _)) => done,
+            futures::future::Either::Left((Some(Err(e)), _)) => {
+                tracing::warn!(registration_key = key, error = %e.detail(), "hub task ended without a commit");
+                state
+            }
+            _ => state,
+        }
     }
 
     /// Makes the decided registration state durable; the outcome holds only once it is.

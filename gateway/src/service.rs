@@ -64,6 +64,10 @@ pub struct Service {
     pub boot: u32,
     /// Random per process start: the key of the hash that assigns enrollments to shards.
     pub shard_hash_key: (u64, u64),
+    /// The threads hub connector steps run on.
+    pub hub_workers: crate::hubs::workers::HubWorkers,
+    /// Registration keys whose hub task runs in this process (`hubs::run::claim`).
+    pub hub_tasks: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Service {

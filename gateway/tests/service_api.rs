@@ -361,8 +361,8 @@ fn linked_hubs_persist_across_restart() {
         host_name: "hub-a.example".into(),
         connection_string: "HostName=hub-a.example;SharedAccessKeyName=iothubowner;SharedAccessKey=aHViLWEta2V5".into(),
         allocation_weight: Some(3),
-        apply_allocation_policy: None,
         location: Some("onprem-1".into()),
+        ..Default::default()
     });
     let s = TestServer::start(cfg.clone());
     let hub_b = json!({"connectionString":"HostName=hub-b.example;SharedAccessKeyName=iothubowner;SharedAccessKey=aHViLWIta2V5","location":"onprem-2"});

@@ -23,9 +23,7 @@ fn config(handshake_only: bool) -> dps_gateway::config::Config {
     c.linked_hubs.push(dps_gateway::config::HubConfig {
         host_name: "hub-a.example.net".into(),
         connection_string: "HostName=hub-a.example.net;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5a2V5a2V5a2V5a2V5a2V5".into(),
-        allocation_weight: None,
-        apply_allocation_policy: None,
-        location: None,
+        ..Default::default()
     });
     c
 }

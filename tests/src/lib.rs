@@ -127,6 +127,12 @@ pub fn x509_fixtures(
 
 /// `PUT /certificates/{name}` with `isVerified: true` (verified on upload).
 fn upload_verified_ca(ep: &dps_gateway::Endpoint, name: &str, pem: &str) -> Result<(), String> {
+    service_put(ep, &format!("/certificates/{name}"), &serde_json::json!({"certificate": pem, "isVerified": true}))
+}
+
+/// A service API `PUT` as the owner policy (for resources the Azure SDKs do not manage, such as
+/// CA certificates and linked hubs); Err unless it answered 200.
+pub fn service_put(ep: &dps_gateway::Endpoint, path: &str, body: &serde_json::Value) -> Result<(), String> {
     use base64::Engine;
     let cs = dps_core::model::parse_connection_string(&ep.service_connection_string).ok_or("connection string")?;
     let key = base64::engine::general_purpose::STANDARD.decode(&cs.key).map_err(|e| e.to_string())?;
@@ -140,14 +146,14 @@ fn upload_verified_ca(ep: &dps_gateway::Endpoint, name: &str, pem: &str) -> Resu
         .build()
         .map_err(|e| e.to_string())?;
     let r = client
-        .put(format!("https://localhost:{}/certificates/{name}?api-version=2021-10-01", ep.ports.https))
+        .put(format!("https://localhost:{}{path}?api-version=2021-10-01", ep.ports.https))
         .header("Authorization", token)
         .header("Content-Type", "application/json")
-        .body(serde_json::json!({"certificate": pem, "isVerified": true}).to_string())
+        .body(body.to_string())
         .send()
         .map_err(|e| e.to_string())?;
     if r.status().as_u16() != 200 {
-        return Err(format!("uploading the CA: {} {}", r.status(), r.text().unwrap_or_default()));
+        return Err(format!("PUT {path}: {} {}", r.status(), r.text().unwrap_or_default()));
     }
     Ok(())
 }

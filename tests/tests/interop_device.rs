@@ -19,9 +19,7 @@ fn official_device_sdks_provision_devices() {
     cfg.linked_hubs.push(dps_gateway::config::HubConfig {
         host_name: "hub-a.example".into(),
         connection_string: "HostName=hub-a.example;SharedAccessKeyName=iothubowner;SharedAccessKey=aHViLWtleQ==".into(),
-        allocation_weight: None,
-        apply_allocation_policy: None,
-        location: None,
+        ..Default::default()
     });
     let running = dps_gateway::start(cfg, dir.path()).unwrap();
     assert_eq!((running.endpoint.ports.mqtt, running.endpoint.ports.https), (8883, 443));

@@ -15,6 +15,8 @@
 
 pub mod admission;
 pub mod attest;
+#[cfg(test)]
+mod hub_tests;
 mod outcome;
 pub mod source_failures;
 pub mod state;
@@ -277,6 +279,7 @@ impl Registrar {
                 self.admission.take_registration(mono)?;
                 let fresh = entropy.fresh();
                 let config = facts.config;
+                let auth = state::hub_auth(matched, &p.registration_id, x509.as_ref(), tpm.as_ref());
                 let mut state = state::next_state(state::StateInputs {
                     matched,
                     linked: &config.hubs,
@@ -286,6 +289,7 @@ impl Registrar {
                     now,
                     etag: fresh.etag.clone(),
                     latency: &|hub: &str| config.latency.get(&hub.to_ascii_lowercase()).copied(),
+                    auth,
                 });
                 state.x509 = x509;
                 state.tpm = tpm;

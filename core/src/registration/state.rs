@@ -3,8 +3,12 @@
 //! policy), or failed (docs/service-api.md §5, §6).
 
 use crate::allocation::{allocate, AllocationError};
+use crate::hub::{HubAuth, HubDevice, HubTask, Twin};
 use crate::model::*;
+use crate::sas::derive_device_key;
 use crate::time::UtcTime;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use serde_json::Value;
 
 /// DPS code for "no IoT hub available for assignment" (docs/device-protocol.md, C SDK).
@@ -44,10 +48,45 @@ pub struct StateInputs<'a> {
     pub now: UtcTime,
     pub etag: String,
     pub latency: &'a dyn Fn(&str) -> Option<u64>,
+    /// The credential the device will use at its hub ([`hub_auth`]).
+    pub auth: Option<HubAuth>,
 }
 
-/// The registration state a registration ends in. Hubs are `registry-only` for now: the
-/// assignment is recorded, no identity is created on a hub, so the state is final at once.
+/// The credential a hub must accept from the device, as DPS gives IoT Hub
+/// (docs/service-api.md §6.6): an individual enrollment's keys, a group's keys derived for the
+/// device, the key a TPM device imported, or a certificate's thumbprint (primary repeated as
+/// secondary when there is one certificate).
+pub fn hub_auth(
+    matched: Matched<'_>,
+    registration_id: &str,
+    x509: Option<&X509RegistrationResult>,
+    tpm: Option<&TpmRegistrationSecret>,
+) -> Option<HubAuth> {
+    if let Some(t) = tpm {
+        return Some(HubAuth::Sas { primary_key: t.hmac_key.clone(), secondary_key: t.hmac_key.clone() });
+    }
+    if let Some(x) = x509 {
+        let t = x.certificate_info.sha256_thumbprint.clone();
+        return Some(HubAuth::SelfSigned { primary_thumbprint: t.clone(), secondary_thumbprint: t });
+    }
+    let keys = matched.common().attestation.symmetric_key.as_ref()?;
+    let (primary, secondary) = match matched {
+        Matched::Individual(_) => (keys.primary_key.clone()?, keys.secondary_key.clone()?),
+        Matched::Group(_) => {
+            let derive = |k: &Option<String>| k.as_deref().and_then(|k| B64.decode(k).ok()).map(|k| derive_device_key(&k, registration_id));
+            (derive(&keys.primary_key)?, derive(&keys.secondary_key)?)
+        }
+    };
+    Some(HubAuth::Sas { primary_key: primary, secondary_key: secondary })
+}
+
+/// The registration state a registration ends in. At a `registry-only` hub the assignment is
+/// only recorded, so the state is final at once; at a hub with a connector it is `assigning`
+/// with the connector's [`HubTask`] until the hub has the device.
+///
+/// The twin written to the hub: the enrollment's initial twin on a first assignment and on a
+/// reset (`migrateDeviceData` false, also on the same hub: a factory reset); on a move with
+/// migration, the twin the service last wrote to the old hub; otherwise the hub's twin stays.
 pub fn next_state(d: StateInputs<'_>) -> DeviceRegistrationState {
     let common = d.matched.common();
     let prev = d.previous;
@@ -71,6 +110,8 @@ pub fn next_state(d: StateInputs<'_>) -> DeviceRegistrationState {
         operation_id: None,
         x509: None,
         tpm: None,
+        hub_task: None,
+        twin: prev.and_then(|p| p.twin.clone()),
     };
     if !common.is_enabled() {
         state.status = RegistrationStatus::Disabled;
@@ -97,6 +138,37 @@ pub fn next_state(d: StateInputs<'_>) -> DeviceRegistrationState {
                 Some(_) if policy.migrate_device_data => Substatus::DeviceDataMigrated,
                 Some(_) => Substatus::DeviceDataReset,
             });
+            let initial = || Twin::initial(common.initial_twin.as_ref());
+            let moved_from = was_assigned.filter(|old| !old.eq_ignore_ascii_case(&hub));
+            let twin = if was_assigned.is_none() || (policy.update_hub_assignment && !policy.migrate_device_data) {
+                Some(initial())
+            } else if policy.update_hub_assignment && moved_from.is_some() {
+                Some(prev.and_then(|p| p.twin.clone()).unwrap_or_else(initial))
+            } else {
+                None
+            };
+            let leave =
+                moved_from.zip(prev.and_then(|p| p.device_id.clone())).map(|(h, id)| HubDevice { hub: h.to_string(), device_id: id });
+            let connected = d.linked.iter().find(|h| h.name.eq_ignore_ascii_case(&hub)).is_some_and(|h| h.kind() != HubKind::RegistryOnly);
+            let iot_edge = common.capabilities.as_ref().is_some_and(|c| c.iot_edge);
+            match (connected, d.auth) {
+                (true, Some(auth)) => {
+                    state.status = RegistrationStatus::Assigning;
+                    state.hub_task = Some(HubTask { hub: hub.clone(), device_id: device_id.clone(), auth, iot_edge, twin, leave });
+                }
+                (true, None) => {
+                    state.status = RegistrationStatus::Failed;
+                    state.error_code = Some(crate::hub::HUB_REFUSED_ERROR);
+                    state.error_message = Some("the enrollment gives the device no credential for its hub".into());
+                    return state;
+                }
+                // A registry-only hub: nothing to do there; what would be written is recorded.
+                (false, _) => {
+                    if let Some(t) = twin {
+                        state.twin = Some(t);
+                    }
+                }
+            }
             state.assigned_hub = Some(hub);
             state.device_id = Some(device_id);
             state.payload = d.payload;
@@ -133,6 +205,7 @@ mod tests {
             now: UtcTime::from_unix_secs(10),
             etag: "\"e\"".into(),
             latency: &|_| None,
+            auth: hub_auth(m, "dev1", None, None),
         })
     }
 

@@ -11,9 +11,9 @@ use serde_json::json;
 
 const SCOPE: &str = "0ne0000000A";
 const SECOND: u64 = 1_000_000_000;
-const KEY_A: &[u8] = b"individual-key-A-individual-key-A";
-const KEY_B: &[u8] = b"individual-key-B-individual-key-B";
-const GROUP_1: &[u8] = b"group-one-key-group-one-key-group";
+pub(super) const KEY_A: &[u8] = b"individual-key-A-individual-key-A";
+pub(super) const KEY_B: &[u8] = b"individual-key-B-individual-key-B";
+pub(super) const GROUP_1: &[u8] = b"group-one-key-group-one-key-group";
 const GROUP_2: &[u8] = b"group-two-key-group-two-key-group";
 
 /// Counted randomness: every draw differs from the last, and a run replays exactly.
@@ -74,7 +74,7 @@ impl World {
         self.enrollments.insert(id_key(&e.registration_id), e);
     }
 
-    fn group(&mut self, g: serde_json::Value) {
+    pub fn group(&mut self, g: serde_json::Value) {
         self.config.groups.push(serde_json::from_value(g).unwrap());
     }
 
@@ -104,11 +104,11 @@ impl World {
         d.outcome
     }
 
-    fn register(&mut self, id: &str, key: &[u8]) -> Outcome {
+    pub fn register(&mut self, id: &str, key: &[u8]) -> Outcome {
         self.run(request(id, Credential::SasToken(token(id, key, self.now + 3600)), Operation::Register { body: b"{}".to_vec() }))
     }
 
-    fn poll(&mut self, id: &str, key: &[u8], operation_id: &str) -> Outcome {
+    pub fn poll(&mut self, id: &str, key: &[u8], operation_id: &str) -> Outcome {
         let op = Operation::OperationStatus { operation_id: operation_id.into() };
         self.run(request(id, Credential::SasToken(token(id, key, self.now + 3600)), op))
     }
@@ -119,39 +119,33 @@ impl World {
 }
 
 pub(super) fn hub(name: &str) -> LinkedHub {
-    LinkedHub {
-        name: name.into(),
-        connection_string: String::new(),
-        location: None,
-        allocation_weight: None,
-        apply_allocation_policy: None,
-    }
+    LinkedHub { name: name.into(), ..LinkedHub::default() }
 }
 
-fn b64(k: &[u8]) -> String {
+pub(super) fn b64(k: &[u8]) -> String {
     B64.encode(k)
 }
 
-fn device_key(group_key: &[u8], id: &str) -> Vec<u8> {
+pub(super) fn device_key(group_key: &[u8], id: &str) -> Vec<u8> {
     B64.decode(derive_device_key(group_key, id)).unwrap()
 }
 
-fn token(id: &str, key: &[u8], expiry: i64) -> String {
+pub(super) fn token(id: &str, key: &[u8], expiry: i64) -> String {
     sas::build(&device_resource(SCOPE, id), key, expiry, Some("registration"))
 }
 
-fn request(id: &str, credential: Credential, operation: Operation) -> DeviceRequest {
+pub(super) fn request(id: &str, credential: Credential, operation: Operation) -> DeviceRequest {
     DeviceRequest { id_scope: SCOPE.into(), registration_id: id.into(), credential, operation }
 }
 
-fn individual(id: &str, extra: serde_json::Value) -> serde_json::Value {
+pub(super) fn individual(id: &str, extra: serde_json::Value) -> serde_json::Value {
     let mut e = json!({"registrationId": id, "attestation": {"type": "symmetricKey",
         "symmetricKey": {"primaryKey": b64(KEY_A), "secondaryKey": b64(KEY_B)}}});
     e.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     e
 }
 
-fn sym_group(id: &str, key: &[u8], extra: serde_json::Value) -> serde_json::Value {
+pub(super) fn sym_group(id: &str, key: &[u8], extra: serde_json::Value) -> serde_json::Value {
     let mut g = json!({"enrollmentGroupId": id, "attestation": {"type": "symmetricKey",
         "symmetricKey": {"primaryKey": b64(key), "secondaryKey": b64(b"unused-secondary-unused-secondary")}}});
     g.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
@@ -163,7 +157,7 @@ fn refused(o: &Outcome) -> (u16, u32) {
     (e.kind.status(), e.kind.code())
 }
 
-fn state(o: &Outcome) -> &DeviceRegistrationState {
+pub(super) fn state(o: &Outcome) -> &DeviceRegistrationState {
     match o {
         Outcome::Operation { state, .. } | Outcome::Registration { state } => state,
         Outcome::Refused(e) => panic!("refused: {e}"),
@@ -171,7 +165,7 @@ fn state(o: &Outcome) -> &DeviceRegistrationState {
     }
 }
 
-fn operation(o: &Outcome) -> String {
+pub(super) fn operation(o: &Outcome) -> String {
     match o {
         Outcome::Operation { operation_id, .. } => operation_id.clone(),
         other => panic!("not an operation: {other:?}"),

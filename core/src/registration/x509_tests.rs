@@ -86,13 +86,7 @@ impl World {
     fn new() -> World {
         let limits = admission::Limits { registrations_per_minute: 0.0, polls_per_device: 0, poll_window_secs: 10 };
         let reg = Registrar::new(Settings { id_scope: SCOPE.into(), limits, max_registrations: 100 }, 0);
-        let hub = LinkedHub {
-            name: "hub-a".into(),
-            connection_string: String::new(),
-            location: None,
-            allocation_weight: None,
-            apply_allocation_policy: None,
-        };
+        let hub = LinkedHub { name: "hub-a".into(), ..LinkedHub::default() };
         World { reg, enrollment: None, config: Snapshot { hubs: vec![hub], ..Snapshot::default() }, state: None }
     }
 

@@ -29,7 +29,7 @@ impl ServiceApi {
         let if_match = if_match(req);
         let etag = new_etag();
         let limits = &self.svc.limits;
-        let (record, view, key) = match c {
+        let (record, view, key, disabled) = match c {
             Collection::Enrollments => {
                 let e: IndividualEnrollment = parse_input(&req.body)?;
                 let previous = match &if_match {
@@ -40,7 +40,8 @@ impl ServiceApi {
                 e.common.etag = Some(etag.clone());
                 let body = serde_json::to_vec(&e).map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?;
                 let key = id_key(&e.registration_id);
-                (Record { etag: etag.clone(), class: 0, body }, serde_json::to_value(enrollment_view(e)), key)
+                let disabled = !e.common.is_enabled();
+                (Record { etag: etag.clone(), class: 0, body }, serde_json::to_value(enrollment_view(e)), key, disabled)
             }
             Collection::Groups => {
                 let g: EnrollmentGroup = parse_input(&req.body)?;
@@ -52,7 +53,8 @@ impl ServiceApi {
                 g.common.etag = Some(etag.clone());
                 let body = serde_json::to_vec(&g).map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?;
                 let key = id_key(&g.enrollment_group_id);
-                (Record { etag: etag.clone(), class: group_class(&g), body }, serde_json::to_value(group_view(g)), key)
+                let disabled = !g.common.is_enabled();
+                (Record { etag: etag.clone(), class: group_class(&g), body }, serde_json::to_value(group_view(g)), key, disabled)
             }
         };
         let quota = match (c, record.class) {
@@ -67,7 +69,10 @@ impl ServiceApi {
         };
         let result = self.svc.store.commit(Txn::one(Op::Put { table, key: key.clone(), record, expect, quota: Some(quota) })).await?;
         result.map_err(|e| txn_error(e, table, id))?;
-        self.changed(table, vec![key]).await;
+        self.changed(table, vec![key.clone()]).await;
+        if disabled {
+            self.disable_at_hubs(c, key).await?;
+        }
         let view = view.map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?;
         Ok(json(200, &view).header("ETag", etag))
     }
@@ -83,6 +88,22 @@ impl ServiceApi {
         self.svc.store.commit(txn).await?.map_err(|e| txn_error(e, table, id))?;
         self.changed(table, vec![key]).await;
         Ok(Response::new(204))
+    }
+
+    /// A disabled enrollment's devices are cut off at their hubs, in the background (the
+    /// registration keys are read here: one for an individual enrollment, the group's index
+    /// for a group).
+    async fn disable_at_hubs(&self, c: Collection, key: String) -> Result<(), ServiceError> {
+        let keys = match c {
+            Collection::Enrollments => vec![key],
+            Collection::Groups => {
+                let prefix = dps_storage::by_group_key(&key, "");
+                let rows = self.svc.store.scan(Table::RegistrationsByGroup, &prefix, None, usize::MAX).await?;
+                rows.into_iter().filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string)).collect()
+            }
+        };
+        glommio::spawn_local(crate::hubs::run::disable_devices(self.svc.clone(), keys)).detach();
+        Ok(())
     }
 
     /// Deleting an individual enrollment takes its registration state with it (the store drops

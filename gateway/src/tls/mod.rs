@@ -208,6 +208,24 @@ fn server_config(files: &CertFiles, knobs: &crate::config::Tls, request_client_c
     Ok(Arc::new(cfg))
 }
 
+/// A client configuration that trusts the CA certificates in `ca_pem` only (hub connectors
+/// reach brokers of the operator's own PKI).
+pub fn client_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, String> {
+    let pem = ca_pem.ok_or("a TLS control connection needs caCert (the PEM CA of the broker's certificate)")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
+        roots.add(c.map_err(|e| format!("caCert: {e}"))?).map_err(|e| format!("caCert: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("caCert holds no certificate".into());
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| format!("TLS configuration: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 #[cfg(test)]
 mod tests {
     use super::SessionCache;

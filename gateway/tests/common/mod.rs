@@ -9,6 +9,7 @@ use dps_gateway::{Endpoint, Running};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde_json::Value;
 
+pub mod mosquitto;
 pub mod mqtt_client;
 
 pub const API: &str = "api-version=2021-10-01";
@@ -115,8 +116,6 @@ pub fn hub(name: &str) -> dps_gateway::config::HubConfig {
     dps_gateway::config::HubConfig {
         host_name: name.into(),
         connection_string: format!("HostName={name};SharedAccessKeyName=iothubowner;SharedAccessKey=aHViLWtleQ=="),
-        allocation_weight: None,
-        apply_allocation_policy: None,
-        location: None,
+        ..Default::default()
     }
 }

@@ -80,20 +80,25 @@ impl MqttClient {
 
     /// The next packet, or None when the server closed the connection.
     pub fn read(&mut self) -> Option<Packet> {
+        self.read_within(Duration::from_secs(10)).unwrap_or_else(|| panic!("server did not answer"))
+    }
+
+    /// The next packet (inner None: the server closed the connection), or None when nothing
+    /// came within `wait`.
+    pub fn read_within(&mut self, wait: Duration) -> Option<Option<Packet>> {
+        self.tls.get_ref().set_read_timeout(Some(wait)).unwrap();
         let mut chunk = [0u8; 4096];
         loop {
             match v4::read(&mut self.buf, 1 << 20) {
-                Ok(p) => return Some(p),
+                Ok(p) => return Some(Some(p)),
                 Err(mqttbytes::Error::InsufficientBytes(_)) => {}
                 Err(e) => panic!("bad packet from server: {e:?}"),
             }
             match self.tls.read(&mut chunk) {
-                Ok(0) => return None,
+                Ok(0) => return Some(None),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
-                    panic!("server did not answer")
-                }
-                Err(_) => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => return None,
+                Err(_) => return Some(None),
             }
         }
     }
@@ -115,6 +120,43 @@ impl MqttClient {
                 a.code as u8
             }
             other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// CONNECT with any user name (a device at a broker); returns the CONNACK return code, or
+    /// None when the broker closed the connection instead.
+    pub fn connect_as(&mut self, username: &str, client_id: &str, password: &str) -> Option<u8> {
+        let mut c = Connect::new(client_id);
+        c.keep_alive = 60;
+        c.login = Some(Login::new(username, password));
+        self.send(|b| {
+            c.write(b).unwrap();
+        });
+        match self.read() {
+            Some(Packet::ConnAck(a)) => Some(a.code as u8),
+            None => None,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// SUBSCRIBE to one filter; true when granted. Publishes that arrive first are kept in
+    /// `received`.
+    pub fn subscribe_to(&mut self, filter: &str, received: &mut Vec<Publish>) -> bool {
+        self.pkid += 1;
+        let mut s = Subscribe::new(filter, QoS::AtMostOnce);
+        s.pkid = self.pkid;
+        self.send(|b| {
+            s.write(b).unwrap();
+        });
+        loop {
+            match self.read() {
+                Some(Packet::SubAck(a)) => {
+                    assert_eq!(a.pkid, self.pkid);
+                    return a.return_codes.iter().all(|c| matches!(c, mqttbytes::v4::SubscribeReasonCode::Success(_)));
+                }
+                Some(Packet::Publish(p)) => received.push(p),
+                other => panic!("expected SUBACK, got {other:?}"),
+            }
         }
     }
 

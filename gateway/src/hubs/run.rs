@@ -1,0 +1,147 @@
+//! Runs a registration's hub task on the shard that starts it: each step on the hub workers,
+//! transient failures retried by the backoff, then the finished state committed — only if the
+//! stored state is still the `assigning` one the task belongs to (a newer registration of the
+//! same device supersedes it). A task runs once per process at a time; a poll that finds an
+//! `assigning` state nobody is working on (the service restarted) starts it again.
+
+use super::workers::Step;
+use crate::clock::utc_now;
+use crate::service::{new_etag, random_bytes, Service};
+use dps_core::error::{ErrorKind, ServiceError};
+use dps_core::hub::{finish, Backoff, HubError, HubTask};
+use dps_core::model::{DeviceRegistrationState, LinkedHub};
+use dps_storage::{Expect, Op, Record, Table, Txn, TxnError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Claims the task of `key` for this process; None when it already runs here.
+pub fn claim(svc: &Arc<Service>, key: &str) -> Option<Claim> {
+    let mut running = svc.hub_tasks.lock().ok()?;
+    running.insert(key.to_string()).then(|| Claim { svc: svc.clone(), key: key.to_string() })
+}
+
+/// A running task's place in the service's set; released when the task ends, however it ends.
+pub struct Claim {
+    svc: Arc<Service>,
+    key: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.svc.hub_tasks.lock() {
+            running.remove(&self.key);
+        }
+    }
+}
+
+fn backoff(svc: &Service) -> Backoff {
+    let l = &svc.limits;
+    Backoff {
+        first_ms: l.hub_retry_first_ms,
+        max_ms: l.hub_retry_max_ms.max(l.hub_retry_first_ms),
+        deadline_ms: l.hub_deadline_secs * 1000,
+    }
+}
+
+/// Runs the task of the `assigning` state stored under `key` and commits its end; returns the
+/// state the device's registration is in afterwards.
+pub async fn run(claim: Claim, hubs: Vec<LinkedHub>, state: DeviceRegistrationState) -> Result<DeviceRegistrationState, ServiceError> {
+    let svc = claim.svc.clone();
+    let Some(task) = state.hub_task.clone() else { return Ok(state) };
+    let backoff = backoff(&svc);
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    let result = loop {
+        match steps(&svc, &hubs, &task).await {
+            Err(HubError::Transient(why)) => {
+                let elapsed = started.elapsed().as_millis() as u64;
+                let jitter = u16::from_be_bytes(random_bytes::<2>()) % 1001;
+                match backoff.next_delay(attempt, elapsed, jitter) {
+                    Some(ms) => {
+                        tracing::warn!(hub = %task.hub, device_id = %task.device_id, attempt, retry_in_ms = ms, reason = %why, "hub step failed");
+                        glommio::timer::sleep(Duration::from_millis(ms)).await;
+                        attempt += 1;
+                    }
+                    None => break Err(HubError::Transient(why)),
+                }
+            }
+            other => break other,
+        }
+    };
+    if let Err(e) = &result {
+        tracing::warn!(hub = %task.hub, device_id = %task.device_id, reason = %e.message(), "hub did not take the device");
+    }
+    let expected = state.etag.clone().unwrap_or_default();
+    let done = finish(state, result, utc_now(), new_etag());
+    let body = serde_json::to_vec(&done).map_err(|e| ServiceError::new(ErrorKind::Internal, "internal error").because(e.to_string()))?;
+    let record = Record { etag: done.etag.clone().unwrap_or_default(), class: 0, body };
+    let op = Op::Put { table: Table::Registrations, key: claim.key.clone(), record, expect: Expect::Etag(expected), quota: None };
+    match svc.store.commit(Txn::one(op)).await? {
+        Ok(_) => Ok(done),
+        // A newer registration (or a delete) replaced the state this task was for.
+        Err(TxnError::PreconditionFailed | TxnError::NotFound) => match svc.store.get(Table::Registrations, &claim.key).await? {
+            Some(r) => r.parse(),
+            None => Err(ServiceError::new(ErrorKind::RegistrationNotFound, "registration not found")),
+        },
+        Err(e) => Err(ServiceError::new(ErrorKind::Internal, "internal error").because(format!("hub task commit: {e:?}"))),
+    }
+}
+
+/// One attempt: the device at its new hub, then gone from the hub it left.
+async fn steps(svc: &Service, hubs: &[LinkedHub], task: &HubTask) -> Result<(), HubError> {
+    let find = |name: &str| hubs.iter().find(|h| h.name.eq_ignore_ascii_case(name));
+    let hub = find(&task.hub).ok_or_else(|| HubError::Refused(format!("hub {} is no longer linked", task.hub)))?;
+    svc.hub_workers.run(hub, Step::Assign(task.clone())).await?;
+    if let Some(old) = task.leave.as_ref() {
+        // A hub unlinked since keeps its identity: it is no longer ours to manage.
+        if let Some(h) = find(&old.hub) {
+            svc.hub_workers.run(h, Step::Remove(old.device_id.clone())).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Cuts off, at their hubs, the devices an enrollment admitted, after it was disabled:
+/// `registrations` are the registration keys (one for an individual enrollment, the group's
+/// for a group). Runs in the background with the same retries as a registration; a device
+/// registering again while its enrollment is disabled is answered `disabled` anyway.
+pub async fn disable_devices(svc: Arc<Service>, registrations: Vec<String>) {
+    let hubs: Vec<LinkedHub> = match svc.store.scan(Table::Hubs, "", None, usize::MAX).await {
+        Ok(rows) => rows.iter().filter_map(|(_, r)| r.parse().ok()).collect(),
+        Err(e) => {
+            tracing::warn!(error = ?e, "cannot read the linked hubs to disable devices");
+            return;
+        }
+    };
+    for key in registrations {
+        let state: Option<DeviceRegistrationState> = match svc.store.get(Table::Registrations, &key).await {
+            Ok(r) => r.and_then(|r| r.parse().ok()),
+            Err(_) => None,
+        };
+        let Some((hub, device_id)) = state.and_then(|s| s.assigned_hub.zip(s.device_id)) else { continue };
+        let Some(h) = hubs.iter().find(|h| h.name.eq_ignore_ascii_case(&hub) && h.kind() != dps_core::model::HubKind::RegistryOnly) else {
+            continue;
+        };
+        let backoff = backoff(&svc);
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            match svc.hub_workers.run(h, Step::Disable(device_id.clone())).await {
+                Ok(()) => break,
+                Err(HubError::Transient(why)) => {
+                    let jitter = u16::from_be_bytes(random_bytes::<2>()) % 1001;
+                    let Some(ms) = backoff.next_delay(attempt, started.elapsed().as_millis() as u64, jitter) else {
+                        tracing::warn!(hub = %hub, device_id = %device_id, reason = %why, "could not disable the device at its hub");
+                        break;
+                    };
+                    glommio::timer::sleep(Duration::from_millis(ms)).await;
+                    attempt += 1;
+                }
+                Err(HubError::Refused(why)) => {
+                    tracing::warn!(hub = %hub, device_id = %device_id, reason = %why, "the hub refused to disable the device");
+                    break;
+                }
+            }
+        }
+    }
+}

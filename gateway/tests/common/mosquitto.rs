@@ -1,0 +1,118 @@
+//! A real Mosquitto 2 broker with the dynamic-security plugin, as a hub: a plain control
+//! listener for the service's admin client and a TLS device listener (the gateway's
+//! development certificate), both on free loopback ports. Its dynamic-security file is made by
+//! `mosquitto_ctrl dynsec init` with the admin role also allowed to publish `devices/#` (the
+//! retained desired properties).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ADMIN: &str = "dps-admin";
+pub const ADMIN_PASSWORD: &str = "dps-admin-password";
+
+pub struct Broker {
+    child: Option<Child>,
+    pub control_port: u16,
+    pub device_port: u16,
+    pub dir: tempfile::TempDir,
+    certs: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn plugin() -> PathBuf {
+    for dir in std::fs::read_dir("/usr/lib").unwrap().flatten() {
+        let p = dir.path().join("mosquitto_dynamic_security.so");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("mosquitto_dynamic_security.so not found (apt-get install mosquitto)")
+}
+
+impl Broker {
+    /// `certs`: the directory holding the gateway's `server-ecdsa.pem`, its key and `ca.pem`.
+    pub fn start(certs: &Path) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let dynsec = dir.path().join("dynsec.json");
+        let st = Command::new("mosquitto_ctrl")
+            .args(["dynsec", "init"])
+            .arg(&dynsec)
+            .args([ADMIN, ADMIN_PASSWORD])
+            .stdout(Stdio::null())
+            .status()
+            .expect("mosquitto_ctrl (apt-get install mosquitto)");
+        assert!(st.success(), "mosquitto_ctrl dynsec init failed");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&dynsec).unwrap()).unwrap();
+        let admin = v["roles"].as_array_mut().unwrap().iter_mut().find(|r| r["rolename"] == "admin").unwrap();
+        admin["acls"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"acltype": "publishClientSend", "topic": "devices/#", "allow": true}));
+        std::fs::write(&dynsec, v.to_string()).unwrap();
+        let mut b = Broker { child: None, control_port: free_port(), device_port: free_port(), dir, certs: certs.to_path_buf() };
+        b.launch();
+        b
+    }
+
+    fn launch(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "per_listener_settings false\nuser root\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n\
+                 allow_anonymous false\nset_tcp_nodelay true\nplugin {}\nplugin_opt_config_file {}\n\
+                 listener {} 127.0.0.1\nlistener {} 127.0.0.1\ncertfile {}\nkeyfile {}\ncafile {}\n",
+                plugin().display(),
+                self.dir.path().join("dynsec.json").display(),
+                self.control_port,
+                self.device_port,
+                self.certs.join("server-ecdsa.pem").display(),
+                self.certs.join("server-ecdsa.key").display(),
+                self.certs.join("ca.pem").display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        let child = Command::new("mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().expect("mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.device_port)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.control_port)).is_err()
+        {
+            assert!(Instant::now() < deadline, "mosquitto did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The linked hub definition for the service API.
+    pub fn hub_json(&self, name: &str) -> serde_json::Value {
+        serde_json::json!({
+            "name": name, "kind": "mosquitto", "controlUrl": format!("mqtt://127.0.0.1:{}", self.control_port),
+            "username": ADMIN, "password": ADMIN_PASSWORD,
+        })
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and dynamic-security file.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
