@@ -83,7 +83,7 @@ pub fn allocate(
                 None => hashed(&c, registration_id),
             }
         }
-        AllocationPolicy::Custom => return Err(AllocationError::Unsupported("custom allocation (webhooks) is not supported yet".into())),
+        AllocationPolicy::Custom => return Err(AllocationError::Unsupported("custom allocation is decided by its webhook".into())),
     };
     chosen.map(|h| h.name.clone()).ok_or_else(|| AllocationError::NoHub("no hub could be chosen".into()))
 }

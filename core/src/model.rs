@@ -308,6 +308,10 @@ pub struct DeviceRegistrationState {
     /// serialised to clients; a restarted service resumes it).
     #[serde(default, rename = "_hubTask", skip_serializing_if = "Option::is_none")]
     pub hub_task: Option<crate::hub::HubTask>,
+    /// While `assigning` under a custom allocation: the webhook call still to make (not a DPS
+    /// member, never serialised to clients).
+    #[serde(default, rename = "_customAllocation", skip_serializing_if = "Option::is_none")]
+    pub custom_allocation: Option<crate::hub::custom::CustomCall>,
     /// The twin the service last wrote to the device's hub, migrated when the device moves
     /// (not a DPS member, never serialised to clients).
     #[serde(default, rename = "_twin", skip_serializing_if = "Option::is_none")]
@@ -315,6 +319,11 @@ pub struct DeviceRegistrationState {
 }
 
 impl DeviceRegistrationState {
+    /// True while work outside the store (a webhook, a hub) must end before the state is final.
+    pub fn has_pending_work(&self) -> bool {
+        self.hub_task.is_some() || self.custom_allocation.is_some()
+    }
+
     /// The view clients see: internal members removed.
     pub fn public(mut self) -> DeviceRegistrationState {
         self.enrollment_group_id = None;
@@ -322,6 +331,7 @@ impl DeviceRegistrationState {
         self.x509 = None;
         self.tpm = None;
         self.hub_task = None;
+        self.custom_allocation = None;
         self.twin = None;
         self
     }

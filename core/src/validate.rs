@@ -167,6 +167,12 @@ fn check_common(c: &EnrollmentCommon) -> Result<(), ServiceError> {
     if c.allocation_policy == Some(AllocationPolicy::Custom) && c.custom_allocation_definition.is_none() {
         return Err(ServiceError::invalid("allocationPolicy custom needs customAllocationDefinition"));
     }
+    if let Some(d) = &c.custom_allocation_definition {
+        let url = d.webhook_url.as_str();
+        if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 2048 {
+            return Err(ServiceError::invalid("customAllocationDefinition.webhookUrl must be an http:// or https:// URL"));
+        }
+    }
     if c.allocation_policy == Some(AllocationPolicy::Static) {
         let n = c.iot_hubs.as_ref().map_or(0, Vec::len)
             + usize::from(c.iot_hub_host_name.is_some() && c.iot_hubs.as_ref().is_none_or(Vec::is_empty));

@@ -203,6 +203,9 @@ pub struct Limits {
     pub hub_retry_first_ms: u64,
     pub hub_retry_max_ms: u64,
     pub hub_deadline_secs: u64,
+    /// How long a custom allocation webhook may take to answer one request (s); a timeout is
+    /// retried like an unreachable hub.
+    pub custom_allocation_timeout_secs: u64,
     /// Refused device credentials (401) allowed per source address per minute, service-wide
     /// (each shard holds its share); past it the source is answered 429 before any store read
     /// until its budget refills. 0: no bound. Sources in `source_allow_list` are exempt.
@@ -247,6 +250,7 @@ impl Default for Limits {
             hub_retry_first_ms: 200,
             hub_retry_max_ms: 5000,
             hub_deadline_secs: 120,
+            custom_allocation_timeout_secs: 30,
             attestation_failures_per_source: 120,
             write_timeout_secs: 30,
         }

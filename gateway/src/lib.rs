@@ -115,8 +115,14 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let (store, threads) = dps_storage::StoreService::start(Arc::new(prepared.store), &store_cfg);
     let stop = Arc::new(AtomicBool::new(false));
     let boot = u32::from_be_bytes(service::random_bytes::<4>());
-    let (hub_workers, hub_threads) = hubs::workers::HubWorkers::start(cfg.limits.hub_workers, cfg.limits.hub_queue, boot, stop.clone())
-        .map_err(|e| format!("cannot start the hub workers: {e}"))?;
+    let knobs = hubs::workers::Knobs {
+        threads: cfg.limits.hub_workers,
+        queue: cfg.limits.hub_queue,
+        instance: boot,
+        webhook_timeout: std::time::Duration::from_secs(cfg.limits.custom_allocation_timeout_secs.max(1)),
+    };
+    let (hub_workers, hub_threads) =
+        hubs::workers::HubWorkers::start(knobs, stop.clone()).map_err(|e| format!("cannot start the hub workers: {e}"))?;
     let svc = Arc::new(Service {
         config_generation: std::sync::atomic::AtomicU64::new(0),
         hub_latency: Default::default(),

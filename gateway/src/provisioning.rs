@@ -227,7 +227,7 @@ impl Provisioning {
         // resume) the hub task, and wait a little for it so the device is usually answered
         // `assigned` at once instead of polling.
         let outcome = match outcome {
-            Outcome::Operation { operation_id, state } if state.hub_task.is_some() => {
+            Outcome::Operation { operation_id, state } if state.has_pending_work() => {
                 let state = self.hub_task(&key, state, &snapshot.hubs).await;
                 Outcome::Operation { operation_id, state }
             }

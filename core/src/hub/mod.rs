@@ -9,6 +9,7 @@
 //! error). The stored task makes a restart resume the work instead of losing it, and every step
 //! of a task is idempotent, so running it twice creates nothing twice.
 
+pub mod custom;
 pub mod dynsec;
 
 use crate::model::*;

@@ -151,3 +151,101 @@ fn the_hub_task_is_stored_but_never_shown() {
     let public = serde_json::to_value(w.states.get("d").unwrap().clone().public()).unwrap();
     assert!(public.get("_hubTask").is_none() && public.get("_twin").is_none());
 }
+
+mod custom_allocation {
+    use super::*;
+    use crate::hub::custom::{read_answer, resolve, CUSTOM_ALLOCATION_FAILED};
+
+    fn custom(extra: serde_json::Value) -> serde_json::Value {
+        let base = json!({"allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": "https://fn.example/api/alloc?code=k", "apiVersion": "2021-10-01"}});
+        with(base, extra)
+    }
+
+    fn register_with_payload(w: &mut World, id: &str) -> Outcome {
+        let body = br#"{"registrationId":"d","payload":{"model":"m1"}}"#.to_vec();
+        w.run(request(id, Credential::SasToken(token(id, KEY_A, w.now + 3600)), Operation::Register { body }))
+    }
+
+    fn answer(w: &mut World, id: &str, status: u16, body: serde_json::Value) -> DeviceRegistrationState {
+        let s = w.states.get(id).unwrap().clone();
+        let call = s.custom_allocation.clone().expect("a webhook call");
+        let hubs = w.config.hubs.clone();
+        let next = resolve(s, read_answer(&call, status, body.to_string().as_bytes()), &hubs);
+        w.states.insert(id.into(), next.clone());
+        next
+    }
+
+    #[test]
+    fn the_webhook_is_asked_with_the_contract_and_its_answer_places_the_device() {
+        let mut w = world();
+        w.enroll(individual("d", custom(with(json!({"iotHubs": ["hub-a", "plain"]}), twin(1)))));
+        let o = register_with_payload(&mut w, "d");
+        let s = state(&o);
+        assert_eq!(s.status, RegistrationStatus::Assigning);
+        let call = s.custom_allocation.clone().unwrap();
+        assert_eq!(call.webhook_url, "https://fn.example/api/alloc?code=k");
+        assert_eq!(call.body["linkedHubs"], json!(["hub-a", "plain"]));
+        assert_eq!(call.body["deviceRuntimeContext"], json!({"registrationId": "d", "symmetricKey": {}, "payload": {"model": "m1"}}));
+        assert_eq!(call.body["individualEnrollment"]["registrationId"], "d");
+        assert!(call.body["individualEnrollment"]["attestation"]["symmetricKey"].get("primaryKey").is_none(), "no secrets");
+        assert!(!o.reply("t", UtcTime::from_unix_secs(0)).body.contains("_customAllocation"));
+
+        // The webhook picks the connector hub with its own twin and payload: the hub task
+        // carries the webhook's twin, the device gets the payload.
+        let wt = json!({"tags": {"w": 1}, "properties": {"desired": {"w": 1}}});
+        let s = answer(&mut w, "d", 200, json!({"IotHubHostName": "HUB-A", "initialTwin": wt, "payload": {"ok": true}}));
+        assert_eq!(
+            (s.status, s.assigned_hub.as_deref(), s.payload.clone()),
+            (RegistrationStatus::Assigning, Some("hub-a"), Some(json!({"ok": true})))
+        );
+        assert_eq!(s.hub_task.unwrap().twin, Some(Twin { tags: Some(json!({"w": 1})), desired: Some(json!({"w": 1})) }));
+        // A registry-only hub is final at once; without a webhook twin the enrollment's counts.
+        w.register("d", KEY_A);
+        let s = answer(&mut w, "d", 200, json!({"iotHubHostName": "plain"}));
+        assert_eq!((s.status, s.assigned_hub.as_deref(), s.payload.clone()), (RegistrationStatus::Assigned, Some("plain"), None));
+    }
+
+    #[test]
+    fn bad_answers_fail_the_registration_with_400207() {
+        let mut w = world();
+        w.enroll(individual("d", custom(json!({"iotHubs": ["hub-a"]}))));
+        for (status, body, says) in [
+            (400, json!({}), "status code: 400"),
+            (200, json!({"iotHubHostName": "hub-b"}), "not one of the linked hubs"),
+            (200, json!({"payload": 1}), "no iotHubHostName"),
+            (200, json!([1]), "not a JSON object"),
+        ] {
+            w.register("d", KEY_A);
+            let s = answer(&mut w, "d", status, body);
+            assert_eq!((s.status, s.error_code), (RegistrationStatus::Failed, Some(CUSTOM_ALLOCATION_FAILED)));
+            assert!(s.error_message.as_deref().unwrap().contains(says), "{:?}", s.error_message);
+            assert_eq!(s.assigned_hub, None);
+        }
+    }
+
+    #[test]
+    fn reprovisioning_offers_only_the_current_hub_when_it_never_moves_and_ignores_the_webhook_twin() {
+        let mut w = world();
+        w.enroll(individual("d", custom(with(json!({"iotHubs": ["hub-a", "hub-b"]}), twin(1)))));
+        w.register("d", KEY_A);
+        answer(&mut w, "d", 200, json!({"iotHubHostName": "hub-a"}));
+        hub_done(&mut w, "d");
+        w.enroll(individual("d", custom(with(json!({"iotHubs": ["hub-a", "hub-b"]}), policy(false, false)))));
+        let o = w.register("d", KEY_A);
+        let call = state(&o).custom_allocation.clone().unwrap();
+        assert_eq!(call.body["linkedHubs"], json!(["hub-a"]));
+        assert_eq!(call.body["deviceRuntimeContext"]["currentIotHubHostName"], "hub-a");
+        assert_eq!(call.body["deviceRuntimeContext"]["currentDeviceId"], "d");
+        let s = answer(&mut w, "d", 200, json!({"iotHubHostName": "hub-a", "initialTwin": {"properties": {"desired": {"x": 9}}}}));
+        assert_eq!(s.hub_task.unwrap().twin, None, "never reprovision keeps the hub's twin");
+        // A reset to another hub takes the webhook's twin.
+        hub_done(&mut w, "d");
+        w.enroll(individual("d", custom(with(json!({"iotHubs": ["hub-a", "hub-b"]}), policy(true, false)))));
+        w.register("d", KEY_A);
+        let s = answer(&mut w, "d", 200, json!({"iotHubHostName": "hub-b", "initialTwin": {"properties": {"desired": {"x": 9}}}}));
+        let t = s.hub_task.unwrap();
+        assert_eq!((t.twin.and_then(|t| t.desired), t.leave.map(|l| l.hub)), (Some(json!({"x": 9})), Some("hub-a".to_string())));
+        assert_eq!(s.substatus, Some(Substatus::DeviceDataReset));
+    }
+}

@@ -280,6 +280,15 @@ impl Registrar {
                 let fresh = entropy.fresh();
                 let config = facts.config;
                 let auth = state::hub_auth(matched, &p.registration_id, x509.as_ref(), tpm.as_ref());
+                let attestation = match (&p.proof, &x509) {
+                    (Proof::Tpm(t), _) => {
+                        use base64::Engine;
+                        let b64 = |k: &[u8]| base64::engine::general_purpose::STANDARD.encode(k);
+                        ("tpm", serde_json::json!({"endorsementKey": b64(&t.endorsement_key), "storageRootKey": b64(&t.storage_root_key)}))
+                    }
+                    (_, Some(x)) => ("x509", serde_json::to_value(x).unwrap_or_default()),
+                    _ => ("symmetricKey", serde_json::json!({})),
+                };
                 let mut state = state::next_state(state::StateInputs {
                     matched,
                     linked: &config.hubs,
@@ -290,6 +299,7 @@ impl Registrar {
                     etag: fresh.etag.clone(),
                     latency: &|hub: &str| config.latency.get(&hub.to_ascii_lowercase()).copied(),
                     auth,
+                    attestation,
                 });
                 state.x509 = x509;
                 state.tpm = tpm;

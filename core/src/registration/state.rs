@@ -3,12 +3,14 @@
 //! policy), or failed (docs/service-api.md §5, §6).
 
 use crate::allocation::{allocate, AllocationError};
+use crate::hub::custom;
 use crate::hub::{HubAuth, HubDevice, HubTask, Twin};
 use crate::model::*;
 use crate::sas::derive_device_key;
 use crate::time::UtcTime;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// DPS code for "no IoT hub available for assignment" (docs/device-protocol.md, C SDK).
@@ -50,6 +52,9 @@ pub struct StateInputs<'a> {
     pub latency: &'a dyn Fn(&str) -> Option<u64>,
     /// The credential the device will use at its hub ([`hub_auth`]).
     pub auth: Option<HubAuth>,
+    /// What a custom allocation webhook is told of the device's attestation
+    /// (`deviceRuntimeContext.symmetricKey`, `.x509` or `.tpm`).
+    pub attestation: (&'static str, Value),
 }
 
 /// The credential a hub must accept from the device, as DPS gives IoT Hub
@@ -104,13 +109,14 @@ pub fn next_state(d: StateInputs<'_>) -> DeviceRegistrationState {
         error_code: None,
         error_message: None,
         last_updated_date_time_utc: Some(d.now),
-        etag: Some(d.etag),
+        etag: Some(d.etag.clone()),
         payload: None,
         enrollment_group_id: d.matched.group_id().map(str::to_string),
         operation_id: None,
         x509: None,
         tpm: None,
         hub_task: None,
+        custom_allocation: None,
         twin: prev.and_then(|p| p.twin.clone()),
     };
     if !common.is_enabled() {
@@ -119,71 +125,114 @@ pub fn next_state(d: StateInputs<'_>) -> DeviceRegistrationState {
     }
     let was_assigned = prev.filter(|p| p.status == RegistrationStatus::Assigned).and_then(|p| p.assigned_hub.as_deref());
     let policy = common.reprovision_policy.clone().unwrap_or(ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: true });
+    let placement = Placement {
+        device_id,
+        auth: d.auth.clone(),
+        iot_edge: common.capabilities.as_ref().is_some_and(|c| c.iot_edge),
+        initial_twin: Twin::initial(common.initial_twin.as_ref()),
+        previous: was_assigned.zip(prev.and_then(|p| p.device_id.clone())).map(|(h, id)| HubDevice { hub: h.to_string(), device_id: id }),
+        previous_substatus: prev.and_then(|p| p.substatus),
+        policy,
+    };
+    let allocation = common.allocation_policy.unwrap_or(AllocationPolicy::Hashed);
     let hub = match was_assigned {
-        Some(h) if !policy.update_hub_assignment => Ok(h.to_string()),
-        _ => allocate(
-            common.allocation_policy.unwrap_or(AllocationPolicy::Hashed),
-            d.linked,
-            common.iot_hubs.as_deref(),
-            common.iot_hub_host_name.as_deref(),
-            d.registration_id,
-            d.latency,
-        ),
+        Some(h) if !placement.policy.update_hub_assignment && allocation != AllocationPolicy::Custom => Ok(h.to_string()),
+        _ if allocation == AllocationPolicy::Custom => {
+            return match custom::call(&d, &placement) {
+                Ok(call) => {
+                    state.status = RegistrationStatus::Assigning;
+                    state.custom_allocation = Some(call);
+                    state
+                }
+                Err(e) => fail(state, e),
+            };
+        }
+        _ => allocate(allocation, d.linked, common.iot_hubs.as_deref(), common.iot_hub_host_name.as_deref(), d.registration_id, d.latency),
     };
     match hub {
         Ok(hub) => {
-            state.substatus = Some(match was_assigned {
-                None => Substatus::InitialAssignment,
-                Some(old) if old.eq_ignore_ascii_case(&hub) => prev.and_then(|p| p.substatus).unwrap_or(Substatus::InitialAssignment),
-                Some(_) if policy.migrate_device_data => Substatus::DeviceDataMigrated,
-                Some(_) => Substatus::DeviceDataReset,
-            });
-            let initial = || Twin::initial(common.initial_twin.as_ref());
-            let moved_from = was_assigned.filter(|old| !old.eq_ignore_ascii_case(&hub));
-            let twin = if was_assigned.is_none() || (policy.update_hub_assignment && !policy.migrate_device_data) {
-                Some(initial())
-            } else if policy.update_hub_assignment && moved_from.is_some() {
-                Some(prev.and_then(|p| p.twin.clone()).unwrap_or_else(initial))
-            } else {
-                None
-            };
-            let leave =
-                moved_from.zip(prev.and_then(|p| p.device_id.clone())).map(|(h, id)| HubDevice { hub: h.to_string(), device_id: id });
-            let connected = d.linked.iter().find(|h| h.name.eq_ignore_ascii_case(&hub)).is_some_and(|h| h.kind() != HubKind::RegistryOnly);
-            let iot_edge = common.capabilities.as_ref().is_some_and(|c| c.iot_edge);
-            match (connected, d.auth) {
-                (true, Some(auth)) => {
-                    state.status = RegistrationStatus::Assigning;
-                    state.hub_task = Some(HubTask { hub: hub.clone(), device_id: device_id.clone(), auth, iot_edge, twin, leave });
-                }
-                (true, None) => {
-                    state.status = RegistrationStatus::Failed;
-                    state.error_code = Some(crate::hub::HUB_REFUSED_ERROR);
-                    state.error_message = Some("the enrollment gives the device no credential for its hub".into());
-                    return state;
-                }
-                // A registry-only hub: nothing to do there; what would be written is recorded.
-                (false, _) => {
-                    if let Some(t) = twin {
-                        state.twin = Some(t);
-                    }
-                }
-            }
-            state.assigned_hub = Some(hub);
-            state.device_id = Some(device_id);
+            place(&mut state, hub, &placement, d.linked);
             state.payload = d.payload;
+            state
         }
-        Err(e) => {
-            let (code, msg) = match e {
-                AllocationError::NoHub(m) => (NO_HUB_ERROR, m),
-                AllocationError::Unsupported(m) => (UNSUPPORTED_POLICY_ERROR, m),
-            };
+        Err(e) => fail(state, e),
+    }
+}
+
+fn fail(mut state: DeviceRegistrationState, e: AllocationError) -> DeviceRegistrationState {
+    let (code, msg) = match e {
+        AllocationError::NoHub(m) => (NO_HUB_ERROR, m),
+        AllocationError::Unsupported(m) => (UNSUPPORTED_POLICY_ERROR, m),
+    };
+    state.status = RegistrationStatus::Failed;
+    state.error_code = Some(code);
+    state.error_message = Some(msg);
+    state
+}
+
+/// What placing a device at its hub depends on besides the hub: kept with a registration
+/// while a custom allocation webhook is asked for the hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    pub device_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<HubAuth>,
+    #[serde(default)]
+    pub iot_edge: bool,
+    /// The enrollment's initial twin (or the webhook's, where it counts).
+    pub initial_twin: Twin,
+    /// Where the device is assigned now, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<HubDevice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_substatus: Option<Substatus>,
+    pub policy: ReprovisionPolicy,
+}
+
+/// Assigns `state` (status `assigned`, twin last written in `state.twin`) to `hub`: the
+/// substatus, the twin to write, the hub left, and — at a hub with a connector — the hub task,
+/// which leaves the state `assigning`.
+pub fn place(state: &mut DeviceRegistrationState, hub: String, p: &Placement, linked: &[LinkedHub]) {
+    let was_assigned = p.previous.as_ref().map(|d| d.hub.as_str());
+    let policy = &p.policy;
+    state.substatus = Some(match was_assigned {
+        None => Substatus::InitialAssignment,
+        Some(old) if old.eq_ignore_ascii_case(&hub) => p.previous_substatus.unwrap_or(Substatus::InitialAssignment),
+        Some(_) if policy.migrate_device_data => Substatus::DeviceDataMigrated,
+        Some(_) => Substatus::DeviceDataReset,
+    });
+    let moved = was_assigned.is_some_and(|old| !old.eq_ignore_ascii_case(&hub));
+    let twin = if was_assigned.is_none() || (policy.update_hub_assignment && !policy.migrate_device_data) {
+        Some(p.initial_twin.clone())
+    } else if policy.update_hub_assignment && moved {
+        Some(state.twin.clone().unwrap_or_else(|| p.initial_twin.clone()))
+    } else {
+        None
+    };
+    let leave = p.previous.clone().filter(|_| moved);
+    let connected = linked.iter().find(|h| h.name.eq_ignore_ascii_case(&hub)).is_some_and(|h| h.kind() != HubKind::RegistryOnly);
+    match (connected, p.auth.clone()) {
+        (true, Some(auth)) => {
+            state.status = RegistrationStatus::Assigning;
+            let task = HubTask { hub: hub.clone(), device_id: p.device_id.clone(), auth, iot_edge: p.iot_edge, twin, leave };
+            state.hub_task = Some(task);
+        }
+        (true, None) => {
             state.status = RegistrationStatus::Failed;
-            state.error_code = Some(code);
-            state.error_message = Some(msg);
+            state.error_code = Some(crate::hub::HUB_REFUSED_ERROR);
+            state.error_message = Some("the enrollment gives the device no credential for its hub".into());
+            return;
+        }
+        // A registry-only hub: nothing to do there; what would be written is recorded.
+        (false, _) => {
+            if let Some(t) = twin {
+                state.twin = Some(t);
+            }
         }
     }
-    state
+    state.assigned_hub = Some(hub);
+    state.device_id = Some(p.device_id.clone());
 }
 
 #[cfg(test)]
@@ -206,6 +255,7 @@ mod tests {
             etag: "\"e\"".into(),
             latency: &|_| None,
             auth: hub_auth(m, "dev1", None, None),
+            attestation: ("symmetricKey", serde_json::json!({})),
         })
     }
 

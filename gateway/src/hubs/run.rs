@@ -8,6 +8,7 @@ use super::workers::Step;
 use crate::clock::utc_now;
 use crate::service::{new_etag, random_bytes, Service};
 use dps_core::error::{ErrorKind, ServiceError};
+use dps_core::hub::custom::{self, Allocated, CustomCall};
 use dps_core::hub::{finish, Backoff, HubError, HubTask};
 use dps_core::model::{DeviceRegistrationState, LinkedHub};
 use dps_storage::{Expect, Op, Record, Table, Txn, TxnError};
@@ -43,47 +44,74 @@ fn backoff(svc: &Service) -> Backoff {
     }
 }
 
-/// Runs the task of the `assigning` state stored under `key` and commits its end; returns the
-/// state the device's registration is in afterwards.
-pub async fn run(claim: Claim, hubs: Vec<LinkedHub>, state: DeviceRegistrationState) -> Result<DeviceRegistrationState, ServiceError> {
+/// Runs the pending work of the `assigning` state stored under the claimed key (the custom
+/// allocation webhook, then the hub task) and commits its end; returns the state the device's
+/// registration is in afterwards.
+pub async fn run(claim: Claim, hubs: Vec<LinkedHub>, mut state: DeviceRegistrationState) -> Result<DeviceRegistrationState, ServiceError> {
     let svc = claim.svc.clone();
-    let Some(task) = state.hub_task.clone() else { return Ok(state) };
-    let backoff = backoff(&svc);
-    let started = Instant::now();
-    let mut attempt = 0u32;
-    let result = loop {
-        match steps(&svc, &hubs, &task).await {
-            Err(HubError::Transient(why)) => {
-                let elapsed = started.elapsed().as_millis() as u64;
-                let jitter = u16::from_be_bytes(random_bytes::<2>()) % 1001;
-                match backoff.next_delay(attempt, elapsed, jitter) {
-                    Some(ms) => {
-                        tracing::warn!(hub = %task.hub, device_id = %task.device_id, attempt, retry_in_ms = ms, reason = %why, "hub step failed");
-                        glommio::timer::sleep(Duration::from_millis(ms)).await;
-                        attempt += 1;
-                    }
-                    None => break Err(HubError::Transient(why)),
-                }
-            }
-            other => break other,
-        }
-    };
-    if let Err(e) = &result {
-        tracing::warn!(hub = %task.hub, device_id = %task.device_id, reason = %e.message(), "hub did not take the device");
-    }
     let expected = state.etag.clone().unwrap_or_default();
-    let done = finish(state, result, utc_now(), new_etag());
+    if let Some(call) = state.custom_allocation.clone() {
+        let answer = retried(&svc, || ask(&svc, &call)).await.unwrap_or_else(|e| Err(format!("Custom allocation failed: {}", e.message())));
+        if let Err(why) = &answer {
+            tracing::warn!(webhook = %super::http::redact(&call.webhook_url), registration_id = %state.registration_id, reason = %why, "custom allocation failed");
+        }
+        state = custom::resolve(state, answer, &hubs);
+    }
+    let done = match state.hub_task.clone() {
+        Some(task) => {
+            let result = retried(&svc, || steps(&svc, &hubs, &task)).await;
+            if let Err(e) = &result {
+                tracing::warn!(hub = %task.hub, device_id = %task.device_id, reason = %e.message(), "hub did not take the device");
+            }
+            finish(state, result, utc_now(), new_etag())
+        }
+        None => DeviceRegistrationState { etag: Some(new_etag()), last_updated_date_time_utc: Some(utc_now()), ..state },
+    };
     let body = serde_json::to_vec(&done).map_err(|e| ServiceError::new(ErrorKind::Internal, "internal error").because(e.to_string()))?;
     let record = Record { etag: done.etag.clone().unwrap_or_default(), class: 0, body };
     let op = Op::Put { table: Table::Registrations, key: claim.key.clone(), record, expect: Expect::Etag(expected), quota: None };
     match svc.store.commit(Txn::one(op)).await? {
         Ok(_) => Ok(done),
-        // A newer registration (or a delete) replaced the state this task was for.
+        // A newer registration (or a delete) replaced the state this work was for.
         Err(TxnError::PreconditionFailed | TxnError::NotFound) => match svc.store.get(Table::Registrations, &claim.key).await? {
             Some(r) => r.parse(),
             None => Err(ServiceError::new(ErrorKind::RegistrationNotFound, "registration not found")),
         },
-        Err(e) => Err(ServiceError::new(ErrorKind::Internal, "internal error").because(format!("hub task commit: {e:?}"))),
+        Err(e) => Err(ServiceError::new(ErrorKind::Internal, "internal error").because(format!("hub work commit: {e:?}"))),
+    }
+}
+
+/// Repeats `attempt` while it fails transiently, by the backoff, until the deadline.
+async fn retried<T, F: std::future::Future<Output = Result<T, HubError>>>(
+    svc: &Service,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, HubError> {
+    let backoff = backoff(svc);
+    let started = Instant::now();
+    let mut n = 0u32;
+    loop {
+        match attempt().await {
+            Err(HubError::Transient(why)) => {
+                let jitter = u16::from_be_bytes(random_bytes::<2>()) % 1001;
+                let Some(ms) = backoff.next_delay(n, started.elapsed().as_millis() as u64, jitter) else {
+                    return Err(HubError::Transient(why));
+                };
+                tracing::debug!(attempt = n, retry_in_ms = ms, reason = %why, "hub work failed, retrying");
+                glommio::timer::sleep(Duration::from_millis(ms)).await;
+                n += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One webhook call: its answer read, or a transient failure (unreachable, busy, failing).
+async fn ask(svc: &Service, call: &CustomCall) -> Result<Result<Allocated, String>, HubError> {
+    let step = Step::Allocate { url: call.webhook_url.clone(), body: call.body.clone() };
+    match svc.hub_workers.run(None, step).await? {
+        Some((status, _)) if custom::retryable(status) => Err(HubError::Transient(format!("the webhook answered {status}"))),
+        Some((status, body)) => Ok(custom::read_answer(call, status, &body)),
+        None => Err(HubError::Transient("no answer from the webhook".into())),
     }
 }
 
@@ -91,11 +119,11 @@ pub async fn run(claim: Claim, hubs: Vec<LinkedHub>, state: DeviceRegistrationSt
 async fn steps(svc: &Service, hubs: &[LinkedHub], task: &HubTask) -> Result<(), HubError> {
     let find = |name: &str| hubs.iter().find(|h| h.name.eq_ignore_ascii_case(name));
     let hub = find(&task.hub).ok_or_else(|| HubError::Refused(format!("hub {} is no longer linked", task.hub)))?;
-    svc.hub_workers.run(hub, Step::Assign(task.clone())).await?;
+    svc.hub_workers.run(Some(hub), Step::Assign(task.clone())).await?;
     if let Some(old) = task.leave.as_ref() {
         // A hub unlinked since keeps its identity: it is no longer ours to manage.
         if let Some(h) = find(&old.hub) {
-            svc.hub_workers.run(h, Step::Remove(old.device_id.clone())).await?;
+            svc.hub_workers.run(Some(h), Step::Remove(old.device_id.clone())).await?;
         }
     }
     Ok(())
@@ -122,26 +150,9 @@ pub async fn disable_devices(svc: Arc<Service>, registrations: Vec<String>) {
         let Some(h) = hubs.iter().find(|h| h.name.eq_ignore_ascii_case(&hub) && h.kind() != dps_core::model::HubKind::RegistryOnly) else {
             continue;
         };
-        let backoff = backoff(&svc);
-        let started = Instant::now();
-        let mut attempt = 0;
-        loop {
-            match svc.hub_workers.run(h, Step::Disable(device_id.clone())).await {
-                Ok(()) => break,
-                Err(HubError::Transient(why)) => {
-                    let jitter = u16::from_be_bytes(random_bytes::<2>()) % 1001;
-                    let Some(ms) = backoff.next_delay(attempt, started.elapsed().as_millis() as u64, jitter) else {
-                        tracing::warn!(hub = %hub, device_id = %device_id, reason = %why, "could not disable the device at its hub");
-                        break;
-                    };
-                    glommio::timer::sleep(Duration::from_millis(ms)).await;
-                    attempt += 1;
-                }
-                Err(HubError::Refused(why)) => {
-                    tracing::warn!(hub = %hub, device_id = %device_id, reason = %why, "the hub refused to disable the device");
-                    break;
-                }
-            }
+        match retried(&svc, || svc.hub_workers.run(Some(h), Step::Disable(device_id.clone()))).await {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(hub = %hub, device_id = %device_id, reason = %e.message(), "could not disable the device at its hub"),
         }
     }
 }

@@ -11,18 +11,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// One connector step.
+/// One step of hub work.
 #[derive(Debug, Clone)]
 pub enum Step {
     Assign(HubTask),
     Remove(String),
     Disable(String),
+    /// POST a custom allocation request (no hub yet): answered with the HTTP status and body.
+    Allocate {
+        url: String,
+        body: serde_json::Value,
+    },
 }
 
+/// What a step produced: nothing, or a webhook's HTTP status and body.
+pub type Output = Option<(u16, Vec<u8>)>;
+
 struct Job {
-    hub: LinkedHub,
+    hub: Option<LinkedHub>,
     step: Step,
-    reply: oneshot::Sender<Result<(), HubError>>,
+    reply: oneshot::Sender<Result<Output, HubError>>,
 }
 
 pub struct HubWorkers {
@@ -30,27 +38,23 @@ pub struct HubWorkers {
 }
 
 impl HubWorkers {
-    /// `threads` workers (each step is mostly waiting on the hub, so a few more than cores),
-    /// `queue` steps waiting at most; they end once `stop` is set.
-    pub fn start(
-        threads: usize,
-        queue: usize,
-        instance: u32,
-        stop: Arc<AtomicBool>,
-    ) -> std::io::Result<(HubWorkers, Vec<std::thread::JoinHandle<()>>)> {
-        let (tx, rx) = bounded::<Job>(queue.max(1));
+    /// `knobs.threads` workers (each step mostly waits on its hub, so more than cores),
+    /// `knobs.queue` steps waiting at most; they end once `stop` is set.
+    pub fn start(knobs: Knobs, stop: Arc<AtomicBool>) -> std::io::Result<(HubWorkers, Vec<std::thread::JoinHandle<()>>)> {
+        let (tx, rx) = bounded::<Job>(knobs.queue.max(1));
         let mut handles = Vec::new();
-        for i in 0..threads.max(1) {
+        for i in 0..knobs.threads.max(1) {
             let (rx, stop) = (rx.clone(), stop.clone());
-            handles.push(std::thread::Builder::new().name(format!("hub-{i}")).spawn(move || work(&rx, &stop, instance))?);
+            handles.push(std::thread::Builder::new().name(format!("hub-{i}")).spawn(move || work(&rx, &stop, knobs))?);
         }
         Ok((HubWorkers { tx }, handles))
     }
 
-    /// Runs one step at `hub`; a full queue is a transient failure (retried later).
-    pub async fn run(&self, hub: &LinkedHub, step: Step) -> Result<(), HubError> {
+    /// Runs one step at `hub` (None: a webhook step); a full queue is a transient failure
+    /// (retried later).
+    pub async fn run(&self, hub: Option<&LinkedHub>, step: Step) -> Result<Output, HubError> {
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Job { hub: hub.clone(), step, reply }) {
+        match self.tx.try_send(Job { hub: hub.cloned(), step, reply }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(HubError::Transient("every hub worker is busy".into())),
             Err(TrySendError::Disconnected(_)) => return Err(HubError::Transient("the hub workers have stopped".into())),
@@ -59,14 +63,34 @@ impl HubWorkers {
     }
 }
 
-fn work(rx: &Receiver<Job>, stop: &AtomicBool, instance: u32) {
+/// The workers' settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Knobs {
+    pub threads: usize,
+    pub queue: usize,
+    /// Unique per process start (correlation data, client ids).
+    pub instance: u32,
+    /// How long a webhook may take to answer.
+    pub webhook_timeout: Duration,
+}
+
+fn work(rx: &Receiver<Job>, stop: &AtomicBool, knobs: Knobs) {
     while !stop.load(Ordering::Relaxed) {
         let Ok(job) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
-        let result = connector(&job.hub, instance).and_then(|c| match &job.step {
-            Step::Assign(t) => c.assign(t),
-            Step::Remove(id) => c.remove(id),
-            Step::Disable(id) => c.disable(id),
-        });
+        let result = match (&job.step, &job.hub) {
+            (Step::Allocate { url, body }, _) => {
+                super::http::post_json(url, body, knobs.webhook_timeout, dps_core::hub::custom::MAX_RESPONSE_BYTES).map(Some)
+            }
+            (_, None) => Err(HubError::Refused("no hub named for a hub step".into())),
+            (step, Some(hub)) => connector(hub, knobs.instance)
+                .and_then(|c| match step {
+                    Step::Assign(t) => c.assign(t),
+                    Step::Remove(id) => c.remove(id),
+                    Step::Disable(id) => c.disable(id),
+                    Step::Allocate { .. } => Ok(()),
+                })
+                .map(|()| None),
+        };
         let _ = job.reply.send(result);
     }
 }
