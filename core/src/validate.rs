@@ -169,7 +169,7 @@ fn check_common(c: &EnrollmentCommon) -> Result<(), ServiceError> {
     }
     if let Some(d) = &c.custom_allocation_definition {
         let url = d.webhook_url.as_str();
-        if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 2048 {
+        if !is_http_url(url) {
             return Err(ServiceError::invalid("customAllocationDefinition.webhookUrl must be an http:// or https:// URL"));
         }
     }
@@ -290,13 +290,22 @@ pub fn prepare_group(
     Ok(g)
 }
 
+fn is_http_url(url: &str) -> bool {
+    (url.starts_with("https://") || url.starts_with("http://")) && url.len() <= 2048
+}
+
 /// Checks a linked hub definition; fills `name` from the connection string.
 pub fn prepare_hub(mut h: LinkedHub, path_name: Option<&str>) -> Result<LinkedHub, ServiceError> {
     match h.kind() {
-        HubKind::AzureIotHub | HubKind::Webhook => {
-            return Err(ServiceError::invalid(format!("hub kind '{}' is not available yet", h.kind().as_str())));
+        HubKind::Webhook => {
+            if !is_http_url(h.control_url.as_deref().unwrap_or_default()) {
+                return Err(ServiceError::invalid("a webhook hub needs controlUrl http://… or https://…"));
+            }
         }
-        HubKind::RegistryOnly => {
+        HubKind::RegistryOnly | HubKind::AzureIotHub => {
+            if h.control_url.as_deref().is_some_and(|u| !is_http_url(u)) {
+                return Err(ServiceError::invalid("controlUrl of an IoT hub must be http://… or https://…"));
+            }
             let cs = parse_connection_string(&h.connection_string)
                 .ok_or_else(|| ServiceError::invalid("connectionString must hold HostName, SharedAccessKeyName and SharedAccessKey"))?;
             if B64.decode(&cs.key).is_err() {

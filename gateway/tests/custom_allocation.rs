@@ -4,13 +4,11 @@
 //! is busy, and 400207 when it refuses or stays unreachable.
 
 mod common;
-use common::mqtt_client::device_token;
 use common::*;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
@@ -23,35 +21,13 @@ struct Webhook {
 
 impl Webhook {
     fn start(script: Vec<(u16, Value)>) -> Webhook {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = requests.clone();
-        std::thread::spawn(move || {
-            for (n, conn) in listener.incoming().enumerate() {
-                let Ok(mut conn) = conn else { return };
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut len = 0;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap();
-                    }
-                }
-                let mut body = vec![0u8; len];
-                reader.read_exact(&mut body).unwrap();
-                seen.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
-                let (status, answer) = script[n.min(script.len() - 1)].clone();
-                let answer = answer.to_string();
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
-                    answer.len()
-                );
-            }
+        let port = common::http_server::serve(move |r| {
+            let mut seen = seen.lock().unwrap();
+            seen.push(r.json());
+            let (status, answer) = script[(seen.len() - 1).min(script.len() - 1)].clone();
+            (status, answer.to_string())
         });
         Webhook { port, requests }
     }
@@ -81,28 +57,8 @@ fn enroll(s: &TestServer, id: &str, url: &str) {
 
 /// Registers over HTTPS with a payload and polls to a final state.
 fn register(s: &TestServer, id: &str) -> Value {
-    let base = format!("https://localhost:{}/{}/registrations/{id}", s.ep.ports.https, s.ep.id_scope);
-    let token = device_token(&s.ep.id_scope, id, KEY);
-    let r = s
-        .client
-        .put(format!("{base}/register?api-version=2019-03-31"))
-        .header("Authorization", &token)
-        .body(json!({"registrationId": id, "payload": {"modelId": "thermostat;1"}}).to_string())
-        .send()
-        .unwrap();
-    let (st, v) = status_json(r);
-    assert_eq!(st, 202, "{v}");
-    let op = v["operationId"].as_str().unwrap().to_string();
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = s.client.get(format!("{base}/operations/{op}?api-version=2019-03-31")).header("Authorization", &token).send().unwrap();
-        let (st, v) = status_json(r);
-        if st != 202 {
-            return v;
-        }
-        assert!(Instant::now() < until, "still assigning: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let op = https_register(s, id, KEY, &json!({"registrationId": id, "payload": {"modelId": "thermostat;1"}}).to_string());
+    https_poll(s, id, KEY, &op, Duration::from_secs(20))
 }
 
 #[test]

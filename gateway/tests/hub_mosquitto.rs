@@ -7,7 +7,7 @@
 
 mod common;
 use common::mosquitto::Broker;
-use common::mqtt_client::{device_token, MqttClient};
+use common::mqtt_client::MqttClient;
 use common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -46,28 +46,14 @@ fn link(s: &TestServer, broker: &Broker, name: &str) {
 }
 
 /// Registers over HTTPS and polls until the state is final or `patience` ran out; returns the
-/// last operation status.
+/// last operation status (the first poll's when `patience` is zero).
 fn register(s: &TestServer, id: &str, patience: Duration) -> Value {
-    let base = format!("https://localhost:{}/{}/registrations/{id}", s.ep.ports.https, s.ep.id_scope);
-    let token = device_token(&s.ep.id_scope, id, KEY);
-    let r = s.client.put(format!("{base}/register?api-version=2019-03-31")).header("Authorization", &token).body("{}").send().unwrap();
-    let (st, v) = status_json(r);
-    assert_eq!(st, 202, "{v}");
-    poll(s, id, v["operationId"].as_str().unwrap(), patience)
+    let op = https_register(s, id, KEY, "{}");
+    poll(s, id, &op, patience)
 }
 
 fn poll(s: &TestServer, id: &str, op: &str, patience: Duration) -> Value {
-    let base = format!("https://localhost:{}/{}/registrations/{id}", s.ep.ports.https, s.ep.id_scope);
-    let token = device_token(&s.ep.id_scope, id, KEY);
-    let until = Instant::now() + patience;
-    loop {
-        let r = s.client.get(format!("{base}/operations/{op}?api-version=2019-03-31")).header("Authorization", &token).send().unwrap();
-        let (st, v) = status_json(r);
-        if st != 202 || Instant::now() > until {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    https_poll(s, id, KEY, op, patience)
 }
 
 fn device_at(broker: &Broker, ca: &std::path::Path, id: &str, password: &str) -> (MqttClient, Option<u8>) {

@@ -99,8 +99,9 @@ fn work(rx: &Receiver<Job>, stop: &AtomicBool, knobs: Knobs) {
 fn connector(hub: &LinkedHub, instance: u32) -> Result<Box<dyn HubConnector>, HubError> {
     match hub.kind() {
         HubKind::Mosquitto => Ok(Box::new(MosquittoHub::new(hub, instance)?)),
+        HubKind::AzureIotHub => Ok(Box::new(super::azure_iothub::AzureIotHub::new(hub)?)),
+        HubKind::Webhook => Ok(Box::new(super::webhook::WebhookHub::new(hub)?)),
         HubKind::RegistryOnly => Ok(Box::new(RegistryOnly)),
-        other => Err(HubError::Refused(format!("hub kind '{}' has no connector", other.as_str()))),
     }
 }
 

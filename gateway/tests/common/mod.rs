@@ -9,6 +9,8 @@ use dps_gateway::{Endpoint, Running};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde_json::Value;
 
+pub mod fake_iothub;
+pub mod http_server;
 pub mod mosquitto;
 pub mod mqtt_client;
 
@@ -117,5 +119,29 @@ pub fn hub(name: &str) -> dps_gateway::config::HubConfig {
         host_name: name.into(),
         connection_string: format!("HostName={name};SharedAccessKeyName=iothubowner;SharedAccessKey=aHViLWtleQ=="),
         ..Default::default()
+    }
+}
+
+/// A device's HTTPS register with `body`; asserts the `202` and returns its operation id.
+pub fn https_register(s: &TestServer, id: &str, key: &str, body: &str) -> String {
+    let url = format!("https://localhost:{}/{}/registrations/{id}/register?api-version=2019-03-31", s.ep.ports.https, s.ep.id_scope);
+    let token = mqtt_client::device_token(&s.ep.id_scope, id, key);
+    let (st, v) = status_json(s.client.put(url).header("Authorization", &token).body(body.to_string()).send().unwrap());
+    assert_eq!(st, 202, "{v}");
+    v["operationId"].as_str().unwrap().to_string()
+}
+
+/// Polls the operation every 100 ms until it is no longer `202 assigning` or `patience` ran
+/// out; the last answer.
+pub fn https_poll(s: &TestServer, id: &str, key: &str, op: &str, patience: std::time::Duration) -> Value {
+    let url = format!("https://localhost:{}/{}/registrations/{id}/operations/{op}?api-version=2019-03-31", s.ep.ports.https, s.ep.id_scope);
+    let token = mqtt_client::device_token(&s.ep.id_scope, id, key);
+    let until = std::time::Instant::now() + patience;
+    loop {
+        let (st, v) = status_json(s.client.get(&url).header("Authorization", &token).send().unwrap());
+        if st != 202 || std::time::Instant::now() > until {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
