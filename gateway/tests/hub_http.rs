@@ -133,3 +133,40 @@ fn the_webhook_connector_posts_each_step() {
         seen.lock().unwrap().iter().any(|v| v["operation"] == "disable" && v["deviceId"] == "hooked")
     });
 }
+
+#[test]
+fn rolled_keys_reach_the_hub() {
+    let s = server();
+    let hub = FakeIotHub::start("keys.azure-devices.net");
+    link(&s, &hub.host, hub.hub_json(true));
+    let keys_at_hub = |id: &str| hub.device(id).map(|d| d["authentication"]["symmetricKey"].clone());
+
+    // An individual enrollment: the keys swapped through the service API (the SDK's update).
+    enroll(&s, "rolled", json!({"iotHubs": [hub.host]}));
+    assert_eq!(register(&s, "rolled")["status"], "assigned");
+    let e = json!({"registrationId": "rolled", "iotHubs": [hub.host],
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY2, "secondaryKey": KEY}}});
+    let etag = s.send("GET", "/enrollments/rolled", None).headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(s.req("PUT", "/enrollments/rolled").header("If-Match", etag).body(e.to_string()).send().unwrap().status().as_u16(), 200);
+    eventually("the hub has the rolled keys", || keys_at_hub("rolled") == Some(json!({"primaryKey": KEY2, "secondaryKey": KEY})));
+
+    // A group: its devices' derived keys change with the group key.
+    let g = |primary: &str| {
+        json!({"enrollmentGroupId": "rolled-group", "iotHubs": [hub.host],
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": primary, "secondaryKey": KEY2}}})
+    };
+    assert_eq!(s.send("PUT", "/enrollmentGroups/rolled-group", Some(g(KEY))).status().as_u16(), 200);
+    let derived = |group_key: &str| {
+        use base64::Engine;
+        dps_core::sas::derive_device_key(&base64::engine::general_purpose::STANDARD.decode(group_key).unwrap(), "member")
+    };
+    let op = https_register(&s, "member", &derived(KEY), "{}");
+    assert_eq!(https_poll(&s, "member", &derived(KEY), &op, Duration::from_secs(30))["status"], "assigned");
+    assert_eq!(keys_at_hub("member").unwrap()["primaryKey"], json!(derived(KEY)));
+    let etag = s.send("GET", "/enrollmentGroups/rolled-group", None).headers()["etag"].to_str().unwrap().to_string();
+    let r = s.req("PUT", "/enrollmentGroups/rolled-group").header("If-Match", etag).body(g(KEY2).to_string()).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    eventually("the hub has the member's new derived key", || {
+        keys_at_hub("member").is_some_and(|k| k["primaryKey"] == json!(derived(KEY2)))
+    });
+}

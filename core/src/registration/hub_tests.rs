@@ -249,3 +249,18 @@ mod custom_allocation {
         assert_eq!(s.substatus, Some(Substatus::DeviceDataReset));
     }
 }
+
+#[test]
+fn a_deleted_registration_state_makes_the_next_registration_a_first_one() {
+    let mut w = world();
+    w.enroll(individual("d", with(json!({"iotHubs": ["hub-a"]}), twin(1))));
+    w.register("d", KEY_A);
+    hub_done(&mut w, "d");
+    w.enroll(individual("d", with(json!({"iotHubs": ["hub-b"]}), twin(2))));
+    w.states.remove("d");
+    let o = w.register("d", KEY_A);
+    let t = task(&o);
+    assert_eq!(state(&o).substatus, Some(Substatus::InitialAssignment));
+    // Nothing is known of the old hub: it is not cleaned up (as DPS), the initial twin is written.
+    assert_eq!((t.hub.as_str(), t.leave, t.twin.and_then(|t| t.desired)), ("hub-b", None, Some(json!({"v": 2}))));
+}

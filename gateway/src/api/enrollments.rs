@@ -2,6 +2,7 @@
 //! DELETE and the attestation mechanism with its secrets.
 
 use super::*;
+use crate::hubs::run::{Enrollment, Refresh};
 use crate::service::{new_etag, random_key};
 use dps_core::validate::{parse_input, prepare_enrollment, prepare_group};
 use dps_storage::{Expect, Op, Txn};
@@ -29,7 +30,7 @@ impl ServiceApi {
         let if_match = if_match(req);
         let etag = new_etag();
         let limits = &self.svc.limits;
-        let (record, view, key, disabled) = match c {
+        let (record, view, key, refresh) = match c {
             Collection::Enrollments => {
                 let e: IndividualEnrollment = parse_input(&req.body)?;
                 let previous = match &if_match {
@@ -40,8 +41,9 @@ impl ServiceApi {
                 e.common.etag = Some(etag.clone());
                 let body = serde_json::to_vec(&e).map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?;
                 let key = id_key(&e.registration_id);
-                let disabled = !e.common.is_enabled();
-                (Record { etag: etag.clone(), class: 0, body }, serde_json::to_value(enrollment_view(e)), key, disabled)
+                let rolled = previous.is_some_and(|p| p.common.attestation.symmetric_key != e.common.attestation.symmetric_key);
+                let refresh = refresh_of(&e.common, rolled, || Enrollment::Individual(Box::new(e.clone())));
+                (Record { etag: etag.clone(), class: 0, body }, serde_json::to_value(enrollment_view(e)), key, refresh)
             }
             Collection::Groups => {
                 let g: EnrollmentGroup = parse_input(&req.body)?;
@@ -53,8 +55,9 @@ impl ServiceApi {
                 g.common.etag = Some(etag.clone());
                 let body = serde_json::to_vec(&g).map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?;
                 let key = id_key(&g.enrollment_group_id);
-                let disabled = !g.common.is_enabled();
-                (Record { etag: etag.clone(), class: group_class(&g), body }, serde_json::to_value(group_view(g)), key, disabled)
+                let rolled = previous.is_some_and(|p| p.common.attestation.symmetric_key != g.common.attestation.symmetric_key);
+                let refresh = refresh_of(&g.common, rolled, || Enrollment::Group(Box::new(g.clone())));
+                (Record { etag: etag.clone(), class: group_class(&g), body }, serde_json::to_value(group_view(g)), key, refresh)
             }
         };
         let quota = match (c, record.class) {
@@ -70,8 +73,8 @@ impl ServiceApi {
         let result = self.svc.store.commit(Txn::one(Op::Put { table, key: key.clone(), record, expect, quota: Some(quota) })).await?;
         result.map_err(|e| txn_error(e, table, id))?;
         self.changed(table, vec![key.clone()]).await;
-        if disabled {
-            self.disable_at_hubs(c, key).await?;
+        if let Some(r) = refresh {
+            self.refresh_at_hubs(c, key, r).await?;
         }
         let view = view.map_err(|_| ServiceError::new(ErrorKind::Internal, "serialisation failed"))?;
         Ok(json(200, &view).header("ETag", etag))
@@ -90,10 +93,10 @@ impl ServiceApi {
         Ok(Response::new(204))
     }
 
-    /// A disabled enrollment's devices are cut off at their hubs, in the background (the
-    /// registration keys are read here: one for an individual enrollment, the group's index
-    /// for a group).
-    async fn disable_at_hubs(&self, c: Collection, key: String) -> Result<(), ServiceError> {
+    /// A disabled enrollment's devices are cut off at their hubs, a rolled key reaches them
+    /// there, in the background (the registration keys are read here: one for an individual
+    /// enrollment, the group's index for a group).
+    async fn refresh_at_hubs(&self, c: Collection, key: String, refresh: Refresh) -> Result<(), ServiceError> {
         let keys = match c {
             Collection::Enrollments => vec![key],
             Collection::Groups => {
@@ -102,7 +105,7 @@ impl ServiceApi {
                 rows.into_iter().filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string)).collect()
             }
         };
-        glommio::spawn_local(crate::hubs::run::disable_devices(self.svc.clone(), keys)).detach();
+        glommio::spawn_local(crate::hubs::run::refresh_devices(self.svc.clone(), keys, refresh)).detach();
         Ok(())
     }
 
@@ -126,5 +129,15 @@ impl ServiceApi {
             Collection::Groups => self.read::<EnrollmentGroup>(table, id).await?.map(|(_, g)| g.common.attestation),
         };
         Ok(json(200, &a.ok_or_else(|| not_found(table, id))?))
+    }
+}
+
+/// What an enrollment write changes at its devices' hubs: disabled, they are cut off; with its
+/// symmetric keys rolled, the hubs get the new ones.
+fn refresh_of(common: &EnrollmentCommon, rolled: bool, enrollment: impl FnOnce() -> Enrollment) -> Option<Refresh> {
+    match (common.is_enabled(), rolled) {
+        (false, _) => Some(Refresh::Disable),
+        (true, true) => Some(Refresh::Rekey(enrollment())),
+        (true, false) => None,
     }
 }

@@ -11,6 +11,7 @@ use dps_core::error::{ErrorKind, ServiceError};
 use dps_core::hub::custom::{self, Allocated, CustomCall};
 use dps_core::hub::{finish, Backoff, HubError, HubTask};
 use dps_core::model::{DeviceRegistrationState, LinkedHub};
+use dps_core::registration::state::{hub_auth, Matched};
 use dps_storage::{Expect, Op, Record, Table, Txn, TxnError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,15 +130,28 @@ async fn steps(svc: &Service, hubs: &[LinkedHub], task: &HubTask) -> Result<(), 
     Ok(())
 }
 
-/// Cuts off, at their hubs, the devices an enrollment admitted, after it was disabled:
-/// `registrations` are the registration keys (one for an individual enrollment, the group's
-/// for a group). Runs in the background with the same retries as a registration; a device
-/// registering again while its enrollment is disabled is answered `disabled` anyway.
-pub async fn disable_devices(svc: Arc<Service>, registrations: Vec<String>) {
+/// An enrollment as written, for the work its change causes at hubs.
+pub enum Enrollment {
+    Individual(Box<dps_core::model::IndividualEnrollment>),
+    Group(Box<dps_core::model::EnrollmentGroup>),
+}
+
+/// What an enrollment change asks of the hubs its devices are at.
+pub enum Refresh {
+    /// Disabled: cut them off.
+    Disable,
+    /// Keys rolled: give the hubs the new credentials.
+    Rekey(Enrollment),
+}
+
+/// Applies an enrollment change at the hubs of the devices it admitted (`registrations`: their
+/// registration keys). Runs in the background with the same retries as a registration; a
+/// device registering meanwhile is decided by the enrollment as it now is anyway.
+pub async fn refresh_devices(svc: Arc<Service>, registrations: Vec<String>, refresh: Refresh) {
     let hubs: Vec<LinkedHub> = match svc.store.scan(Table::Hubs, "", None, usize::MAX).await {
         Ok(rows) => rows.iter().filter_map(|(_, r)| r.parse().ok()).collect(),
         Err(e) => {
-            tracing::warn!(error = ?e, "cannot read the linked hubs to disable devices");
+            tracing::warn!(error = ?e, "cannot read the linked hubs to update devices");
             return;
         }
     };
@@ -146,13 +160,25 @@ pub async fn disable_devices(svc: Arc<Service>, registrations: Vec<String>) {
             Ok(r) => r.and_then(|r| r.parse().ok()),
             Err(_) => None,
         };
-        let Some((hub, device_id)) = state.and_then(|s| s.assigned_hub.zip(s.device_id)) else { continue };
+        let Some(state) = state.filter(|s| s.status == dps_core::model::RegistrationStatus::Assigned) else { continue };
+        let (Some(hub), Some(device_id)) = (state.assigned_hub.clone(), state.device_id.clone()) else { continue };
         let Some(h) = hubs.iter().find(|h| h.name.eq_ignore_ascii_case(&hub) && h.kind() != dps_core::model::HubKind::RegistryOnly) else {
             continue;
         };
-        match retried(&svc, || svc.hub_workers.run(Some(h), Step::Disable(device_id.clone()))).await {
-            Ok(_) => {}
-            Err(e) => tracing::warn!(hub = %hub, device_id = %device_id, reason = %e.message(), "could not disable the device at its hub"),
+        let step = match &refresh {
+            Refresh::Disable => Step::Disable(device_id.clone()),
+            Refresh::Rekey(e) => {
+                let matched = match e {
+                    Enrollment::Individual(e) => Matched::Individual(e),
+                    Enrollment::Group(g) => Matched::Group(g),
+                };
+                let Some(auth) = hub_auth(matched, &state.registration_id, state.x509.as_ref(), state.tpm.as_ref()) else { continue };
+                let iot_edge = matched.common().capabilities.as_ref().is_some_and(|c| c.iot_edge);
+                Step::Assign(HubTask { hub: hub.clone(), device_id: device_id.clone(), auth, iot_edge, twin: None, leave: None })
+            }
+        };
+        if let Err(e) = retried(&svc, || svc.hub_workers.run(Some(h), step.clone())).await {
+            tracing::warn!(hub = %hub, device_id = %device_id, reason = %e.message(), "could not update the device at its hub");
         }
     }
 }
