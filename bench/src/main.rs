@@ -14,6 +14,10 @@
 //! The gateway runs in a child process (this binary re-run as `serve-gateway`), loadgen in this
 //! one, both on the same cores. Nothing here asserts a timing; `--smoke` runs every part tiny.
 
+/// Mosquitto with its dynamic-security plugin as a linked hub: the tests' harness.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[path = "../../gateway/tests/common/mosquitto.rs"]
+mod dynsec_broker;
 mod gateway_proc;
 mod mosquitto;
 mod service_api;
@@ -47,6 +51,9 @@ struct Args {
     /// With --quick: the TPM rows too (they always run without --quick).
     #[arg(long)]
     tpm: bool,
+    /// With --quick: the hub connector row too (it always runs without --quick).
+    #[arg(long)]
+    hub: bool,
     /// Devices per measured run of items 1 to 3.
     #[arg(long)]
     devices: Option<usize>,
@@ -289,6 +296,37 @@ fn main() -> Result<(), BoxError> {
         }
         b.warmup = saved;
     }
+    // Hub connector: group registrations whose devices are created at a real Mosquitto broker
+    // (dynamic-security: a client and a role each, the desired properties retained) before the
+    // device is answered; next to the registry-only row above. The broker applies changes one
+    // at a time and rewrites its whole JSON file for each, so it sets the pace.
+    let mut hub_row = None;
+    if !a.quick || a.hub {
+        let broker = dynsec_broker::Broker::start(&work.path().join("dps2/certs"));
+        let service = ServiceClient::new(&ep)?;
+        let (st, text) = b.rt.block_on(service.call(
+            reqwest::Method::PUT,
+            "/linkedHubs/broker.bench",
+            Some(broker.hub_json("broker.bench").to_string()),
+        ))?;
+        if st != 200 {
+            return Err(format!("linking the broker: {st} {text}").into());
+        }
+        let body = serde_json::json!({"enrollmentGroupId": "bench-hub", "attestation": {"type": "symmetricKey"}, "iotHubs": ["broker.bench"],
+            "initialTwin": {"properties": {"desired": {"telemetryInterval": 30}}}});
+        let (st, text) = b.rt.block_on(service.call(reqwest::Method::PUT, "/enrollmentGroups/bench-hub", Some(body.to_string())))?;
+        if st != 200 {
+            return Err(format!("creating the hub group: {st} {text}").into());
+        }
+        let hub_ids = group(&b.rt.block_on(service.group_key("bench-hub"))?);
+        let (saved_warmup, saved_concurrency) = (b.warmup, b.concurrency);
+        (b.warmup, b.concurrency) = (b.warmup.min(50), 16);
+        let n = if a.smoke { 20 } else { 1_000 };
+        let label = "DPS registration over MQTT to a mosquitto hub (device created at the broker first), 2 shards, 16 in flight";
+        hub_row = Some(b.measure("hub-mosquitto", label, g.pid(), |p| fleet(&ep, hub_ids(p), None), Transport::Mqtt, n)?);
+        (b.warmup, b.concurrency) = (saved_warmup, saved_concurrency);
+        drop(broker);
+    }
     g.stop()?;
 
     let m = mosquitto::Mosquitto::start(&work.path().join("dps2/certs"), work.path())?;
@@ -390,6 +428,10 @@ fn main() -> Result<(), BoxError> {
         );
     }
     println!("| Mosquitto CPU per session ÷ gateway CPU per DPS registration | {:.2} |", mosq_cpu / dps2_cpu.max(1e-9));
+    if let Some((r, cpu)) = &hub_row {
+        println!("| registrations with the mosquitto connector ÷ registry-only (MQTT) | {:.2} |", ratio(r, &dps2));
+        println!("| server CPU per registration with the mosquitto connector ÷ registry-only | {:.2} |", cpu / dps2_cpu.max(1e-9));
+    }
     if !extra.is_empty() {
         println!("\n| measurement | value |\n|---|---|");
         for e in &extra {

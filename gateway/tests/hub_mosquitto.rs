@@ -208,3 +208,56 @@ fn hub_definitions_are_validated() {
         assert_eq!(st, 400, "{bad} → {v}");
     }
 }
+
+#[test]
+fn an_x509_device_logs_in_to_its_broker_with_its_certificate() {
+    use common::certs::{ca, device};
+    let s = TestServer::start(config());
+    let device_ca = ca("hub devices CA", None);
+    let (cert, key, pem) = device("x509-hub-dev", Some(&device_ca));
+    let broker = Broker::start_with_x509(&certs(&s), Some(&device_ca.pem));
+    link(&s, &broker, "localhost");
+    let ca_path = s.ep.ca_certificate.clone().unwrap();
+    let e = json!({"registrationId": "x509-hub-dev", "iotHubs": ["localhost"],
+        "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": pem}}}}});
+    assert_eq!(s.send("PUT", "/enrollments/x509-hub-dev", Some(e)).status().as_u16(), 200);
+    let mut c = MqttClient::open_with_certificate(s.ep.ports.mqtt, &ca_path, std::slice::from_ref(&cert), &key);
+    assert_eq!(c.connect(&s.ep.id_scope, "x509-hub-dev", "x509-hub-dev", ""), 0);
+    c.subscribe();
+    let (status, _, body) = c.register("1", b"{}");
+    assert_eq!((status, body["status"].as_str()), (200, Some("assigned")), "{body}");
+
+    // At the broker: logged in by the certificate alone, its own topics only.
+    let login = || {
+        let mut d = MqttClient::open_with_certificate(broker.x509_port.unwrap(), &ca_path, std::slice::from_ref(&cert), &key);
+        assert_eq!(d.connect_as("", "x509-hub-dev", ""), Some(0));
+        d
+    };
+    let mut d = login();
+    let mut got = Vec::new();
+    assert!(d.subscribe_to("devices/x509-hub-dev/commands", &mut got));
+    assert!(!d.subscribe_to("devices/someone-else/#", &mut got));
+
+    // Disabled: a certificate client is not stopped by disableClient; without its role it can
+    // no longer use any topic.
+    let e = json!({"registrationId": "x509-hub-dev", "iotHubs": ["localhost"], "provisioningStatus": "disabled",
+        "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": pem}}}}});
+    let etag = s.send("GET", "/enrollments/x509-hub-dev", None).headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(
+        s.req("PUT", "/enrollments/x509-hub-dev").header("If-Match", etag).body(e.to_string()).send().unwrap().status().as_u16(),
+        200
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut d = MqttClient::open_with_certificate(broker.x509_port.unwrap(), &ca_path, std::slice::from_ref(&cert), &key);
+        let refused = match d.connect_as("", "x509-hub-dev", "") {
+            Some(0) => !d.subscribe_to("devices/x509-hub-dev/commands", &mut got),
+            _ => true,
+        };
+        if refused {
+            break;
+        }
+        assert!(Instant::now() < until, "a disabled certificate device still uses its topics");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -4,48 +4,10 @@
 //! possession through the certificates API), over MQTT and the HTTPS device API.
 
 mod common;
+use common::certs::*;
 use common::mqtt_client::{client_auth_config, MqttClient};
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use serde_json::json;
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    der: Vec<u8>,
-    pem: String,
-}
-
-fn params(cn: &str) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2049, 12, 31);
-    p
-}
-
-fn ca(cn: &str, parent: Option<&Ca>) -> Ca {
-    let mut p = params(cn);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    let k = KeyPair::generate().unwrap();
-    let cert = match parent {
-        Some(parent) => p.signed_by(&k, &parent.issuer).unwrap(),
-        None => p.self_signed(&k).unwrap(),
-    };
-    Ca { der: cert.der().to_vec(), pem: cert.pem(), issuer: Issuer::new(p, k) }
-}
-
-/// A device certificate (DER) and its PKCS#8 key.
-fn device(cn: &str, parent: Option<&Ca>) -> (Vec<u8>, Vec<u8>, String) {
-    let mut p = params(cn);
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let k = KeyPair::generate().unwrap();
-    let cert = match parent {
-        Some(parent) => p.signed_by(&k, &parent.issuer).unwrap(),
-        None => p.self_signed(&k).unwrap(),
-    };
-    (cert.der().to_vec(), k.serialize_der(), cert.pem())
-}
 
 fn server() -> TestServer {
     let mut cfg = test_config();

@@ -9,6 +9,7 @@ use dps_gateway::{Endpoint, Running};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde_json::Value;
 
+pub mod certs;
 pub mod fake_iothub;
 pub mod http_server;
 pub mod mosquitto;

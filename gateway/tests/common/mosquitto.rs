@@ -16,6 +16,9 @@ pub struct Broker {
     child: Option<Child>,
     pub control_port: u16,
     pub device_port: u16,
+    /// With [`Broker::start_with_x509`]: the listener for certificate devices (the
+    /// certificate's CN is the user name, and the client id).
+    pub x509_port: Option<u16>,
     pub dir: tempfile::TempDir,
     certs: PathBuf,
 }
@@ -37,6 +40,11 @@ fn plugin() -> PathBuf {
 impl Broker {
     /// `certs`: the directory holding the gateway's `server-ecdsa.pem`, its key and `ca.pem`.
     pub fn start(certs: &Path) -> Broker {
+        Self::start_with_x509(certs, None)
+    }
+
+    /// Also a listener that requires a client certificate issued by `device_ca_pem`.
+    pub fn start_with_x509(certs: &Path, device_ca_pem: Option<&str>) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let dynsec = dir.path().join("dynsec.json");
         let st = Command::new("mosquitto_ctrl")
@@ -54,7 +62,11 @@ impl Broker {
             .unwrap()
             .push(serde_json::json!({"acltype": "publishClientSend", "topic": "devices/#", "allow": true}));
         std::fs::write(&dynsec, v.to_string()).unwrap();
-        let mut b = Broker { child: None, control_port: free_port(), device_port: free_port(), dir, certs: certs.to_path_buf() };
+        if let Some(pem) = device_ca_pem {
+            std::fs::write(dir.path().join("device-ca.pem"), pem).unwrap();
+        }
+        let x509_port = device_ca_pem.map(|_| free_port());
+        let mut b = Broker { child: None, control_port: free_port(), device_port: free_port(), x509_port, dir, certs: certs.to_path_buf() };
         b.launch();
         b
     }
@@ -77,6 +89,16 @@ impl Broker {
             ),
         )
         .unwrap();
+        if let Some(port) = self.x509_port {
+            let mut conf_text = std::fs::read_to_string(&conf).unwrap();
+            conf_text.push_str(&format!(
+                "listener {port} 127.0.0.1\ncertfile {}\nkeyfile {}\ncafile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+                self.certs.join("server-ecdsa.pem").display(),
+                self.certs.join("server-ecdsa.key").display(),
+                self.dir.path().join("device-ca.pem").display(),
+            ));
+            std::fs::write(&conf, conf_text).unwrap();
+        }
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new("mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().expect("mosquitto");
         self.child = Some(child);
