@@ -195,6 +195,9 @@ pub struct Limits {
     /// Hub steps waiting for a worker; past it a step counts as a transient failure and is
     /// retried after a backoff.
     pub hub_queue: usize,
+    /// Steps in flight to one hub (or custom allocation webhook) at most; past it a step is
+    /// retried after the backoff, so a slow hub cannot hold every worker.
+    pub hub_concurrency: usize,
     /// How long a device's register (or poll) waits for its hub to take it before it is
     /// answered `assigning` and polls (ms). Within it, the device gets `assigned` at once.
     pub hub_wait_ms: u64,
@@ -246,6 +249,7 @@ impl Default for Limits {
             max_tpm_challenges: 100_000,
             hub_workers: 8,
             hub_queue: 4096,
+            hub_concurrency: 4,
             hub_wait_ms: 3000,
             hub_retry_first_ms: 200,
             hub_retry_max_ms: 5000,

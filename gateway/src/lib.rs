@@ -118,6 +118,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let knobs = hubs::workers::Knobs {
         threads: cfg.limits.hub_workers,
         queue: cfg.limits.hub_queue,
+        per_hub: cfg.limits.hub_concurrency,
         instance: boot,
         webhook_timeout: std::time::Duration::from_secs(cfg.limits.custom_allocation_timeout_secs.max(1)),
     };

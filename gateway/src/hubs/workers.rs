@@ -35,6 +35,29 @@ struct Job {
 
 pub struct HubWorkers {
     tx: Sender<Job>,
+    /// Steps in flight per hub (lower-case name; webhooks under their URL), so one slow hub
+    /// cannot hold every worker.
+    in_flight: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    per_hub: usize,
+}
+
+/// A step's place in its hub's count, given back when the step ends.
+struct Slot<'a> {
+    workers: &'a HubWorkers,
+    hub: String,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.workers.in_flight.lock() {
+            if let Some(n) = m.get_mut(&self.hub) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.hub);
+                }
+            }
+        }
+    }
 }
 
 impl HubWorkers {
@@ -47,12 +70,18 @@ impl HubWorkers {
             let (rx, stop) = (rx.clone(), stop.clone());
             handles.push(std::thread::Builder::new().name(format!("hub-{i}")).spawn(move || work(&rx, &stop, knobs))?);
         }
-        Ok((HubWorkers { tx }, handles))
+        Ok((HubWorkers { tx, in_flight: Default::default(), per_hub: knobs.per_hub.max(1) }, handles))
     }
 
     /// Runs one step at `hub` (None: a webhook step); a full queue is a transient failure
     /// (retried later).
     pub async fn run(&self, hub: Option<&LinkedHub>, step: Step) -> Result<Output, HubError> {
+        let name = match (&step, hub) {
+            (Step::Allocate { url, .. }, _) => super::http::redact(url).to_ascii_lowercase(),
+            (_, Some(h)) => h.name.to_ascii_lowercase(),
+            (_, None) => String::new(),
+        };
+        let _slot = self.take_slot(name)?;
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { hub: hub.cloned(), step, reply }) {
             Ok(()) => {}
@@ -68,10 +97,24 @@ impl HubWorkers {
 pub struct Knobs {
     pub threads: usize,
     pub queue: usize,
+    /// Steps in flight to one hub (or webhook) at most.
+    pub per_hub: usize,
     /// Unique per process start (correlation data, client ids).
     pub instance: u32,
     /// How long a webhook may take to answer.
     pub webhook_timeout: Duration,
+}
+
+impl HubWorkers {
+    fn take_slot(&self, hub: String) -> Result<Slot<'_>, HubError> {
+        let mut m = self.in_flight.lock().map_err(|_| HubError::Transient("hub worker state poisoned".into()))?;
+        let n = m.entry(hub.clone()).or_insert(0);
+        if *n >= self.per_hub {
+            return Err(HubError::Transient(format!("{} steps already in flight to {hub}", self.per_hub)));
+        }
+        *n += 1;
+        Ok(Slot { workers: self, hub })
+    }
 }
 
 fn work(rx: &Receiver<Job>, stop: &AtomicBool, knobs: Knobs) {
@@ -117,5 +160,51 @@ impl HubConnector for RegistryOnly {
     }
     fn disable(&self, _: &str) -> Result<(), HubError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A webhook that answers 200 after `delay`.
+    fn slow_webhook(delay: Duration) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let mut c = c.unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf);
+                    std::thread::sleep(delay);
+                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+                });
+            }
+        });
+        format!("http://127.0.0.1:{port}/hook")
+    }
+
+    #[test]
+    fn one_hub_cannot_take_more_than_its_share_of_workers() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let knobs = Knobs { threads: 4, queue: 16, per_hub: 1, instance: 1, webhook_timeout: Duration::from_secs(5) };
+        let (w, threads) = HubWorkers::start(knobs, stop.clone()).unwrap();
+        let step = |url: &str| Step::Allocate { url: url.to_string(), body: serde_json::json!({}) };
+        let (slow, other) = (slow_webhook(Duration::from_millis(300)), slow_webhook(Duration::ZERO));
+        let (a, b, c) = futures::executor::block_on(futures::future::join3(
+            w.run(None, step(&slow)),
+            w.run(None, step(&slow)),
+            w.run(None, step(&other)),
+        ));
+        assert_eq!(a.unwrap().map(|(s, _)| s), Some(200));
+        assert!(matches!(b, Err(HubError::Transient(m)) if m.contains("in flight")), "the second step to the same hub waits its turn");
+        assert_eq!(c.unwrap().map(|(s, _)| s), Some(200), "another hub is not held up");
+        // The slot is given back: the hub takes a step again.
+        assert!(futures::executor::block_on(w.run(None, step(&slow))).is_ok());
+        stop.store(true, Ordering::Relaxed);
+        threads.into_iter().for_each(|t| t.join().unwrap());
     }
 }
