@@ -51,34 +51,51 @@ fn command(body: Value, tolerate: &'static [&'static str]) -> Command {
     Command { body, tolerate }
 }
 
-/// Makes the broker hold the device: its role (created), its client (created, or updated when
-/// it exists: password and role), enabled. The client's password is its primary symmetric key
-/// (what DPS gives IoT Hub); a certificate device has none (the listener takes the
-/// certificate's identity as the user name).
-pub fn assign(task: &HubTask) -> Result<Vec<Command>, HubError> {
+/// Makes the broker hold a new device: its role and its client. The client's password is its
+/// primary symmetric key (what DPS gives IoT Hub); a certificate device has none (the listener
+/// takes the certificate's identity as the user name). When the client exists already (a
+/// repeat, a device registering again, one disabled before), [`update`] follows; sending it
+/// only then halves the broker's file rewrites for a new device.
+pub fn create(task: &HubTask) -> Result<Vec<Command>, HubError> {
     let id = task.device_id.as_str();
     check_device_id(id)?;
-    let role = role_name(id);
     let devices = format!("devices/{id}/#");
     let acls = json!([
         {"acltype": "publishClientSend", "topic": devices, "allow": true},
         {"acltype": "subscribePattern", "topic": devices, "allow": true},
         {"acltype": "unsubscribePattern", "topic": devices, "allow": true},
     ]);
-    let mut client = json!({"username": id, "clientid": id, "roles": [{"rolename": role}]});
+    let mut client = client(task);
+    client["command"] = json!("createClient");
+    Ok(vec![
+        command(json!({"command": "createRole", "rolename": role_name(id), "acls": acls}), &["Role already exists"]),
+        command(client, &[CLIENT_EXISTS]),
+    ])
+}
+
+/// Brings an existing client in line: password and role set again, enabled.
+pub fn update(task: &HubTask) -> Result<Vec<Command>, HubError> {
+    check_device_id(&task.device_id)?;
+    let mut modify = client(task);
+    modify["command"] = json!("modifyClient");
+    Ok(vec![command(modify, &[]), command(json!({"command": "enableClient", "username": task.device_id}), &[])])
+}
+
+/// Mosquitto's answer to creating a client that exists.
+pub const CLIENT_EXISTS: &str = "Client already exists";
+
+/// Whether the answers to [`create`] say the client existed.
+pub fn client_existed(answers: &[Answer]) -> bool {
+    answers.iter().any(|a| a.error.as_deref() == Some(CLIENT_EXISTS))
+}
+
+fn client(task: &HubTask) -> Value {
+    let id = task.device_id.as_str();
+    let mut client = json!({"username": id, "clientid": id, "roles": [{"rolename": role_name(id)}]});
     if let HubAuth::Sas { primary_key, .. } = &task.auth {
         client["password"] = json!(primary_key);
     }
-    let mut create = client.clone();
-    create["command"] = json!("createClient");
-    let mut modify = client;
-    modify["command"] = json!("modifyClient");
-    Ok(vec![
-        command(json!({"command": "createRole", "rolename": role, "acls": acls}), &["Role already exists"]),
-        command(create, &["Client already exists"]),
-        command(modify, &[]),
-        command(json!({"command": "enableClient", "username": id}), &[]),
-    ])
+    client
 }
 
 /// Removes the device: its client (which disconnects it) and its role.
@@ -166,13 +183,14 @@ mod tests {
 
     #[test]
     fn assign_creates_role_and_client_with_the_primary_key() {
-        let cmds = assign(&task(HubAuth::Sas { primary_key: "cHJp".into(), secondary_key: "c2Vj".into() })).unwrap();
+        let sas = task(HubAuth::Sas { primary_key: "cHJp".into(), secondary_key: "c2Vj".into() });
+        let cmds: Vec<Command> = create(&sas).unwrap().into_iter().chain(update(&sas).unwrap()).collect();
         let names: Vec<&str> = cmds.iter().map(|c| c.body["command"].as_str().unwrap()).collect();
         assert_eq!(names, ["createRole", "createClient", "modifyClient", "enableClient"]);
         assert_eq!(cmds[0].body["acls"][0]["topic"], "devices/dev-1/#");
         assert_eq!(cmds[1].body["password"], "cHJp");
         assert_eq!(cmds[2].body["roles"][0]["rolename"], "dps-device-dev-1");
-        let x509 = assign(&task(HubAuth::SelfSigned { primary_thumbprint: "A".into(), secondary_thumbprint: "A".into() })).unwrap();
+        let x509 = create(&task(HubAuth::SelfSigned { primary_thumbprint: "A".into(), secondary_thumbprint: "A".into() })).unwrap();
         assert!(x509[1].body.get("password").is_none());
     }
 
@@ -185,7 +203,8 @@ mod tests {
 
     #[test]
     fn answers_are_matched_by_correlation_and_tolerated_errors_pass() {
-        let cmds = assign(&task(HubAuth::Sas { primary_key: "k".into(), secondary_key: "k".into() })).unwrap();
+        let sas = task(HubAuth::Sas { primary_key: "k".into(), secondary_key: "k".into() });
+        let cmds: Vec<Command> = create(&sas).unwrap().into_iter().chain(update(&sas).unwrap()).collect();
         let msg: Value = serde_json::from_slice(&message(&cmds, "s0-7")).unwrap();
         assert_eq!(msg["commands"][3]["correlationData"], "s0-7.3");
         // As Mosquitto 2.0.11 answers a repeated assignment.
@@ -196,6 +215,7 @@ mod tests {
         let a = answers(payload);
         assert_eq!(prefix_of(&a[4].correlation), "s1-2");
         assert_eq!(check(&cmds, "s0-7", &a), Ok(()));
+        assert!(client_existed(&a));
         let refused = br#"{"responses":[{"command":"createRole","correlationData":"s0-7.0"},
             {"command":"createClient","error":"Invalid/missing password","correlationData":"s0-7.1"}]}"#;
         assert!(matches!(check(&cmds, "s0-7", &answers(refused)), Err(HubError::Refused(m)) if m.contains("createClient")));

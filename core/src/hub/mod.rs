@@ -85,6 +85,9 @@ impl Twin {
 pub enum HubError {
     /// Worth retrying: the hub is unreachable, busy or timed out.
     Transient(String),
+    /// This service already has as many steps in flight to the hub as it allows: wait a moment
+    /// for a turn (not a failure of the hub, so it does not grow the backoff).
+    Busy(String),
     /// The hub refused what was asked; retrying changes nothing.
     Refused(String),
 }
@@ -92,7 +95,7 @@ pub enum HubError {
 impl HubError {
     pub fn message(&self) -> &str {
         match self {
-            HubError::Transient(m) | HubError::Refused(m) => m,
+            HubError::Transient(m) | HubError::Busy(m) | HubError::Refused(m) => m,
         }
     }
 }
@@ -171,7 +174,7 @@ pub fn finish(mut state: DeviceRegistrationState, result: Result<(), HubError>, 
         }
         Err(e) => {
             let code = match e {
-                HubError::Transient(_) => HUB_UNREACHABLE_ERROR,
+                HubError::Transient(_) | HubError::Busy(_) => HUB_UNREACHABLE_ERROR,
                 HubError::Refused(_) => HUB_REFUSED_ERROR,
             };
             state.status = RegistrationStatus::Failed;

@@ -52,9 +52,9 @@ impl MosquittoHub {
         })
     }
 
-    /// One admin session: the commands, then (optionally) a retained message; Ok once the
-    /// broker answered every command and acknowledged the message.
-    fn step(&self, commands: &[Command], retained: Option<(String, Vec<u8>)>) -> Result<(), HubError> {
+    /// One admin session: the commands, then (optionally) a retained message; the answers once
+    /// the broker answered every command (each as wanted) and acknowledged the message.
+    fn step(&self, commands: &[Command], retained: Option<(String, Vec<u8>)>) -> Result<Vec<dynsec::Answer>, HubError> {
         let deadline = Instant::now() + STEP_TIMEOUT;
         let session = SESSIONS.fetch_add(1, Ordering::Relaxed);
         let client_id = format!("dps-{:08x}-{session}", self.instance);
@@ -107,7 +107,8 @@ impl MosquittoHub {
             }
         }
         let _ = conn.send(|b| v4::Disconnect.write(b));
-        dynsec::check(commands, &prefix, &answers)
+        dynsec::check(commands, &prefix, &answers)?;
+        Ok(answers)
     }
 
     fn connect(&self, deadline: Instant) -> Result<Conn, HubError> {
@@ -154,15 +155,19 @@ fn desired_payload(twin: &Twin) -> Vec<u8> {
 impl HubConnector for MosquittoHub {
     fn assign(&self, task: &HubTask) -> Result<(), HubError> {
         let retained = task.twin.as_ref().map(|t| (dynsec::desired_topic(&task.device_id), desired_payload(t)));
-        self.step(&dynsec::assign(task)?, retained)
+        let answers = self.step(&dynsec::create(task)?, retained)?;
+        if dynsec::client_existed(&answers) {
+            self.step(&dynsec::update(task)?, None)?;
+        }
+        Ok(())
     }
 
     fn remove(&self, device_id: &str) -> Result<(), HubError> {
-        self.step(&dynsec::remove(device_id)?, Some((dynsec::desired_topic(device_id), Vec::new())))
+        self.step(&dynsec::remove(device_id)?, Some((dynsec::desired_topic(device_id), Vec::new()))).map(drop)
     }
 
     fn disable(&self, device_id: &str) -> Result<(), HubError> {
-        self.step(&dynsec::disable(device_id)?, None)
+        self.step(&dynsec::disable(device_id)?, None).map(drop)
     }
 }
 

@@ -82,7 +82,11 @@ pub async fn run(claim: Claim, hubs: Vec<LinkedHub>, mut state: DeviceRegistrati
     }
 }
 
-/// Repeats `attempt` while it fails transiently, by the backoff, until the deadline.
+/// How long a step waits for its turn at a hub that has as many steps in flight as allowed.
+const TURN_WAIT_MS: u64 = 20;
+
+/// Repeats `attempt` while it fails transiently, by the backoff, until the deadline; a step
+/// that waits for its turn at a busy hub tries again shortly, without growing the backoff.
 async fn retried<T, F: std::future::Future<Output = Result<T, HubError>>>(
     svc: &Service,
     mut attempt: impl FnMut() -> F,
@@ -91,10 +95,17 @@ async fn retried<T, F: std::future::Future<Output = Result<T, HubError>>>(
     let started = Instant::now();
     let mut n = 0u32;
     loop {
+        let elapsed = started.elapsed().as_millis() as u64;
+        let jitter = u16::from_be_bytes(random_bytes::<2>()) % 1001;
         match attempt().await {
+            Err(HubError::Busy(why)) => {
+                if elapsed >= backoff.deadline_ms {
+                    return Err(HubError::Transient(why));
+                }
+                glommio::timer::sleep(Duration::from_millis(TURN_WAIT_MS + TURN_WAIT_MS * u64::from(jitter) / 1000)).await;
+            }
             Err(HubError::Transient(why)) => {
-                let jitter = u16::from_be_bytes(random_bytes::<2>()) % 1001;
-                let Some(ms) = backoff.next_delay(n, started.elapsed().as_millis() as u64, jitter) else {
+                let Some(ms) = backoff.next_delay(n, elapsed, jitter) else {
                     return Err(HubError::Transient(why));
                 };
                 tracing::debug!(attempt = n, retry_in_ms = ms, reason = %why, "hub work failed, retrying");

@@ -85,7 +85,7 @@ impl HubWorkers {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { hub: hub.cloned(), step, reply }) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(HubError::Transient("every hub worker is busy".into())),
+            Err(TrySendError::Full(_)) => return Err(HubError::Busy("every hub worker is busy".into())),
             Err(TrySendError::Disconnected(_)) => return Err(HubError::Transient("the hub workers have stopped".into())),
         }
         rx.await.unwrap_or_else(|_| Err(HubError::Transient("the hub worker stopped".into())))
@@ -110,7 +110,7 @@ impl HubWorkers {
         let mut m = self.in_flight.lock().map_err(|_| HubError::Transient("hub worker state poisoned".into()))?;
         let n = m.entry(hub.clone()).or_insert(0);
         if *n >= self.per_hub {
-            return Err(HubError::Transient(format!("{} steps already in flight to {hub}", self.per_hub)));
+            return Err(HubError::Busy(format!("{} steps already in flight to {hub}", self.per_hub)));
         }
         *n += 1;
         Ok(Slot { workers: self, hub })
@@ -200,7 +200,7 @@ mod tests {
             w.run(None, step(&other)),
         ));
         assert_eq!(a.unwrap().map(|(s, _)| s), Some(200));
-        assert!(matches!(b, Err(HubError::Transient(m)) if m.contains("in flight")), "the second step to the same hub waits its turn");
+        assert!(matches!(b, Err(HubError::Busy(m)) if m.contains("in flight")), "the second step to the same hub waits its turn");
         assert_eq!(c.unwrap().map(|(s, _)| s), Some(200), "another hub is not held up");
         // The slot is given back: the hub takes a step again.
         assert!(futures::executor::block_on(w.run(None, step(&slow))).is_ok());

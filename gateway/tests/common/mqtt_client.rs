@@ -139,8 +139,8 @@ impl MqttClient {
         }
     }
 
-    /// SUBSCRIBE to one filter; true when granted. Publishes that arrive first are kept in
-    /// `received`.
+    /// SUBSCRIBE to one filter; true when granted (false also when the server closes the
+    /// connection instead). Publishes that arrive first are kept in `received`.
     pub fn subscribe_to(&mut self, filter: &str, received: &mut Vec<Publish>) -> bool {
         self.pkid += 1;
         let mut s = Subscribe::new(filter, QoS::AtMostOnce);
@@ -155,6 +155,7 @@ impl MqttClient {
                     return a.return_codes.iter().all(|c| matches!(c, mqttbytes::v4::SubscribeReasonCode::Success(_)));
                 }
                 Some(Packet::Publish(p)) => received.push(p),
+                None => return false,
                 other => panic!("expected SUBACK, got {other:?}"),
             }
         }
