@@ -89,6 +89,17 @@ fn azure_iothub_identities_twins_moves_and_disabling() {
     assert_eq!(b.twin("az-dev").unwrap()["properties"]["desired"], json!({"v": 1}));
     assert!(a.device("az-dev").is_none(), "removed from the hub it left");
 
+    // Never reprovision: the device stays at B whatever the enrollment now names, its twin
+    // untouched. Reset on the same hub: the twin is the initial one again (a factory reset).
+    let policy = |update: bool, migrate: bool| json!({"updateHubAssignment": update, "migrateDeviceData": migrate});
+    enroll(&s, "az-dev", json!({"iotHubs": [a.host], "initialTwin": twin(3), "reprovisionPolicy": policy(false, false)}));
+    assert_eq!(register(&s, "az-dev")["registrationState"]["assignedHub"], json!(b.host));
+    assert_eq!(b.twin("az-dev").unwrap()["properties"]["desired"], json!({"v": 1}));
+    assert!(a.device("az-dev").is_none());
+    enroll(&s, "az-dev", json!({"iotHubs": [b.host], "initialTwin": twin(4), "reprovisionPolicy": policy(true, false)}));
+    assert_eq!(register(&s, "az-dev")["registrationState"]["substatus"], "deviceDataReset");
+    assert_eq!(b.twin("az-dev").unwrap(), json!({"tags": {"v": 4}, "properties": {"desired": {"v": 4}}}));
+
     // Disabled: the identity at B is disabled.
     enroll(&s, "az-dev", json!({"iotHubs": [b.host], "provisioningStatus": "disabled"}));
     eventually("the identity is disabled at its hub", || b.device("az-dev").is_some_and(|d| d["status"] == "disabled"));

@@ -114,8 +114,10 @@ fn reprovision_policies_decide_the_twin_and_the_hub_left() {
 
     // Reset on the same hub is a factory reset: the initial twin again, nothing left.
     w.enroll(individual("d", with(with(json!({"iotHubs": ["hub-a"]}), twin(4)), policy(true, false))));
-    let t = task(&w.register("d", KEY_A));
+    let o = w.register("d", KEY_A);
+    let t = task(&o);
     assert_eq!((&t.twin, &t.leave), (&written(4), &None));
+    assert_eq!(state(&o).substatus, Some(Substatus::DeviceDataReset));
     hub_done(&mut w, "d");
 
     // Migrate on the same hub: the identity is refreshed, the hub's twin stays.

@@ -196,14 +196,17 @@ pub struct Placement {
 pub fn place(state: &mut DeviceRegistrationState, hub: String, p: &Placement, linked: &[LinkedHub]) {
     let was_assigned = p.previous.as_ref().map(|d| d.hub.as_str());
     let policy = &p.policy;
+    // A reset writes the initial twin again, also on the same hub (a factory reset), so it
+    // says so; staying put otherwise keeps what the last move said.
+    let reset = policy.update_hub_assignment && !policy.migrate_device_data;
     state.substatus = Some(match was_assigned {
         None => Substatus::InitialAssignment,
+        Some(_) if reset => Substatus::DeviceDataReset,
         Some(old) if old.eq_ignore_ascii_case(&hub) => p.previous_substatus.unwrap_or(Substatus::InitialAssignment),
-        Some(_) if policy.migrate_device_data => Substatus::DeviceDataMigrated,
-        Some(_) => Substatus::DeviceDataReset,
+        Some(_) => Substatus::DeviceDataMigrated,
     });
     let moved = was_assigned.is_some_and(|old| !old.eq_ignore_ascii_case(&hub));
-    let twin = if was_assigned.is_none() || (policy.update_hub_assignment && !policy.migrate_device_data) {
+    let twin = if was_assigned.is_none() || reset {
         Some(p.initial_twin.clone())
     } else if policy.update_hub_assignment && moved {
         Some(state.twin.clone().unwrap_or_else(|| p.initial_twin.clone()))
