@@ -1,8 +1,10 @@
-//! Runs a registration's hub task on the shard that starts it: each step on the hub workers,
-//! transient failures retried by the backoff, then the finished state committed — only if the
-//! stored state is still the `assigning` one the task belongs to (a newer registration of the
-//! same device supersedes it). A task runs once per process at a time; a poll that finds an
-//! `assigning` state nobody is working on (the service restarted) starts it again.
+//! Runs a registration's pending work on the shard that starts it — the custom allocation
+//! webhook, then the hub task — each step on the hub workers, transient failures retried by the
+//! backoff, then the end committed, only if the stored state is still the `assigning` one the
+//! work belongs to (a newer registration of the same device supersedes it). The work of one
+//! registration runs once per process at a time; a poll that finds an `assigning` state nobody
+//! is working on (the service restarted) starts it again. Also here: what an enrollment change
+//! (disabled, keys rolled) asks of its devices' hubs.
 
 use super::workers::Step;
 use crate::clock::utc_now;
