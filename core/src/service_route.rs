@@ -28,6 +28,8 @@ pub enum Route {
     GetHub(String),
     PutHub(String),
     DeleteHub(String),
+    /// Our extension: give a hub again every device the service has assigned to it.
+    ResyncHub(String),
     /// CA certificates with proof of possession (docs/service-api.md §4.5).
     ListCertificates,
     GetCertificate(String),
@@ -77,6 +79,7 @@ impl Route {
             ("GET", [h, n]) if lit(h, "linkedHubs") => Ok(Route::GetHub(id(n)?)),
             ("PUT", [h, n]) if lit(h, "linkedHubs") => Ok(Route::PutHub(id(n)?)),
             ("DELETE", [h, n]) if lit(h, "linkedHubs") => Ok(Route::DeleteHub(id(n)?)),
+            ("POST", [h, n, r]) if lit(h, "linkedHubs") && lit(r, "resync") => Ok(Route::ResyncHub(id(n)?)),
             (_, [h, ..]) if lit(h, "linkedHubs") => Err(bad_method()),
             ("GET", [c]) if lit(c, "certificates") => Ok(Route::ListCertificates),
             ("GET", [c, n]) if lit(c, "certificates") => Ok(Route::GetCertificate(id(n)?)),
@@ -98,7 +101,7 @@ impl Route {
             Route::Put(..) | Route::Delete(..) | Route::Bulk(_) => Rights::ENROLLMENT_WRITE,
             Route::GetRegistration(_) | Route::QueryRegistrations(_) => Rights::REGISTRATION_STATUS_READ,
             Route::DeleteRegistration(_) => Rights::REGISTRATION_STATUS_WRITE,
-            Route::ListHubs | Route::GetHub(_) | Route::PutHub(_) | Route::DeleteHub(_) => Rights::SERVICE_CONFIG,
+            Route::ListHubs | Route::GetHub(_) | Route::PutHub(_) | Route::DeleteHub(_) | Route::ResyncHub(_) => Rights::SERVICE_CONFIG,
             Route::ListCertificates
             | Route::GetCertificate(_)
             | Route::PutCertificate(_)

@@ -261,3 +261,29 @@ fn an_x509_device_logs_in_to_its_broker_with_its_certificate() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_broker_that_lost_its_devices_is_given_them_again() {
+    let s = TestServer::start(config());
+    let mut broker = Broker::start(&certs(&s));
+    link(&s, &broker, "localhost");
+    let ca = s.ep.ca_certificate.clone().unwrap();
+    let ids = ["resync-1", "resync-2", "resync-3"];
+    for id in ids {
+        enroll(&s, id, json!({"iotHubs": ["localhost"], "initialTwin": {"properties": {"desired": {"id": id}}}}));
+        assert_eq!(register(&s, id, Duration::from_secs(20))["status"], "assigned");
+    }
+    broker.lose_devices();
+    assert_ne!(device_at(&broker, &ca, "resync-1", KEY).1, Some(0), "the broker forgot its devices");
+    let r = s.send("POST", "/linkedHubs/localhost/resync", None);
+    assert_eq!(r.status().as_u16(), 202);
+    for id in ids {
+        let until = Instant::now() + Duration::from_secs(20);
+        while device_at(&broker, &ca, id, KEY).1 != Some(0) {
+            assert!(Instant::now() < until, "{id} was not given back to the broker");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(desired_at(&broker, &ca, id, KEY), Some(json!({"id": id})), "and its desired properties");
+    }
+    assert_eq!(s.send("POST", "/linkedHubs/nowhere/resync", None).status().as_u16(), 404);
+}

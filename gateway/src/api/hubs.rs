@@ -35,6 +35,15 @@ impl ServiceApi {
         Ok(json(200, &h.redacted()))
     }
 
+    /// `POST /linkedHubs/{name}/resync`: every device assigned to the hub is given to it again
+    /// (identity, credential, the twin last written), in the background; for a hub that lost
+    /// its state (say a Mosquitto broker whose dynamic-security file was lost). Answers 202.
+    pub(super) async fn resync_hub(&self, name: &str) -> Handled {
+        let (_, h) = self.read::<LinkedHub>(Table::Hubs, name).await?.ok_or_else(|| not_found(Table::Hubs, name))?;
+        glommio::spawn_local(crate::hubs::run::resync_hub(self.svc.clone(), h.clone())).detach();
+        Ok(json(202, &serde_json::json!({"hub": h.name, "status": "resyncing"})))
+    }
+
     pub(super) async fn delete_hub(&self, name: &str) -> Handled {
         let op = Op::Delete { table: Table::Hubs, key: id_key(name), expect: Expect::Present };
         self.svc.store.commit(Txn::one(op)).await?.map_err(|e| txn_error(e, Table::Hubs, name))?;

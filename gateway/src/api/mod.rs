@@ -178,6 +178,7 @@ impl ServiceApi {
             Route::ListHubs => self.list_hubs().await,
             Route::GetHub(name) => self.get_hub(&name).await,
             Route::PutHub(name) => self.put_hub(&name, req).await,
+            Route::ResyncHub(name) => self.resync_hub(&name).await,
             Route::DeleteHub(name) => self.delete_hub(&name).await,
             Route::ListCertificates => self.list_certificates().await,
             Route::GetCertificate(name) => self.get_certificate(&name).await,

@@ -180,18 +180,79 @@ pub async fn refresh_devices(svc: Arc<Service>, registrations: Vec<String>, refr
         };
         let step = match &refresh {
             Refresh::Disable => Step::Disable(device_id.clone()),
-            Refresh::Rekey(e) => {
-                let matched = match e {
-                    Enrollment::Individual(e) => Matched::Individual(e),
-                    Enrollment::Group(g) => Matched::Group(g),
-                };
-                let Some(auth) = hub_auth(matched, &state.registration_id, state.x509.as_ref(), state.tpm.as_ref()) else { continue };
-                let iot_edge = matched.common().capabilities.as_ref().is_some_and(|c| c.iot_edge);
-                Step::Assign(HubTask { hub: hub.clone(), device_id: device_id.clone(), auth, iot_edge, twin: None, leave: None })
-            }
+            Refresh::Rekey(e) => match assignment(e, &state, &hub, None) {
+                Some(task) => Step::Assign(task),
+                None => continue,
+            },
         };
         if let Err(e) = retried(&svc, || svc.hub_workers.run(Some(h), step.clone())).await {
             tracing::warn!(hub = %hub, device_id = %device_id, reason = %e.message(), "could not update the device at its hub");
+        }
+    }
+}
+
+/// Registration states read per store call while resyncing a hub.
+const RESYNC_PAGE: usize = 500;
+
+/// Gives `hub` again every device assigned to it (identity, credential, the twin last written),
+/// walking the registration states page by page; devices whose enrollment is gone or disabled
+/// are skipped. One device at a time, with the hub retries.
+pub async fn resync_hub(svc: Arc<Service>, hub: LinkedHub) {
+    let (mut after, mut given, mut failed) = (None::<String>, 0u64, 0u64);
+    loop {
+        let rows = match svc.store.scan(Table::Registrations, "", after.as_deref(), RESYNC_PAGE).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(hub = %hub.name, error = ?e, "resync stopped: cannot read registrations");
+                return;
+            }
+        };
+        let Some((last, _)) = rows.last() else { break };
+        after = Some(last.clone());
+        for (key, r) in rows {
+            let Ok(state) = r.parse::<DeviceRegistrationState>() else { continue };
+            let here = state.assigned_hub.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(&hub.name));
+            if state.status != dps_core::model::RegistrationStatus::Assigned || !here {
+                continue;
+            }
+            let Some(task) = resync_task(&svc, &key, &state, &hub).await else { continue };
+            match retried(&svc, || svc.hub_workers.run(Some(&hub), Step::Assign(task.clone()))).await {
+                Ok(_) => given += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(hub = %hub.name, device_id = %task.device_id, reason = %e.message(), "resync: the hub did not take the device");
+                }
+            }
+        }
+    }
+    tracing::info!(hub = %hub.name, given, failed, "resync done");
+}
+
+/// The assignment of a stored state again, with its enrollment's current credential.
+async fn resync_task(svc: &Service, key: &str, state: &DeviceRegistrationState, hub: &LinkedHub) -> Option<HubTask> {
+    let enrollment = match state.enrollment_group_id.as_deref() {
+        Some(g) => Enrollment::Group(Box::new(svc.store.get(Table::Groups, &dps_core::ids::id_key(g)).await.ok()??.parse().ok()?)),
+        None => Enrollment::Individual(Box::new(svc.store.get(Table::Enrollments, key).await.ok()??.parse().ok()?)),
+    };
+    if !enrollment.matched().common().is_enabled() {
+        return None;
+    }
+    assignment(&enrollment, state, &hub.name, state.twin.clone())
+}
+
+/// A device's assignment to `hub` again, with the credential its enrollment gives it now.
+fn assignment(e: &Enrollment, state: &DeviceRegistrationState, hub: &str, twin: Option<dps_core::hub::Twin>) -> Option<HubTask> {
+    let matched = e.matched();
+    let auth = hub_auth(matched, &state.registration_id, state.x509.as_ref(), state.tpm.as_ref())?;
+    let iot_edge = matched.common().capabilities.as_ref().is_some_and(|c| c.iot_edge);
+    Some(HubTask { hub: hub.to_string(), device_id: state.device_id.clone()?, auth, iot_edge, twin, leave: None })
+}
+
+impl Enrollment {
+    fn matched(&self) -> Matched<'_> {
+        match self {
+            Enrollment::Individual(e) => Matched::Individual(e),
+            Enrollment::Group(g) => Matched::Group(g),
         }
     }
 }

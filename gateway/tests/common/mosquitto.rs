@@ -46,22 +46,7 @@ impl Broker {
     /// Also a listener that requires a client certificate issued by `device_ca_pem`.
     pub fn start_with_x509(certs: &Path, device_ca_pem: Option<&str>) -> Broker {
         let dir = tempfile::tempdir().unwrap();
-        let dynsec = dir.path().join("dynsec.json");
-        let st = Command::new("mosquitto_ctrl")
-            .args(["dynsec", "init"])
-            .arg(&dynsec)
-            .args([ADMIN, ADMIN_PASSWORD])
-            .stdout(Stdio::null())
-            .status()
-            .expect("mosquitto_ctrl (apt-get install mosquitto)");
-        assert!(st.success(), "mosquitto_ctrl dynsec init failed");
-        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&dynsec).unwrap()).unwrap();
-        let admin = v["roles"].as_array_mut().unwrap().iter_mut().find(|r| r["rolename"] == "admin").unwrap();
-        admin["acls"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({"acltype": "publishClientSend", "topic": "devices/#", "allow": true}));
-        std::fs::write(&dynsec, v.to_string()).unwrap();
+        init_dynsec(&dir.path().join("dynsec.json"));
         if let Some(pem) = device_ca_pem {
             std::fs::write(dir.path().join("device-ca.pem"), pem).unwrap();
         }
@@ -126,11 +111,38 @@ impl Broker {
         }
     }
 
+    /// Stops it, replaces its dynamic-security file by a fresh one (only the admin client: every
+    /// device is forgotten) and starts it again, as after a lost or corrupt file.
+    pub fn lose_devices(&mut self) {
+        self.stop();
+        let file = self.dir.path().join("dynsec.json");
+        std::fs::remove_file(&file).unwrap();
+        init_dynsec(&file);
+        self.launch();
+    }
+
     /// Starts it again on the same ports and dynamic-security file.
     pub fn restart(&mut self) {
         self.stop();
         self.launch();
     }
+}
+
+/// A dynamic-security file with the admin client only, its role also allowed to publish
+/// `devices/#`.
+fn init_dynsec(dynsec: &Path) {
+    let st = Command::new("mosquitto_ctrl")
+        .args(["dynsec", "init"])
+        .arg(dynsec)
+        .args([ADMIN, ADMIN_PASSWORD])
+        .stdout(Stdio::null())
+        .status()
+        .expect("mosquitto_ctrl (apt-get install mosquitto)");
+    assert!(st.success(), "mosquitto_ctrl dynsec init failed");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(dynsec).unwrap()).unwrap();
+    let admin = v["roles"].as_array_mut().unwrap().iter_mut().find(|r| r["rolename"] == "admin").unwrap();
+    admin["acls"].as_array_mut().unwrap().push(serde_json::json!({"acltype": "publishClientSend", "topic": "devices/#", "allow": true}));
+    std::fs::write(dynsec, v.to_string()).unwrap();
 }
 
 impl Drop for Broker {
