@@ -178,7 +178,14 @@ mod tests {
     use crate::hub::Twin;
 
     fn task(auth: HubAuth) -> HubTask {
-        HubTask { hub: "localhost".into(), device_id: "dev-1".into(), auth, iot_edge: false, twin: Some(Twin::default()), leave: None }
+        HubTask {
+            hub: "localhost".into(),
+            device_id: "dev-1".into(),
+            auth,
+            iot_edge: false,
+            twin: Some(Twin::default()),
+            leave: Vec::new(),
+        }
     }
 
     #[test]

@@ -36,9 +36,10 @@ pub struct HubTask {
     /// The twin to write (initial, reset or migrated); None leaves the hub's twin as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub twin: Option<Twin>,
-    /// Where the device was before, when reprovisioning moves it: removed there.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub leave: Option<HubDevice>,
+    /// Where the device was before, when reprovisioning moves it: removed there (two places
+    /// when it moves again before an earlier move finished).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leave: Vec<HubDevice>,
 }
 
 /// A device at a hub.
@@ -231,7 +232,7 @@ mod tests {
             auth: HubAuth::Sas { primary_key: "p".into(), secondary_key: "s".into() },
             iot_edge: false,
             twin: Some(Twin { tags: None, desired: Some(serde_json::json!({"x":1})) }),
-            leave: None,
+            leave: Vec::new(),
         };
         let s: DeviceRegistrationState =
             serde_json::from_value(serde_json::json!({"registrationId":"d","status":"assigning","assignedHub":"h","deviceId":"d"}))

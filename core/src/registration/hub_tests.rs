@@ -49,7 +49,7 @@ fn a_connector_hub_leaves_the_registration_assigning_until_the_hub_has_the_devic
     w.enroll(individual("d", with(json!({"iotHubs": ["hub-a"], "capabilities": {"iotEdge": true}}), twin(1))));
     let o = w.register("d", KEY_A);
     let t = task(&o);
-    assert_eq!((t.hub.as_str(), t.device_id.as_str(), t.iot_edge, t.leave), ("hub-a", "d", true, None));
+    assert_eq!((t.hub.as_str(), t.device_id.as_str(), t.iot_edge, t.leave), ("hub-a", "d", true, vec![]));
     assert_eq!(t.auth, HubAuth::Sas { primary_key: b64(KEY_A), secondary_key: b64(KEY_B) });
     assert_eq!(t.twin, Some(Twin { tags: Some(json!({"t": 1})), desired: Some(json!({"v": 1})) }));
     // The device is told to poll; the task never reaches it.
@@ -93,8 +93,8 @@ fn reprovision_policies_decide_the_twin_and_the_hub_left() {
     w.enroll(individual("d", with(json!({"iotHubs": ["hub-a"]}), twin(1))));
     w.register("d", KEY_A);
     hub_done(&mut w, "d");
-    let leave_a = Some(HubDevice { hub: "hub-a".into(), device_id: "d".into() });
-    let leave_b = Some(HubDevice { hub: "hub-b".into(), device_id: "d".into() });
+    let leave_a = vec![HubDevice { hub: "hub-a".into(), device_id: "d".into() }];
+    let leave_b = vec![HubDevice { hub: "hub-b".into(), device_id: "d".into() }];
     let written = |v: i64| Some(Twin { tags: Some(json!({"t": v})), desired: Some(json!({"v": v})) });
 
     // Migrate to another hub: the twin written at the old hub moves along (not the
@@ -116,21 +116,21 @@ fn reprovision_policies_decide_the_twin_and_the_hub_left() {
     w.enroll(individual("d", with(with(json!({"iotHubs": ["hub-a"]}), twin(4)), policy(true, false))));
     let o = w.register("d", KEY_A);
     let t = task(&o);
-    assert_eq!((&t.twin, &t.leave), (&written(4), &None));
+    assert_eq!((&t.twin, &t.leave), (&written(4), &vec![]));
     assert_eq!(state(&o).substatus, Some(Substatus::DeviceDataReset));
     hub_done(&mut w, "d");
 
     // Migrate on the same hub: the identity is refreshed, the hub's twin stays.
     w.enroll(individual("d", with(with(json!({"iotHubs": ["hub-a"]}), twin(5)), policy(true, true))));
     let t = task(&w.register("d", KEY_A));
-    assert_eq!((&t.twin, &t.leave), (&None, &None));
+    assert_eq!((&t.twin, &t.leave), (&None, &vec![]));
     assert_eq!(hub_done(&mut w, "d").twin, written(4));
 
     // Never reprovision (either migrate flag): the device stays, its twin is left alone.
     for migrate in [false, true] {
         w.enroll(individual("d", with(with(json!({"iotHubs": ["hub-b"]}), twin(6)), policy(false, migrate))));
         let t = task(&w.register("d", KEY_A));
-        assert_eq!((t.hub.as_str(), &t.twin, &t.leave), ("hub-a", &None, &None));
+        assert_eq!((t.hub.as_str(), &t.twin, &t.leave), ("hub-a", &None, &vec![]));
         assert_eq!(hub_done(&mut w, "d").twin, written(4));
     }
 }
@@ -247,7 +247,10 @@ mod custom_allocation {
         w.register("d", KEY_A);
         let s = answer(&mut w, "d", 200, json!({"iotHubHostName": "hub-b", "initialTwin": {"properties": {"desired": {"x": 9}}}}));
         let t = s.hub_task.unwrap();
-        assert_eq!((t.twin.and_then(|t| t.desired), t.leave.map(|l| l.hub)), (Some(json!({"x": 9})), Some("hub-a".to_string())));
+        assert_eq!(
+            (t.twin.and_then(|t| t.desired), t.leave.first().map(|l| l.hub.clone())),
+            (Some(json!({"x": 9})), Some("hub-a".to_string()))
+        );
         assert_eq!(s.substatus, Some(Substatus::DeviceDataReset));
     }
 }
@@ -264,5 +267,31 @@ fn a_deleted_registration_state_makes_the_next_registration_a_first_one() {
     let t = task(&o);
     assert_eq!(state(&o).substatus, Some(Substatus::InitialAssignment));
     // Nothing is known of the old hub: it is not cleaned up (as DPS), the initial twin is written.
-    assert_eq!((t.hub.as_str(), t.leave, t.twin.and_then(|t| t.desired)), ("hub-b", None, Some(json!({"v": 2}))));
+    assert_eq!((t.hub.as_str(), t.leave, t.twin.and_then(|t| t.desired)), ("hub-b", vec![], Some(json!({"v": 2}))));
+}
+
+#[test]
+fn registering_again_before_the_hub_work_finished_carries_that_work_over() {
+    let mut w = world();
+    let at = |hub: &str| HubDevice { hub: hub.into(), device_id: "d".into() };
+    // Assigning to hub-a, unfinished; the enrollment now names hub-b: the device may be at
+    // hub-a already, so it leaves hub-a.
+    w.enroll(individual("d", with(json!({"iotHubs": ["hub-a"]}), twin(1))));
+    w.register("d", KEY_A);
+    w.enroll(individual("d", with(json!({"iotHubs": ["hub-b"]}), twin(2))));
+    let t = task(&w.register("d", KEY_A));
+    assert_eq!((t.hub.as_str(), &t.leave), ("hub-b", &vec![at("hub-a")]));
+    assert_eq!(t.twin.and_then(|t| t.desired), Some(json!({"v": 1})), "migrated: the twin the unfinished work was writing");
+    // Still unfinished, back to hub-a: hub-b is left; hub-a (where it goes) is not.
+    w.enroll(individual("d", with(json!({"iotHubs": ["hub-a"]}), twin(3))));
+    let t = task(&w.register("d", KEY_A));
+    assert_eq!((t.hub.as_str(), &t.leave), ("hub-a", &vec![at("hub-b")]));
+    hub_done(&mut w, "d");
+    // Staying put while an assignment is unfinished: its twin is still written.
+    w.enroll(individual("d", with(json!({"iotHubs": ["hub-b"]}), twin(4))));
+    w.register("d", KEY_A);
+    w.enroll(individual("d", with(json!({"iotHubs": ["hub-b"]}), twin(5))));
+    let t = task(&w.register("d", KEY_A));
+    assert_eq!((t.hub.as_str(), &t.leave), ("hub-b", &vec![at("hub-a")]));
+    assert_eq!(t.twin.and_then(|t| t.desired), Some(json!({"v": 1})));
 }

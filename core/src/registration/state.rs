@@ -123,16 +123,32 @@ pub fn next_state(d: StateInputs<'_>) -> DeviceRegistrationState {
         state.status = RegistrationStatus::Disabled;
         return state;
     }
-    let was_assigned = prev.filter(|p| p.status == RegistrationStatus::Assigned).and_then(|p| p.assigned_hub.as_deref());
+    // A registration still `assigning` (its hub work unfinished, maybe in flight) may already
+    // have put the device at its hub: the device counts as there, and what that work would
+    // have done is carried over (the twin it writes, the hub it leaves).
+    let unfinished = prev.filter(|p| p.status == RegistrationStatus::Assigning);
+    let unfinished_task = unfinished.and_then(|p| p.hub_task.clone());
+    let unfinished_custom = unfinished.and_then(|p| p.custom_allocation.as_ref()).and_then(|c| c.placement.previous.clone());
+    let was_assigned = prev
+        .filter(|p| p.status == RegistrationStatus::Assigned)
+        .and_then(|p| p.assigned_hub.as_deref())
+        .or(unfinished_task.as_ref().map(|t| t.hub.as_str()))
+        .or(unfinished_custom.as_ref().map(|d| d.hub.as_str()));
+    let previous_device = unfinished_task
+        .as_ref()
+        .map(|t| t.device_id.clone())
+        .or(unfinished_custom.as_ref().map(|d| d.device_id.clone()))
+        .or(prev.and_then(|p| p.device_id.clone()));
     let policy = common.reprovision_policy.clone().unwrap_or(ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: true });
     let placement = Placement {
         device_id,
         auth: d.auth.clone(),
         iot_edge: common.capabilities.as_ref().is_some_and(|c| c.iot_edge),
         initial_twin: Twin::initial(common.initial_twin.as_ref()),
-        previous: was_assigned.zip(prev.and_then(|p| p.device_id.clone())).map(|(h, id)| HubDevice { hub: h.to_string(), device_id: id }),
+        previous: was_assigned.zip(previous_device).map(|(h, id)| HubDevice { hub: h.to_string(), device_id: id }),
         previous_substatus: prev.and_then(|p| p.substatus),
         policy,
+        unfinished: unfinished_task.clone().map(Box::new),
     };
     let allocation = common.allocation_policy.unwrap_or(AllocationPolicy::Hashed);
     let hub = match was_assigned {
@@ -188,6 +204,9 @@ pub struct Placement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_substatus: Option<Substatus>,
     pub policy: ReprovisionPolicy,
+    /// The hub work of the state this registration replaces, when it had not finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unfinished: Option<Box<HubTask>>,
 }
 
 /// Assigns `state` (status `assigned`, twin last written in `state.twin`) to `hub`: the
@@ -206,14 +225,23 @@ pub fn place(state: &mut DeviceRegistrationState, hub: String, p: &Placement, li
         Some(_) => Substatus::DeviceDataMigrated,
     });
     let moved = was_assigned.is_some_and(|old| !old.eq_ignore_ascii_case(&hub));
+    // The twin an unfinished assignment was writing is the newest the service knows of.
+    let unfinished = p.unfinished.as_deref();
+    let last_twin = unfinished.and_then(|u| u.twin.clone()).or_else(|| state.twin.clone());
     let twin = if was_assigned.is_none() || reset {
         Some(p.initial_twin.clone())
     } else if policy.update_hub_assignment && moved {
-        Some(state.twin.clone().unwrap_or_else(|| p.initial_twin.clone()))
+        Some(last_twin.unwrap_or_else(|| p.initial_twin.clone()))
     } else {
-        None
+        // Staying put: the hub's twin stays, unless an unfinished assignment had not written it.
+        unfinished.filter(|u| u.hub.eq_ignore_ascii_case(&hub)).and_then(|u| u.twin.clone())
     };
-    let leave = p.previous.clone().filter(|_| moved);
+    let mut leave: Vec<HubDevice> = p.previous.clone().filter(|_| moved).into_iter().collect();
+    for old in unfinished.map(|u| u.leave.as_slice()).unwrap_or_default() {
+        if !old.hub.eq_ignore_ascii_case(&hub) && !leave.contains(old) {
+            leave.push(old.clone());
+        }
+    }
     let connected = linked.iter().find(|h| h.name.eq_ignore_ascii_case(&hub)).is_some_and(|h| h.kind() != HubKind::RegistryOnly);
     match (connected, p.auth.clone()) {
         (true, Some(auth)) => {

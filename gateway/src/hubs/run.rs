@@ -134,7 +134,7 @@ async fn steps(svc: &Service, hubs: &[LinkedHub], task: &HubTask) -> Result<(), 
     let find = |name: &str| hubs.iter().find(|h| h.name.eq_ignore_ascii_case(name));
     let hub = find(&task.hub).ok_or_else(|| HubError::Refused(format!("hub {} is no longer linked", task.hub)))?;
     svc.hub_workers.run(Some(hub), Step::Assign(task.clone())).await?;
-    if let Some(old) = task.leave.as_ref() {
+    for old in &task.leave {
         // A hub unlinked since keeps its identity: it is no longer ours to manage.
         if let Some(h) = find(&old.hub) {
             svc.hub_workers.run(Some(h), Step::Remove(old.device_id.clone())).await?;
@@ -245,7 +245,7 @@ fn assignment(e: &Enrollment, state: &DeviceRegistrationState, hub: &str, twin: 
     let matched = e.matched();
     let auth = hub_auth(matched, &state.registration_id, state.x509.as_ref(), state.tpm.as_ref())?;
     let iot_edge = matched.common().capabilities.as_ref().is_some_and(|c| c.iot_edge);
-    Some(HubTask { hub: hub.to_string(), device_id: state.device_id.clone()?, auth, iot_edge, twin, leave: None })
+    Some(HubTask { hub: hub.to_string(), device_id: state.device_id.clone()?, auth, iot_edge, twin, leave: Vec::new() })
 }
 
 impl Enrollment {
