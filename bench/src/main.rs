@@ -1,12 +1,15 @@
 //! `cargo run --release -p dps-bench`: every benchmark of tuning.md in one run, on one machine,
 //! printed as one table with ratios and ending with the line
-//! `limit-ratio=<DPS registrations/s ÷ bare TLS handshakes/s> mosquitto-ratio=<… ÷ Mosquitto sessions/s>`.
+//! `limit-ratio=<DPS registrations/s ÷ bare TLS handshakes/s> mosquitto-ratio=<… ÷ Mosquitto sessions/s>
+//! cpu-us-at-1000=<gateway CPU µs per registration offered 1,000/s>`.
 //!
 //! 1. the limit: the same gateway shards with `handshake_only`, the same certificate, the same
 //!    loadgen client doing only the TLS handshake and close;
 //! 2. the peer: Mosquitto with the same certificate, loadgen doing CONNECT (username and
 //!    password), SUBSCRIBE, PUBLISH, receive; and the full DPS registration over MQTT;
-//! 3. scaling: the registration with 1 shard and with 2.
+//! 3. scaling: the registration with 1 shard and with 2;
+//! 4. open loop: registrations and Mosquitto sessions offered at 10, 25, 50 and 75 % of the
+//!    measured peak and at 250, 500 and 1,000/s, with the server CPU per session at each.
 //!
 //! Then (not with `--quick`) a row per device transport, a million devices end to end, the
 //! hot-path microbenchmarks and the service API import/read/restart benchmark.
@@ -116,6 +119,49 @@ impl Bench {
     }
 }
 
+/// One open-loop run: what the server spent at an offered rate.
+struct AtRate {
+    offered: f64,
+    report: Report,
+    /// Server CPU per completed session (µs) and the cores it kept busy on average.
+    cpu_us: f64,
+    cores: f64,
+}
+
+impl Bench {
+    /// Open loop at `rate` devices/s for about `seconds` (latency from each device's scheduled
+    /// start), with the server's CPU over the run.
+    fn at_rate(&self, server: u32, fleet: Arc<Fleet>, t: Transport, rate: f64, seconds: f64) -> Result<AtRate, BoxError> {
+        let devices = ((rate * seconds) as usize).max(20);
+        let plan = Plan {
+            transport: t,
+            devices,
+            concurrency: 4096,
+            rate: Some(rate),
+            resume: false,
+            timeout: Duration::from_secs(60),
+            progress: None,
+        };
+        let cpu = gateway_proc::process_cpu(server);
+        let report = self.rt.block_on(run(fleet, plan))?;
+        let spent = (gateway_proc::process_cpu(server) - cpu).as_secs_f64();
+        let cpu_us = spent * 1e6 / report.assigned.max(1) as f64;
+        Ok(AtRate { offered: rate, cores: spent / report.seconds.max(1e-9), report, cpu_us })
+    }
+}
+
+/// The offered rates of the open-loop table: 10, 25, 50 and 75 % of the measured peak, and
+/// 250, 500 and 1,000/s (comparable across machines); `smoke` keeps two tiny ones.
+fn offered_rates(peak: f64, smoke: bool) -> Vec<f64> {
+    if smoke {
+        return vec![20.0, 40.0];
+    }
+    let mut r: Vec<f64> = [0.10, 0.25, 0.50, 0.75].iter().map(|f| (peak * f).round()).chain([250.0, 500.0, 1000.0]).collect();
+    r.sort_by(f64::total_cmp);
+    r.dedup_by(|a, b| (*a - *b).abs() < 0.05 * b.max(1.0));
+    r
+}
+
 fn fleet(ep: &Endpoint, ids: Identities, broker: Option<BrokerLogin>) -> Result<Arc<Fleet>, BoxError> {
     Ok(Arc::new(Fleet { broker, ..Fleet::new(ep.clone(), ids)? }))
 }
@@ -191,6 +237,20 @@ fn main() -> Result<(), BoxError> {
     let ids = group(&key);
     let (dps2, dps2_cpu) =
         b.measure("mqtt2", "DPS registration over MQTT, 2 shards", g.pid(), |p| fleet(&ep, ids(p), None), Transport::Mqtt, devices)?;
+    // Open loop: the same registrations offered at fixed rates below the peak.
+    let rates = offered_rates(dps2.per_second(), a.smoke);
+    let seconds = if a.smoke { 1.0 } else { 8.0 };
+    let mut gateway_at = Vec::new();
+    for (i, rate) in rates.iter().enumerate() {
+        let r = b.at_rate(g.pid(), fleet(&ep, ids(&format!("open-{i}")), None)?, Transport::Mqtt, *rate, seconds)?;
+        eprintln!(
+            "DPS at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per registration, {:.2} cores",
+            r.report.per_second(),
+            r.cpu_us,
+            r.cores
+        );
+        gateway_at.push(r);
+    }
     let mut transports = Vec::new();
     if !a.quick {
         let n = devices / 2;
@@ -336,6 +396,17 @@ fn main() -> Result<(), BoxError> {
     let label = format!("{} session: CONNECT, SUBSCRIBE, PUBLISH, receive", mosquitto::Mosquitto::version());
     let (mosq, mosq_cpu) =
         b.measure("mosquitto", &label, m.pid(), |_| fleet(&mep, dummy(), Some(login.clone())), Transport::BrokerSession, devices)?;
+    let mut mosquitto_at = Vec::new();
+    for rate in &rates {
+        let r = b.at_rate(m.pid(), fleet(&mep, dummy(), Some(login.clone()))?, Transport::BrokerSession, *rate, seconds)?;
+        eprintln!(
+            "Mosquitto at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per session, {:.2} cores",
+            r.report.per_second(),
+            r.cpu_us,
+            r.cores
+        );
+        mosquitto_at.push(r);
+    }
     drop(m);
 
     // 3. Scaling: one shard.
@@ -432,12 +503,43 @@ fn main() -> Result<(), BoxError> {
         println!("| registrations with the mosquitto connector ÷ registry-only (MQTT) | {:.2} |", ratio(r, &dps2));
         println!("| server CPU per registration with the mosquitto connector ÷ registry-only | {:.2} |", cpu / dps2_cpu.max(1e-9));
     }
+    println!(
+        "\n| offered/s | DPS done/s | DPS server CPU µs/registration | DPS cores | DPS p50 ms | DPS p99 ms | Mosquitto done/s | Mosquitto CPU µs/session | Mosquitto cores | Mosquitto p50 ms | Mosquitto p99 ms | DPS ÷ Mosquitto CPU |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (d, m) in gateway_at.iter().zip(&mosquitto_at) {
+        println!(
+            "| {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            d.offered,
+            d.report.per_second(),
+            d.cpu_us,
+            d.cores,
+            d.report.ms(0.5),
+            d.report.ms(0.99),
+            m.report.per_second(),
+            m.cpu_us,
+            m.cores,
+            m.report.ms(0.5),
+            m.report.ms(0.99),
+            d.cpu_us / m.cpu_us.max(1e-9)
+        );
+    }
+    if let (Some(low), Some(high)) =
+        (gateway_at.iter().find(|r| (r.offered - 0.25 * dps2.per_second()).abs() < 0.05 * dps2.per_second()), gateway_at.last())
+    {
+        println!(
+            "| CPU per registration at 25 % of peak ÷ at {:.0}/s (target ≤ 1.3) | {:.2} |",
+            high.offered,
+            low.cpu_us / high.cpu_us.max(1e-9)
+        );
+    }
     if !extra.is_empty() {
         println!("\n| measurement | value |\n|---|---|");
         for e in &extra {
             println!("{e}");
         }
     }
-    println!("limit-ratio={:.2} mosquitto-ratio={:.2}", ratio(&dps2, &limit), ratio(&dps2, &mosq));
+    let at_1000 = gateway_at.iter().find(|r| r.offered == 1000.0).map_or(f64::NAN, |r| r.cpu_us);
+    println!("limit-ratio={:.2} mosquitto-ratio={:.2} cpu-us-at-1000={at_1000:.0}", ratio(&dps2, &limit), ratio(&dps2, &mosq));
     Ok(())
 }
