@@ -17,6 +17,8 @@ pub fn config(shards: usize, handshake_only: bool) -> dps_gateway::config::Confi
     c.limits.hub_latency_refresh_secs = 0;
     c.limits.max_connections_per_shard = 100_000;
     c.limits.max_registrations = 2_000_000;
+    // Experiments with the park path (tuning.md): DPS_BENCH_SPIN_US=200.
+    c.limits.spin_before_park_us = std::env::var("DPS_BENCH_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     for h in ["hub-a.example.net", "hub-b.example.net"] {
         c.linked_hubs.push(dps_gateway::config::HubConfig {
             host_name: h.into(),

@@ -209,6 +209,10 @@ pub struct Limits {
     /// How long a custom allocation webhook may take to answer one request (s); a timeout is
     /// retried like an unreachable hub.
     pub custom_allocation_timeout_secs: u64,
+    /// A shard with nothing to do keeps polling this long (µs) before it parks (0: parks at
+    /// once). Each park costs a process-wide memory barrier (an interrupt to every CPU running
+    /// a thread of the service); spinning trades idle CPU for fewer of them (tuning.md).
+    pub spin_before_park_us: u64,
     /// Refused device credentials (401) allowed per source address per minute, service-wide
     /// (each shard holds its share); past it the source is answered 429 before any store read
     /// until its budget refills. 0: no bound. Sources in `source_allow_list` are exempt.
@@ -255,6 +259,7 @@ impl Default for Limits {
             hub_retry_max_ms: 5000,
             hub_deadline_secs: 120,
             custom_allocation_timeout_secs: 30,
+            spin_before_park_us: 0,
             attestation_failures_per_source: 120,
             write_timeout_secs: 30,
         }

@@ -76,13 +76,15 @@ pub fn spawn_shard(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) -> Re
         Some(c) => Placement::Fixed(c),
         None => Placement::Unbound,
     };
-    LocalExecutorBuilder::new(placement)
+    let mut builder = LocalExecutorBuilder::new(placement)
         .name(&format!("shard-{}", spec.id))
         // Network I/O does not use glommio's registered DMA buffers; keep the locked
         // reservation small so several shards fit under the default memlock limit.
-        .io_memory(256 << 10)
-        .spawn(move || shard_main(spec, bound))
-        .map_err(|e| format!("cannot start shard: {e}"))
+        .io_memory(256 << 10);
+    if spec.svc.limits.spin_before_park_us > 0 {
+        builder = builder.spin_before_park(std::time::Duration::from_micros(spec.svc.limits.spin_before_park_us));
+    }
+    builder.spawn(move || shard_main(spec, bound)).map_err(|e| format!("cannot start shard: {e}"))
 }
 
 /// Everything a shard's connection tasks share.
