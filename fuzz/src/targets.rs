@@ -173,3 +173,43 @@ pub fn x509_chain(data: &[u8]) {
     let _ = dps_core::registration::x509::admitting(&chain, Some(&e), &[], &cas, now);
     let _ = dps_core::registration::x509::admitting(&chain, None, std::slice::from_ref(&g), &cas, now);
 }
+
+/// What hubs and webhooks answer: a Mosquitto dynamic-security response message, and a custom
+/// allocation webhook's answer (read, then resolved into a registration state). Never panics;
+/// an accepted answer names one of the hubs offered.
+pub fn hub_answers(data: &[u8]) {
+    use dps_core::hub::custom::{read_answer, resolve, CustomCall};
+    use dps_core::hub::dynsec;
+    use dps_core::model::{DeviceRegistrationState, LinkedHub, ReprovisionPolicy};
+    use dps_core::registration::state::Placement;
+    for a in dynsec::answers(data) {
+        let _ = dynsec::prefix_of(&a.correlation);
+    }
+    let call = CustomCall {
+        webhook_url: "https://fn.example/api".into(),
+        body: serde_json::json!({}),
+        linked_hubs: vec!["hub-a".into(), "HUB-B".into()],
+        placement: Placement {
+            device_id: "d".into(),
+            auth: None,
+            iot_edge: false,
+            initial_twin: Default::default(),
+            previous: None,
+            previous_substatus: None,
+            policy: ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: true },
+            unfinished: None,
+        },
+    };
+    let status = data.first().map_or(200, |b| 150 + u16::from(*b));
+    let answer = read_answer(&call, status, data);
+    if let Ok(a) = &answer {
+        assert!(call.linked_hubs.contains(&a.hub), "an accepted answer names a hub offered");
+    }
+    let Ok(state) = serde_json::from_value::<DeviceRegistrationState>(serde_json::json!({"registrationId": "d", "status": "assigning"}))
+    else {
+        return;
+    };
+    let state = DeviceRegistrationState { custom_allocation: Some(call), ..state };
+    let hubs = [LinkedHub { name: "hub-a".into(), ..LinkedHub::default() }];
+    let _ = resolve(state, answer, &hubs);
+}

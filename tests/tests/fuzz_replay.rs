@@ -8,7 +8,7 @@ mod targets;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 9] = [
+const TARGETS: [(&str, Target); 10] = [
     ("amqp_connection", targets::amqp_connection),
     ("device_wire", targets::device_wire),
     ("enrollment_json", targets::enrollment_json),
@@ -18,6 +18,7 @@ const TARGETS: [(&str, Target); 9] = [
     ("tpm_public", targets::tpm_public),
     ("websocket_frame", targets::websocket_frame),
     ("x509_chain", targets::x509_chain),
+    ("hub_answers", targets::hub_answers),
 ];
 
 #[test]
