@@ -287,3 +287,26 @@ fn a_broker_that_lost_its_devices_is_given_them_again() {
     }
     assert_eq!(s.send("POST", "/linkedHubs/nowhere/resync", None).status().as_u16(), 404);
 }
+
+#[test]
+fn the_control_connection_can_be_tls_and_checks_the_broker() {
+    let s = TestServer::start(config());
+    let broker = Broker::start(&certs(&s));
+    let ca = s.ep.ca_certificate.clone().unwrap();
+    let ca_pem = std::fs::read_to_string(&ca).unwrap();
+    link(&s, &broker, "localhost");
+    let r = s.send("PUT", "/linkedHubs/localhost", Some(broker.hub_json_tls("localhost", &ca_pem)));
+    assert_eq!(r.status().as_u16(), 200);
+    enroll(&s, "over-tls", json!({"iotHubs": ["localhost"], "initialTwin": {"properties": {"desired": {"tls": true}}}}));
+    assert_eq!(register(&s, "over-tls", Duration::from_secs(20))["status"], "assigned");
+    assert_eq!(desired_at(&broker, &ca, "over-tls", KEY), Some(json!({"tls": true})));
+
+    // A broker whose certificate the configured CA did not sign is refused: failed, 400210.
+    let other_ca = common::certs::ca("some other CA", None);
+    let r = s.send("PUT", "/linkedHubs/localhost", Some(broker.hub_json_tls("localhost", &other_ca.pem)));
+    assert_eq!(r.status().as_u16(), 200);
+    enroll(&s, "untrusted", json!({"iotHubs": ["localhost"]}));
+    let v = register(&s, "untrusted", Duration::from_secs(20));
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_ne!(device_at(&broker, &ca, "untrusted", KEY).1, Some(0));
+}

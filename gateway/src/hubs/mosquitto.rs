@@ -181,8 +181,14 @@ struct Conn {
 }
 
 impl Conn {
+    /// A broker whose certificate does not verify is refused at once (retrying will not make
+    /// it verify); other I/O errors are transient.
     fn io_error(&self, e: std::io::Error) -> HubError {
-        HubError::Transient(format!("{}: {e}", self.addr))
+        let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        match tls {
+            Some(rustls::Error::InvalidCertificate(why)) => HubError::Refused(format!("{}: the broker's certificate: {why:?}", self.addr)),
+            _ => HubError::Transient(format!("{}: {e}", self.addr)),
+        }
     }
 
     fn send(&mut self, encode: impl FnOnce(&mut BytesMut) -> Result<usize, mqttbytes::Error>) -> Result<(), HubError> {

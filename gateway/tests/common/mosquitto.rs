@@ -15,6 +15,8 @@ pub const ADMIN_PASSWORD: &str = "dps-admin-password";
 pub struct Broker {
     child: Option<Child>,
     pub control_port: u16,
+    /// The control listener again, over TLS (the gateway's certificate, for `localhost`).
+    pub control_tls_port: u16,
     pub device_port: u16,
     /// With [`Broker::start_with_x509`]: the listener for certificate devices (the
     /// certificate's CN is the user name, and the client id).
@@ -51,7 +53,15 @@ impl Broker {
             std::fs::write(dir.path().join("device-ca.pem"), pem).unwrap();
         }
         let x509_port = device_ca_pem.map(|_| free_port());
-        let mut b = Broker { child: None, control_port: free_port(), device_port: free_port(), x509_port, dir, certs: certs.to_path_buf() };
+        let mut b = Broker {
+            child: None,
+            control_port: free_port(),
+            control_tls_port: free_port(),
+            device_port: free_port(),
+            x509_port,
+            dir,
+            certs: certs.to_path_buf(),
+        };
         b.launch();
         b
     }
@@ -62,15 +72,17 @@ impl Broker {
             &conf,
             format!(
                 "per_listener_settings false\nuser root\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n\
-                 allow_anonymous false\nset_tcp_nodelay true\nplugin {}\nplugin_opt_config_file {}\n\
-                 listener {} 127.0.0.1\nlistener {} 127.0.0.1\ncertfile {}\nkeyfile {}\ncafile {}\n",
-                plugin().display(),
-                self.dir.path().join("dynsec.json").display(),
-                self.control_port,
-                self.device_port,
-                self.certs.join("server-ecdsa.pem").display(),
-                self.certs.join("server-ecdsa.key").display(),
-                self.certs.join("ca.pem").display(),
+                 allow_anonymous false\nset_tcp_nodelay true\nplugin {plugin}\nplugin_opt_config_file {dynsec}\n\
+                 listener {control} 127.0.0.1\nlistener {devices} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\ncafile {ca}\n\
+                 listener {control_tls} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n",
+                plugin = plugin().display(),
+                dynsec = self.dir.path().join("dynsec.json").display(),
+                control = self.control_port,
+                devices = self.device_port,
+                control_tls = self.control_tls_port,
+                cert = self.certs.join("server-ecdsa.pem").display(),
+                key = self.certs.join("server-ecdsa.key").display(),
+                ca = self.certs.join("ca.pem").display(),
             ),
         )
         .unwrap();
@@ -90,6 +102,7 @@ impl Broker {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.device_port)).is_err()
             || std::net::TcpStream::connect(("127.0.0.1", self.control_port)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.control_tls_port)).is_err()
         {
             assert!(Instant::now() < deadline, "mosquitto did not start listening");
             std::thread::sleep(Duration::from_millis(20));
@@ -102,6 +115,14 @@ impl Broker {
             "name": name, "kind": "mosquitto", "controlUrl": format!("mqtt://127.0.0.1:{}", self.control_port),
             "username": ADMIN, "password": ADMIN_PASSWORD,
         })
+    }
+
+    /// The same over TLS: `mqtts://localhost:…`, trusting `ca_pem`.
+    pub fn hub_json_tls(&self, name: &str, ca_pem: &str) -> serde_json::Value {
+        let mut h = self.hub_json(name);
+        h["controlUrl"] = serde_json::json!(format!("mqtts://localhost:{}", self.control_tls_port));
+        h["caCert"] = serde_json::json!(ca_pem);
+        h
     }
 
     pub fn stop(&mut self) {
