@@ -154,8 +154,14 @@ pub struct Limits {
     /// Page size when the caller does not send `x-ms-max-item-count`.
     pub default_page_size: usize,
     pub max_page_size: usize,
-    /// Open connections per shard; further connections are closed at accept.
+    /// Open connections per shard; further connections are closed at accept, except on the
+    /// HTTPS port while the service API's reserve has room.
     pub max_connections_per_shard: usize,
+    /// HTTPS connections per shard kept for the service API beyond `max_connections_per_shard`:
+    /// when devices (or anyone) fill the shard, operators still get in. A connection admitted
+    /// into this reserve is served service API requests only; a device request on it gets 503
+    /// with Retry-After.
+    pub service_api_connections_per_shard: usize,
     /// Connections one source address may hold at once (each shard admits its share); 0 = no
     /// limit. A factory line behind one NAT address goes into `source_allow_list`.
     pub max_connections_per_source: usize,
@@ -236,6 +242,7 @@ impl Default for Limits {
             default_page_size: 100,
             max_page_size: 1_000,
             max_connections_per_shard: 50_000,
+            service_api_connections_per_shard: 256,
             max_connections_per_source: 1_000,
             source_allow_list: Vec::new(),
             idle_timeout_secs: 60,

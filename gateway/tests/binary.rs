@@ -256,3 +256,31 @@ fn a_second_instance_on_the_same_ports_is_refused() {
     assert!(err.contains(&format!("MQTT port {}", first.endpoint.ports.mqtt)), "{err}");
     first.shutdown().unwrap();
 }
+
+#[test]
+fn a_restart_binds_past_connections_in_time_wait() {
+    // Regression: the listeners set SO_REUSEPORT but not SO_REUSEADDR, so a port with a
+    // connection of another process in TIME_WAIT (here: a plain listener that closed its
+    // accepted connection first) refused the bind with "address in use".
+    use std::io::Read;
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = other.local_addr().unwrap().port();
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (accepted, _) = other.accept().unwrap();
+    drop(accepted); // the server side closes first: its socket stays in TIME_WAIT on `port`
+    assert_eq!(client.read(&mut [0u8; 1]).unwrap(), 0);
+    drop(client);
+    drop(other);
+    let tables = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let time_wait = tables.lines().any(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        cols.len() > 3 && cols[1].ends_with(&format!(":{port:04X}")) && cols[3] == "06"
+    });
+    assert!(time_wait, "the test needs a TIME_WAIT socket on port {port}");
+    let mut cfg = common::test_config();
+    cfg.ports.mqtt = port;
+    let dir = tempfile::tempdir().unwrap();
+    let running = dps_gateway::start(cfg, dir.path()).unwrap_or_else(|e| panic!("bind past TIME_WAIT: {e}"));
+    assert_eq!(running.endpoint.ports.mqtt, port);
+    running.shutdown().unwrap();
+}

@@ -140,6 +140,44 @@ fn one_source_address_cannot_take_every_slot() {
     drop(idle);
 }
 
+#[test]
+fn the_service_api_keeps_connections_of_its_own() {
+    // Regression: one connection budget per shard served devices and operators alike, so
+    // connections filling the shard (from many addresses, past any per-source limit) locked
+    // the operators out of the service API too. Now HTTPS connections over the budget go into
+    // the service API's reserve, where a device request is answered 503 and a service API
+    // request is served.
+    let mut cfg = test_config();
+    cfg.shards = 1;
+    cfg.linked_hubs.push(hub("hub-a.example"));
+    cfg.limits.max_connections_per_shard = 20;
+    cfg.limits.service_api_connections_per_shard = 4;
+    cfg.limits.max_connections_per_source = 0;
+    let s = TestServer::start(cfg);
+    let e = json!({"registrationId": "full-dev", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}});
+    assert_eq!(s.send("PUT", "/enrollments/full-dev", Some(e)).status().as_u16(), 200);
+    // Idle connections take every device slot (the admin's client above has closed its own).
+    let idle: Vec<std::net::TcpStream> = (0..20).map(|_| std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.mqtt)).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let operator = client_from(&s, "127.0.0.3");
+    let url = format!("https://localhost:{}/enrollments/full-dev?{API}", s.ep.ports.https);
+    let r = operator.get(url).header("Authorization", s.token()).send().expect("the service API answers while the shard is full");
+    assert_eq!(r.status().as_u16(), 200);
+    // A device gets in only as far as the reserve, and is told to come back.
+    let url = format!("https://localhost:{}/{}/registrations/full-dev/register?api-version=2019-03-31", s.ep.ports.https, s.ep.id_scope);
+    let token = device_token(&s.ep.id_scope, "full-dev", KEY);
+    let r = client_from(&s, "127.0.0.2").put(&url).header("Authorization", &token).body("{}").send().unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    let (_, v) = status_json(r);
+    assert_eq!(v["errorCode"], 503001, "{v}");
+    // Once the device slots free up, the device is served.
+    drop(idle);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let r = client_from(&s, "127.0.0.2").put(&url).header("Authorization", &token).body("{}").send().unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+}
+
 /// A client from one loopback address, on a new connection per request.
 fn client_from(s: &TestServer, source: &str) -> reqwest::blocking::Client {
     let ca = std::fs::read(s.ep.ca_certificate.as_ref().unwrap()).unwrap();

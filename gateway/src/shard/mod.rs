@@ -103,6 +103,8 @@ pub(crate) struct Shard {
     /// errors).
     pub tracking: Rc<TrackingIds>,
     conns: Cell<usize>,
+    /// Open connections in the service API's reserve (`limits.service_api_connections_per_shard`).
+    api_conns: Cell<usize>,
     /// Open connections by source address (only addresses under the per-source limit).
     by_source: std::cell::RefCell<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
@@ -191,8 +193,27 @@ pub(crate) enum Listener {
     Amqp,
 }
 
+/// A listening socket with SO_REUSEPORT (every shard has its own, the kernel spreads the
+/// connections) and SO_REUSEADDR (a restart binds while connections of an earlier process
+/// still sit in TIME_WAIT on the port; glommio's own `bind` sets only the first).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sk.set_reuse_address(true)?;
+    sk.set_reuse_port(true)?;
+    sk.bind(&addr.into())?;
+    // The kernel caps the backlog at net.core.somaxconn (tuning.md).
+    sk.listen(4096)?;
+    let fd = sk.into_raw_fd();
+    // SAFETY: `fd` is a bound, listening TCP socket that nothing else owns: `into_raw_fd`
+    // released it from `sk`, and the listener takes ownership of it here.
+    #[allow(unsafe_code)]
+    Ok(unsafe { TcpListener::from_raw_fd(fd) })
+}
+
 async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
-    let bind = |what: &str, addr: SocketAddr| TcpListener::bind(addr).map_err(|e| bind_error(what, addr, e.into()));
+    let bind = |what: &str, addr: SocketAddr| listen(addr).map_err(|e| bind_error(what, addr, e));
     let admin = spec.admin.map(|a| bind("admin", a)).transpose();
     let (https, mqtt, amqp, admin) = match (bind("HTTPS", spec.https), bind("MQTT", spec.mqtt), bind("AMQP", spec.amqp), admin) {
         (Ok(h), Ok(m), Ok(q), Ok(a)) => (h, m, q, a),
@@ -249,6 +270,7 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
         stop: spec.stop.clone(),
         limits: spec.svc.limits.clone(),
         conns: Cell::new(0),
+        api_conns: Cell::new(0),
         by_source: Default::default(),
     });
     tracing::info!(shard = spec.id, https = ports.https, mqtt = ports.mqtt, amqp = ports.amqp, "shard serving");
@@ -323,7 +345,11 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
                 continue;
             }
         };
-        if shard.conns.get() >= shard.limits.max_connections_per_shard {
+        // The shard full, an HTTPS connection may still take a slot of the service API's
+        // reserve, where it is served the service API only.
+        let api_only = shard.conns.get() >= shard.limits.max_connections_per_shard;
+        if api_only && !(matches!(kind, Listener::Https) && shard.api_conns.get() < shard.limits.service_api_connections_per_shard) {
+            shard.metrics.inc("dps_connections_refused_total", &[("shard", &shard.id.to_string()), ("reason", "shard_full")]);
             drop(stream);
             continue;
         }
@@ -332,7 +358,8 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
             drop(stream);
             continue;
         };
-        shard.conns.set(shard.conns.get() + 1);
+        let pool = if api_only { &shard.api_conns } else { &shard.conns };
+        pool.set(pool.get() + 1);
         let sid = shard.id.to_string();
         let listener = match kind {
             Listener::Https => "https",
@@ -343,9 +370,10 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
         shard.metrics.add("dps_connections_open", &[("shard", &sid)], 1);
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            serve_tls(stream, kind, &shard).await;
+            serve_tls(stream, kind, api_only, &shard).await;
             shard.release_source(source);
-            shard.conns.set(shard.conns.get() - 1);
+            let pool = if api_only { &shard.api_conns } else { &shard.conns };
+            pool.set(pool.get() - 1);
             shard.metrics.add("dps_connections_open", &[("shard", &sid)], -1);
         })
         .detach();

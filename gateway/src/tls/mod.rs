@@ -160,6 +160,16 @@ pub struct TlsConfigs {
 }
 
 impl TlsConfigs {
+    /// Whether `sni` names one of the service API's own host names; without any configured,
+    /// the service API shares every host name with the devices.
+    pub fn is_service_api_host(&self, sni: Option<&str>) -> bool {
+        match (&self.service_api, sni) {
+            (None, _) => true,
+            (Some((_, names)), Some(n)) => names.iter().any(|h| h.eq_ignore_ascii_case(n)),
+            (Some(_), None) => false,
+        }
+    }
+
     /// The HTTPS configuration for a handshake naming `sni`.
     pub fn for_https(&self, sni: Option<&str>) -> Arc<ServerConfig> {
         match (&self.service_api, sni) {

@@ -4,6 +4,11 @@
 use crate::provisioning::{Provisioning, Via};
 use crate::transport::http::{Request, Response};
 
+/// Whether a request is for the device API (by its path, as `handle` decides).
+pub fn is_device_request(req: &Request) -> bool {
+    dps_core::request::from_http(&req.method, &req.path, None, &[], None).is_some()
+}
+
 /// Answers a device API request, or None when the path is not one.
 pub async fn handle(
     prov: &Provisioning,

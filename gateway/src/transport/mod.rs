@@ -22,7 +22,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) {
+/// Serves one accepted connection. `api_only`: it holds a slot of the service API's reserve
+/// (HTTPS only), so it is served the service API and nothing else.
+pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, api_only: bool, shard: &Shard) {
     let _ = stream.set_nodelay(true);
     // The peer's address: failed attestations are bounded per source.
     let Ok(source) = stream.peer_addr().map(|a| a.ip()) else { return };
@@ -31,13 +33,18 @@ pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) 
     let handshake = Duration::from_secs(shard.limits.handshake_timeout_secs);
     let sid = shard.id.to_string();
     let accept = async {
-        Ok(match (kind, &shard.tls.service_api) {
+        Some(match (kind, &shard.tls.service_api) {
             // The HTTPS port picks its configuration by the host the client names (SNI): the
             // service API's own host names request no client certificate.
             (Listener::Https, Some(_)) => {
                 match futures_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await {
                     Ok(start) => {
-                        let cfg = shard.tls.for_https(start.client_hello().server_name());
+                        let hello = start.client_hello();
+                        if api_only && !shard.tls.is_service_api_host(hello.server_name()) {
+                            // The reserve is for the service API's host names only.
+                            return None;
+                        }
+                        let cfg = shard.tls.for_https(hello.server_name());
                         start.into_stream(cfg).await
                     }
                     Err(e) => Err(e),
@@ -46,9 +53,10 @@ pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) 
             _ => futures_rustls::TlsAcceptor::from(shard.tls.devices.clone()).accept(stream).await,
         })
     };
-    let mut s = match glommio::timer::timeout(handshake, accept).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let mut s = match glommio::timer::timeout(handshake, async { Ok(accept.await) }).await {
+        Ok(None) => return,
+        Ok(Some(Ok(s))) => s,
+        Ok(Some(Err(e))) => {
             shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", "failed")]);
             tracing::debug!(error = %e, "TLS handshake failed");
             return;
@@ -69,7 +77,7 @@ pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, shard: &Shard) 
         s.get_ref().1.peer_certificates().filter(|c| !c.is_empty()).map(|c| Arc::new(c.iter().map(|d| d.to_vec()).collect()));
     match kind {
         Listener::Https => {
-            if let Some((req, leftover)) = serve_http(&mut s, shard, chain.as_ref(), source).await {
+            if let Some((req, leftover)) = serve_http(&mut s, shard, chain.as_ref(), source, api_only).await {
                 serve_websocket(&mut s, req, leftover, shard, chain, source).await;
             }
         }
@@ -149,6 +157,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
     shard: &Shard,
     chain: Option<&CertChain>,
     source: std::net::IpAddr,
+    api_only: bool,
 ) -> Option<(http::Request, Vec<u8>)> {
     let (stop, limits) = (&shard.stop, &shard.limits);
     let idle = Duration::from_secs(limits.idle_timeout_secs);
@@ -189,6 +198,14 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
                 return None;
             }
         };
+        let device = websocket::is_upgrade(&req) || https::is_device_request(&req);
+        if api_only && device {
+            // A connection in the service API's reserve: the device connections are full.
+            let err = ServiceError::new(ErrorKind::Unavailable, "the device connections are full; retry later");
+            let resp = Response::error(&err, &shard.tracking.next(), utc_now()).header("Retry-After", "5");
+            let _ = http::write_response(s, &resp, true).await;
+            return None;
+        }
         if websocket::is_upgrade(&req) {
             return Some((req, std::mem::take(&mut buf)));
         }
