@@ -13,13 +13,14 @@ use std::path::Path;
 
 pub const OWNER_POLICY: &str = "provisioningserviceowner";
 
-/// The data key comes from `DPS_DATA_KEY` (base64 of 32 bytes) or from `DIR/data.key`,
-/// created with mode 0600 on first start.
+/// The data keys come from `DPS_DATA_KEY` or from `DIR/data.key` (created with mode 0600 on
+/// first start): base64 of 32 bytes each, separated by commas or new lines. The first key
+/// seals; the others only open values a rotation has not re-sealed yet.
 pub fn data_key(dir: &Path, env_key: Option<String>) -> Result<DataKey, String> {
-    let bytes: Vec<u8> = match env_key {
-        Some(k) => B64.decode(k.trim()).map_err(|_| "DPS_DATA_KEY is not base64".to_string())?,
+    let text = match env_key {
+        Some(k) => k,
         None => {
-            let path = dir.join("data.key");
+            let path = dir.join(DATA_KEY_FILE);
             if !path.exists() {
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
@@ -34,12 +35,91 @@ pub fn data_key(dir: &Path, env_key: Option<String>) -> Result<DataKey, String> 
             }
             // Also when the file was there already (copied by hand, restored from a backup).
             make_private(&path)?;
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            B64.decode(text.trim()).map_err(|_| format!("{} is not base64", path.display()))?
+            std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
         }
     };
-    let key: [u8; 32] = bytes.try_into().map_err(|_| "the data key must be 32 bytes".to_string())?;
-    Ok(DataKey::new(&key))
+    Ok(DataKey::ring(&parse_keys(&text)?))
+}
+
+pub const DATA_KEY_FILE: &str = "data.key";
+
+fn parse_keys(text: &str) -> Result<Vec<[u8; 32]>, String> {
+    let keys = text
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            let bytes = B64.decode(k).map_err(|_| "a data key is not base64".to_string())?;
+            <[u8; 32]>::try_from(bytes).map_err(|_| "a data key must be 32 bytes".to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if keys.is_empty() {
+        return Err("no data key given".into());
+    }
+    Ok(keys)
+}
+
+/// What `dps rotate-data-key` did.
+#[derive(Debug)]
+pub struct Rotated {
+    pub resealed: u64,
+    /// The keys came from `DPS_DATA_KEY`, which should now hold its first key alone.
+    pub from_env: bool,
+}
+
+/// Re-seals every stored value under a new data key, with the service stopped (the store's
+/// lock refuses a running one). With `data.key`: a new key is generated and written first in
+/// the file (before any value uses it), the store re-sealed, then the old keys removed; an
+/// interrupted run leaves both keys in the file and can simply run again. With
+/// `DPS_DATA_KEY`: the operator puts the new key first (`new,old`); everything is re-sealed
+/// under it, and `DPS_DATA_KEY` can then hold the new key alone.
+pub fn rotate_data_key(dir: &Path, env_key: Option<String>) -> Result<Rotated, String> {
+    let store_dir = dir.join("store");
+    if !store_dir.exists() {
+        return Err(format!("no store in {}", dir.display()));
+    }
+    let (ring, file) = match env_key {
+        Some(text) => {
+            let keys = parse_keys(&text)?;
+            if keys.len() < 2 {
+                return Err("DPS_DATA_KEY holds one key: put the new key first and the old one after it (new,old)".into());
+            }
+            (keys, None)
+        }
+        None => {
+            let path = dir.join(DATA_KEY_FILE);
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let mut keys = parse_keys(&text)?;
+            keys.insert(0, random_bytes::<32>());
+            (keys, Some(path))
+        }
+    };
+    // The store's lock first: a running service must find data.key as it was.
+    let store = FjallStore::open(&store_dir, DataKey::ring(&ring), 64 << 20).map_err(|e| match e {
+        e if e.is_locked() => format!("the store in {} is in use: stop `dps serve` first", dir.display()),
+        e => format!("cannot open the store in {}: {e}", dir.display()),
+    })?;
+    if file.is_some() {
+        // Durable before any value is sealed under the new key.
+        write_keys(dir, &ring)?;
+    }
+    let resealed = store.reseal().map_err(|e| format!("re-sealing stopped: {e}; run the command again to finish"))?;
+    drop(store);
+    if file.is_some() {
+        write_keys(dir, &ring[..1])?;
+    }
+    Ok(Rotated { resealed, from_env: file.is_none() })
+}
+
+/// Replaces `data.key` atomically (a new file, synced, renamed over the old, the directory
+/// synced): a crash leaves the old file or the new one, never a torn one.
+fn write_keys(dir: &Path, keys: &[[u8; 32]]) -> Result<(), String> {
+    let text: String = keys.iter().map(|k| B64.encode(k) + "\n").collect();
+    let tmp = dir.join(format!("{DATA_KEY_FILE}.new"));
+    write_private(&tmp, text.as_bytes())?;
+    let path = dir.join(DATA_KEY_FILE);
+    std::fs::rename(&tmp, &path).map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("cannot sync {}: {e}", dir.display()))
 }
 
 /// Sets owner-only permissions (0600 on files, 0700 on directories), whatever they were.
@@ -151,6 +231,21 @@ pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn keys_from_the_environment() {
+        let (a, b) = (B64.encode([1u8; 32]), B64.encode([2u8; 32]));
+        let d = tempfile::tempdir().unwrap();
+        assert!(data_key(d.path(), Some(format!("{a}, {b}"))).is_ok());
+        assert!(data_key(d.path(), Some(format!("{a},AAAA"))).unwrap_err().contains("32 bytes"));
+        assert!(data_key(d.path(), Some(" ".into())).is_err());
+        // Rotating from the environment needs the new key given first.
+        std::fs::create_dir(d.path().join("store")).unwrap();
+        assert!(rotate_data_key(d.path(), Some(a.clone())).unwrap_err().contains("new,old"));
+        let r = rotate_data_key(d.path(), Some(format!("{b},{a}"))).unwrap();
+        assert!(r.from_env);
+        assert!(!d.path().join(DATA_KEY_FILE).exists(), "keys from the environment are never written");
+    }
 
     #[test]
     fn an_existing_data_key_file_is_made_private() {

@@ -33,6 +33,18 @@ enum Command {
         #[arg(long)]
         shards: Option<usize>,
     },
+    /// Re-seal every stored value under a new data key (with the service stopped).
+    ///
+    /// With DIR/data.key: a new key is generated, everything re-sealed, and the old key
+    /// removed from the file. With DPS_DATA_KEY: give the new key first (DPS_DATA_KEY=new,old);
+    /// afterwards DPS_DATA_KEY needs the new key only. An interrupted run can be run again.
+    ///
+    /// Example: systemctl stop dps && dps rotate-data-key --data-dir /var/lib/dps && systemctl start dps
+    RotateDataKey {
+        /// Data directory of the stopped service.
+        #[arg(long, default_value = "dps-data")]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() {
@@ -46,7 +58,12 @@ fn main() {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init();
     }
-    let Cli { command: Command::Serve { data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards } } = Cli::parse();
+    let (data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards) = match Cli::parse().command {
+        Command::Serve { data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards } => {
+            (data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards)
+        }
+        Command::RotateDataKey { data_dir } => rotate(&data_dir),
+    };
     let mut cfg = match dps_gateway::config::Config::load(config.as_deref(), std::env::vars()) {
         Ok(c) => c,
         Err(e) => exit(&e),
@@ -94,6 +111,21 @@ fn main() {
     }
     if let Err(e) = running.shutdown() {
         exit(&e);
+    }
+}
+
+fn rotate(dir: &std::path::Path) -> ! {
+    match dps_gateway::bootstrap::rotate_data_key(dir, std::env::var("DPS_DATA_KEY").ok()) {
+        Ok(r) => {
+            println!("Re-sealed {} stored values under the new data key.", r.resealed);
+            if r.from_env {
+                println!("DPS_DATA_KEY can now hold the new (first) key alone.");
+            } else {
+                println!("{} holds the new key only.", dir.join(dps_gateway::bootstrap::DATA_KEY_FILE).display());
+            }
+            std::process::exit(0)
+        }
+        Err(e) => exit(&e),
     }
 }
 

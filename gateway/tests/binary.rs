@@ -284,3 +284,47 @@ fn a_restart_binds_past_connections_in_time_wait() {
     assert_eq!(running.endpoint.ports.mqtt, port);
     running.shutdown().unwrap();
 }
+
+#[test]
+fn rotate_data_key_reseals_the_store_under_a_new_key() {
+    use dps_storage::{DataKey, FjallStore, Store, Table};
+    let s = TestServer::start(common::test_config());
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let e = serde_json::json!({"registrationId": "rot-dev", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}}});
+    assert_eq!(s.send("PUT", "/enrollments/rot-dev", Some(e)).status().as_u16(), 200);
+    let rotate =
+        |dir: &std::path::Path| Command::new(env!("CARGO_BIN_EXE_dps")).args(["rotate-data-key", "--data-dir"]).arg(dir).output().unwrap();
+    // While the service runs, the store is locked and the command says why.
+    let out = rotate(s.dir.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop `dps serve` first"), "{out:?}");
+    let untouched = std::fs::read_to_string(s.dir.path().join("data.key")).unwrap();
+    assert_eq!(untouched.trim().lines().count(), 1, "a refused rotation leaves data.key alone");
+    let mut s = s;
+    s.running.take().unwrap().shutdown().unwrap();
+    let dir = s.dir.path().to_path_buf();
+    let old = std::fs::read_to_string(dir.join("data.key")).unwrap();
+    let out = rotate(&dir);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("Re-sealed") && !said.contains("Re-sealed 0 "), "{said}");
+    let new = std::fs::read_to_string(dir.join("data.key")).unwrap();
+    assert_ne!(new.trim(), old.trim());
+    assert_eq!(new.trim().lines().count(), 1, "the old key is gone from the file");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(dir.join("data.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    // The old key opens nothing any more; the new one everything.
+    let b64 = |t: &str| -> [u8; 32] {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.decode(t.trim()).unwrap().try_into().unwrap()
+    };
+    {
+        let store = FjallStore::open(&dir.join("store"), DataKey::new(&b64(&old)), 8 << 20).unwrap();
+        assert!(store.get(Table::Enrollments, "rot-dev").is_err());
+        assert!(store.get(Table::Meta, "service").is_err());
+    }
+    // And the service starts on it and serves what it held.
+    let s = s.restart(common::test_config());
+    let r = s.send("GET", "/enrollments/rot-dev", None);
+    assert_eq!(r.status().as_u16(), 200);
+}

@@ -44,6 +44,57 @@ impl FjallStore {
         Ok(FjallStore { db, spaces, key, counts: Mutex::new(counts) })
     }
 
+    /// Re-seals every value not sealed under the current data key (and format), in batches
+    /// that are each durable before the next; run offline (fjall's lock keeps the service out)
+    /// by `dps rotate-data-key`. Returns how many values it re-sealed. Interrupted, it can
+    /// run again: values already re-sealed are skipped.
+    pub fn reseal(&self) -> Result<u64, StoreError> {
+        const BATCH: usize = 1_000;
+        let mut done = 0u64;
+        for t in Table::ALL {
+            if t == Table::RegistrationsByGroup {
+                continue; // empty values, nothing sealed
+            }
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let mut stale = Vec::new();
+                let range = match &after {
+                    Some(a) => self.space(t).range::<Vec<u8>, _>((std::ops::Bound::Excluded(a.clone()), std::ops::Bound::Unbounded)),
+                    None => self.space(t).range::<Vec<u8>, _>(..),
+                };
+                let mut last = None;
+                for kv in range {
+                    let (k, v) = kv.into_inner()?;
+                    last = Some(k.to_vec());
+                    // Record counters in `meta` are plain numbers, not sealed values.
+                    if (t == Table::Meta && k.starts_with(b"count/")) || self.key.is_current(&v) {
+                        continue;
+                    }
+                    let key = String::from_utf8_lossy(&k).into_owned();
+                    let rec = self.key.open(t, &key, &v).ok_or_else(|| StoreError::Corrupt { table: t.name(), key: key.clone() })?;
+                    stale.push((key, rec));
+                    if stale.len() >= BATCH {
+                        break;
+                    }
+                }
+                if !stale.is_empty() {
+                    let mut batch = self.db.batch();
+                    for (key, rec) in &stale {
+                        batch.insert(self.space(t), key.as_bytes(), self.key.seal(t, key, rec));
+                    }
+                    batch.commit()?;
+                    self.db.persist(PersistMode::SyncAll)?;
+                    done += stale.len() as u64;
+                }
+                match last {
+                    Some(l) if stale.len() >= BATCH => after = Some(l),
+                    _ => break,
+                }
+            }
+        }
+        Ok(done)
+    }
+
     fn space(&self, t: Table) -> &Keyspace {
         // Every table gets its keyspace in `open`.
         &self.spaces[&t]

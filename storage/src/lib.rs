@@ -22,6 +22,13 @@ pub enum StoreError {
     Corrupt { table: &'static str, key: String },
 }
 
+impl StoreError {
+    /// Another process holds the store open (fjall's lock file).
+    pub fn is_locked(&self) -> bool {
+        matches!(self, StoreError::Engine(fjall::Error::Locked))
+    }
+}
+
 /// The store interface: blocking calls, safe from many threads. Transactions passed to one
 /// [`Store::commit`] become durable together (group commit) before it returns.
 pub trait Store: Send + Sync + 'static {

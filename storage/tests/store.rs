@@ -158,3 +158,31 @@ fn another_data_key_cannot_read() {
     let s = FjallStore::open(d.path(), DataKey::new(&[4; 32]), 8 << 20).unwrap();
     assert!(s.get(Table::Enrollments, "dev").is_err());
 }
+
+#[test]
+fn reseal_moves_every_value_to_the_new_key() {
+    let d = tempfile::tempdir().unwrap();
+    let (old, new) = ([3; 32], [4; 32]);
+    {
+        let s = open(d.path());
+        // More than one re-seal batch in one table, and values in several tables.
+        let txns: Vec<Txn> =
+            (0..2_500).map(|i| put(Table::Registrations, &format!("r{i:05}"), rec("\"e\"", 1, "x"), Expect::Absent, None)).collect();
+        s.commit(txns).unwrap();
+        s.commit(vec![put(Table::Enrollments, "dev", rec("\"e\"", 0, "secret"), Expect::Absent, None)]).unwrap();
+    }
+    {
+        let s = FjallStore::open(d.path(), DataKey::ring(&[new, old]), 8 << 20).unwrap();
+        assert_eq!(s.get(Table::Enrollments, "dev").unwrap().unwrap().body, b"secret");
+        assert_eq!(s.reseal().unwrap(), 2_501);
+        assert_eq!(s.reseal().unwrap(), 0, "a second run finds nothing left");
+        assert_eq!(s.count(Table::Registrations, 1), 2_500, "the counters are untouched");
+    }
+    // The old key can go: the new one alone reads everything.
+    let s = FjallStore::open(d.path(), DataKey::new(&new), 8 << 20).unwrap();
+    assert_eq!(s.get(Table::Enrollments, "dev").unwrap().unwrap().body, b"secret");
+    assert_eq!(s.scan(Table::Registrations, "", None, usize::MAX).unwrap().len(), 2_500);
+    drop(s);
+    let s = FjallStore::open(d.path(), DataKey::new(&old), 8 << 20).unwrap();
+    assert!(s.get(Table::Enrollments, "dev").is_err());
+}

@@ -58,7 +58,9 @@ impl TestServer {
 
     /// Stops the server and starts a new one on the same data dir.
     pub fn restart(mut self, cfg: Config) -> TestServer {
-        self.running.take().unwrap().shutdown().unwrap();
+        if let Some(r) = self.running.take() {
+            r.shutdown().unwrap();
+        }
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         Self::start_in(dir, cfg)
     }
