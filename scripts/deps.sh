@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages the build and the tests use, when missing (Debian): Node.js and
 # npm and Python's venv for the interop tests, Mosquitto (the benchmark's peer), and for TPM
-# attestation the TSS libraries (tss-esapi links them), swtpm (a software TPM) and tpm2-tools.
+# attestation the TSS libraries (tss-esapi links them), swtpm (a software TPM) and tpm2-tools;
+# strace (the durability test watches fsync against acknowledgements) and a C compiler (the
+# fsync-failure test builds a small LD_PRELOAD library).
 set -euo pipefail
 missing=()
 command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
@@ -9,6 +11,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v mosquitto >/dev/null && command -v mosquitto_passwd >/dev/null || missing+=(mosquitto)
 command -v swtpm >/dev/null || missing+=(swtpm swtpm-tools)
 command -v tpm2_createprimary >/dev/null || missing+=(tpm2-tools)
+command -v strace >/dev/null || missing+=(strace)
+command -v cc >/dev/null || missing+=(gcc libc6-dev)
 pkg-config --exists tss2-esys 2>/dev/null || missing+=(libtss2-dev pkg-config)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
