@@ -48,14 +48,13 @@ sample 0 >>"$out"
 for m in $(seq "$minutes"); do
   "$loadgen" --endpoint "$data/dps/endpoint.json" --rate "$rate" --devices $((rate * 60)) \
     --concurrency 512 --prefix soak --progress 0 --json >"$data/loadgen-$m.txt" 2>&1 || true
-  grep -E '^\{' "$data/loadgen-$m.txt" | tail -1 | python3 -c '
+  grep -E '^\{' "$data/loadgen-$m.txt" | tail -1 | python3 -c "
 import json, sys
 for line in sys.stdin:
     r = json.loads(line)
-    lat = r.get("latency_ms", {})
-    print(f"minute {sys.argv[1]}: {r.get('sessions_per_s', 0):.0f}/s ok {r.get('ok')} errors {r.get('errors')} "
-          f"p50 {lat.get('p50')} ms p99 {lat.get('p99')} ms", file=sys.stderr)
-' "$m" || true
+    lat = r.get('latency_ms', {})
+    print(f\"minute $m: {r.get('sessions_per_s', 0):.0f}/s ok {r.get('ok')} errors {r.get('errors')} p50 {lat.get('p50')} ms p99 {lat.get('p99')} ms\", file=sys.stderr)
+" || true
   sample "$m" >>"$out"
 done
 python3 - "$out" <<'PY'
