@@ -53,10 +53,13 @@ fn main() {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"))
     };
     // One line per event; `DPS_LOG_FORMAT=json` makes each a JSON object for log shippers.
+    // A log line that cannot be written (stderr on a full disk) is dropped: tracing's own
+    // report of it would print to stderr too, and a failed print panics the thread that logged.
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).log_internal_errors(false);
     if std::env::var("DPS_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        tracing_subscriber::fmt().json().with_env_filter(filter()).with_writer(std::io::stderr).init();
+        fmt.json().init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init();
+        fmt.init();
     }
     let (data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards) = match Cli::parse().command {
         Command::Serve { data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards } => {

@@ -69,6 +69,11 @@ const CATALOGUE: &[(&str, &str, &str)] = &[
     ("dps_store_commit_seconds_total", "counter", "Time spent committing, seconds."),
     ("dps_store_commit_latency_seconds", "histogram", "Latency of a group commit (write and fsync)."),
     ("dps_store_write_queue_depth", "gauge", "Writes waiting for the store writer."),
+    (
+        "dps_store_writes_stopped",
+        "gauge",
+        "1 once a full disk or a failed fsync stopped the store's writes (reads go on; restart once fixed).",
+    ),
 ];
 
 /// Sums the shards' series and renders the Prometheus text format (0.0.4).
@@ -109,6 +114,8 @@ pub fn store_series(stats: &dps_storage::CommitStats, queued: usize) -> Vec<(Str
         ("dps_store_commit_transactions_total".to_string(), stats.txns.load(Relaxed) as f64),
         ("dps_store_commit_seconds_total".to_string(), stats.commit_micros.load(Relaxed) as f64 / 1e6),
         ("dps_store_write_queue_depth".to_string(), queued as f64),
+        // 1 once a full disk or a failed fsync stopped the store's writes (until a restart).
+        ("dps_store_writes_stopped".to_string(), if stats.writes_stopped.load(Relaxed) { 1.0 } else { 0.0 }),
         (format!("{name}_sum"), stats.commit_micros.load(Relaxed) as f64 / 1e6),
     ];
     let mut cumulative = 0u64;

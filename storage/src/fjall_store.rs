@@ -15,6 +15,8 @@ pub struct FjallStore {
     key: DataKey,
     /// Record counts per (table, class), persisted in `meta` under `count/{table}/{class}`.
     counts: Mutex<HashMap<(Table, u8), u64>>,
+    /// Why writes stopped, once a journal write or fsync failed.
+    stopped: std::sync::OnceLock<String>,
 }
 
 fn count_key(t: Table, class: u8) -> String {
@@ -41,7 +43,7 @@ impl FjallStore {
                 }
             }
         }
-        Ok(FjallStore { db, spaces, key, counts: Mutex::new(counts) })
+        Ok(FjallStore { db, spaces, key, counts: Mutex::new(counts), stopped: std::sync::OnceLock::new() })
     }
 
     /// Re-seals every value not sealed under the current data key (and format), in batches
@@ -93,6 +95,27 @@ impl FjallStore {
             }
         }
         Ok(done)
+    }
+
+    /// A failed journal write or fsync: fjall is poisoned and takes no more writes; so says
+    /// every later commit, with the first cause.
+    fn stop_writes(&self, e: fjall::Error) -> StoreError {
+        let why = match &e {
+            fjall::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull || io.kind() == std::io::ErrorKind::QuotaExceeded => {
+                format!("the disk is full ({io})")
+            }
+            e => format!("a journal write or fsync failed ({e})"),
+        };
+        let why = self.stopped.get_or_init(|| {
+            tracing::error!(cause = %why, "store writes stopped; reads go on; restart the service once the disk is fixed");
+            why
+        });
+        StoreError::WritesStopped(why.clone())
+    }
+
+    /// Why writes stopped, if they did.
+    pub fn writes_stopped(&self) -> Option<&str> {
+        self.stopped.get().map(String::as_str)
     }
 
     fn space(&self, t: Table) -> &Keyspace {
@@ -186,10 +209,15 @@ impl Store for FjallStore {
             Ok(c) => c,
             Err(p) => p.into_inner(),
         };
+        if let Some(why) = self.stopped.get() {
+            return Err(StoreError::WritesStopped(why.clone()));
+        }
         // Values written earlier in this group, so later transactions see them.
         let mut overlay: HashMap<(Table, String), Option<Record>> = HashMap::new();
         let mut new_counts = counts.clone();
-        let mut batch = self.db.batch();
+        // Synced inside the commit, before the batch reaches the memtables: if the fsync fails,
+        // nothing of it becomes readable (a persist after the commit would leave it visible).
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
         let mut results = Vec::with_capacity(txns.len());
         for txn in txns {
             let mut staged: Staged = Vec::new();
@@ -267,8 +295,7 @@ impl Store for FjallStore {
             results.push(Ok(previous));
         }
         if !batch.is_empty() {
-            batch.commit()?;
-            self.db.persist(PersistMode::SyncAll)?;
+            batch.commit().map_err(|e| self.stop_writes(e))?;
         }
         *counts = new_counts;
         Ok(results)

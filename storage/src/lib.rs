@@ -20,6 +20,12 @@ pub enum StoreError {
     Engine(#[from] fjall::Error),
     #[error("record {table}/{key} is corrupt or was encrypted with another data key")]
     Corrupt { table: &'static str, key: String },
+    /// A journal write or fsync failed (the disk full, or an I/O error): nothing of the write
+    /// in flight became visible, and no write is taken from then on, since after a failed
+    /// fsync the kernel may have dropped what it held (fjall's poisoned state). Reads go on.
+    /// The service needs a restart (recovery from the journal) once the disk is fixed.
+    #[error("writes are stopped: {0}")]
+    WritesStopped(String),
 }
 
 impl StoreError {

@@ -38,6 +38,9 @@ pub enum ServiceError {
     Busy,
     #[error("store failed: {0}")]
     Failed(String),
+    /// The store takes no more writes (a full disk, a failed fsync); reads go on.
+    #[error("store writes stopped: {0}")]
+    WritesStopped(String),
     #[error("store is shut down")]
     Closed,
 }
@@ -56,6 +59,14 @@ impl From<ServiceError> for dps_core::error::ServiceError {
             ServiceError::Closed => {
                 Failure::new(ErrorKind::Unavailable, "the service is shutting down; retry later").retry_after(1).because("store closed")
             }
+            // Every SDK retries a 503; the operator sees why in the message, the log and the
+            // `dps_store_writes_stopped` metric.
+            ServiceError::WritesStopped(why) => Failure::new(
+                ErrorKind::Unavailable,
+                format!("the service cannot store anything now ({why}); nothing was applied; retry later"),
+            )
+            .retry_after(30)
+            .because(format!("store writes stopped: {why}")),
             ServiceError::Failed(m) => {
                 Failure::new(ErrorKind::Internal, "the store failed; the operation was not applied").because(format!("store failure: {m}"))
             }
@@ -88,6 +99,8 @@ pub struct CommitStats {
     /// Group commits by latency: `buckets[i]` counts those ≤ `COMMIT_BUCKETS_US[i]` and above the
     /// previous bound; the last counts the rest (not cumulative).
     pub buckets: [AtomicU64; COMMIT_BUCKETS_US.len() + 1],
+    /// Set once the store stopped taking writes.
+    pub writes_stopped: AtomicBool,
 }
 
 impl CommitStats {
@@ -276,6 +289,12 @@ fn writer(
                 stats.record(started.elapsed().as_micros() as u64);
                 for (reply, r) in replies.into_iter().zip(results) {
                     let _ = reply.send(Ok(r));
+                }
+            }
+            Err(StoreError::WritesStopped(why)) => {
+                stats.writes_stopped.store(true, Ordering::Relaxed);
+                for reply in replies {
+                    let _ = reply.send(Err(ServiceError::WritesStopped(why.clone())));
                 }
             }
             Err(e) => {

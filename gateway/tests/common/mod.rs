@@ -14,6 +14,7 @@ pub mod fake_iothub;
 pub mod http_server;
 pub mod mosquitto;
 pub mod mqtt_client;
+pub mod process;
 
 pub const API: &str = "api-version=2021-10-01";
 
