@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod bootstrap;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod hubs;

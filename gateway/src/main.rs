@@ -1,4 +1,6 @@
-//! `dps serve`: runs the device provisioning service.
+//! `dps`: runs the device provisioning service (`dps serve`), and manages one from the command
+//! line (enrollments, groups, registrations, linked hubs, export and import) through its
+//! service API.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -8,6 +10,10 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connect: dps_gateway::cli::client::ConnectOpts,
+    #[command(flatten)]
+    output: dps_gateway::cli::output::OutputOpts,
 }
 
 #[derive(Subcommand)]
@@ -45,6 +51,40 @@ enum Command {
         #[arg(long, default_value = "dps-data")]
         data_dir: PathBuf,
     },
+    /// Individual enrollments (az iot dps enrollment).
+    Enrollment {
+        #[command(subcommand)]
+        cmd: dps_gateway::cli::EnrollmentCmd,
+    },
+    /// Enrollment groups (az iot dps enrollment-group).
+    EnrollmentGroup {
+        #[command(subcommand)]
+        cmd: dps_gateway::cli::GroupCmd,
+    },
+    /// Device registration states (az iot dps registration).
+    Registration {
+        #[command(subcommand)]
+        cmd: dps_gateway::cli::RegistrationCmd,
+    },
+    /// Linked IoT hubs (az iot dps linked-hub).
+    LinkedHub {
+        #[command(subcommand)]
+        cmd: dps_gateway::cli::HubCmd,
+    },
+    /// Every enrollment and group as JSON lines (with their keys: keep the file secret).
+    ///
+    /// Example: dps export --endpoint dps-data/endpoint.json --file fleet.jsonl
+    Export {
+        /// Write here (mode 0600) instead of stdout.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Create or replace enrollments and groups from JSON lines (as `dps export` writes them).
+    ///
+    /// Example: dps import --endpoint other/endpoint.json --file fleet.jsonl
+    Import(dps_gateway::cli::ImportOpts),
+    /// Shell completions: dps completions bash > /etc/bash_completion.d/dps
+    Completions { shell: clap_complete::Shell },
 }
 
 fn main() {
@@ -61,11 +101,13 @@ fn main() {
     } else {
         fmt.init();
     }
-    let (data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards) = match Cli::parse().command {
+    let cli = Cli::parse();
+    let (data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards) = match cli.command {
         Command::Serve { data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards } => {
             (data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards)
         }
         Command::RotateDataKey { data_dir } => rotate(&data_dir),
+        command => manage(command, &cli.connect, &cli.output),
     };
     let mut cfg = match dps_gateway::config::Config::load(config.as_deref(), std::env::vars()) {
         Ok(c) => c,
@@ -114,6 +156,42 @@ fn main() {
     }
     if let Err(e) = running.shutdown() {
         exit(&e);
+    }
+}
+
+/// The management commands: a client of the service API. Exit status 1 with the DPS error
+/// (status, errorCode, message) on stderr when the service refuses.
+fn manage(command: Command, connect: &dps_gateway::cli::client::ConnectOpts, out: &dps_gateway::cli::output::OutputOpts) -> ! {
+    use dps_gateway::cli::{self, client::Service};
+    let service = || Service::connect(connect);
+    let done = match command {
+        Command::Serve { .. } | Command::RotateDataKey { .. } => Ok(()),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "dps", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Enrollment { cmd } => service().and_then(|s| cli::enrollment(&s, cmd, out)),
+        Command::EnrollmentGroup { cmd } => {
+            // compute-device-key with --key needs no service.
+            let s = service().ok();
+            cli::group(s.as_ref(), cmd, out)
+        }
+        Command::Registration { cmd } => service().and_then(|s| cli::registration(&s, cmd, out)),
+        Command::LinkedHub { cmd } => service().and_then(|s| cli::linked_hub(&s, cmd, out)),
+        Command::Export { file } => service().and_then(|s| cli::export(&s, file)).map(|n| eprintln!("exported {n} records")),
+        Command::Import(o) => service().and_then(|s| cli::import(&s, &o)).and_then(|r| {
+            eprintln!("imported {} records ({} skipped as done before)", r.written, r.skipped);
+            match r.failed.first() {
+                None => Ok(()),
+                Some(first) => {
+                    Err(dps_gateway::cli::client::CliError::local(format!("{} records refused; the first: {first}", r.failed.len())))
+                }
+            }
+        }),
+    };
+    match done {
+        Ok(()) => std::process::exit(0),
+        Err(e) => exit(&e.to_string()),
     }
 }
 

@@ -28,19 +28,8 @@ pub fn request(
     timeout: Duration,
     max: usize,
 ) -> Result<(u16, Vec<u8>), HubError> {
-    let mut r = agent().request(method, url).timeout(timeout);
-    for (k, v) in headers {
-        r = r.set(k, v);
-    }
-    let sent = match body {
-        Some(b) => r.set("Content-Type", "application/json; charset=utf-8").send_string(&b.to_string()),
-        None => r.call(),
-    };
-    let response = match sent {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(ureq::Error::Transport(t)) => return Err(HubError::Transient(format!("{}: {t}", redact(url)))),
-    };
+    let response = send(agent().request(method, url).timeout(timeout), headers, body)
+        .map_err(|t| HubError::Transient(format!("{}: {t}", redact(url))))?;
     let status = response.status();
     let mut out = Vec::new();
     response
@@ -49,6 +38,22 @@ pub fn request(
         .read_to_end(&mut out)
         .map_err(|e| HubError::Transient(format!("{}: reading the answer: {e}", redact(url))))?;
     Ok((status, out))
+}
+
+/// Sends a request with these headers and a JSON body (or none); any HTTP status is an
+/// answer, only a failure to get one (connect, TLS, timeout) is an error, told in words.
+pub fn send(mut r: ureq::Request, headers: &[(&str, &str)], body: Option<&serde_json::Value>) -> Result<ureq::Response, String> {
+    for (k, v) in headers {
+        r = r.set(k, v);
+    }
+    let sent = match body {
+        Some(b) => r.set("Content-Type", "application/json; charset=utf-8").send_string(&b.to_string()),
+        None => r.call(),
+    };
+    match sent {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => Ok(r),
+        Err(ureq::Error::Transport(t)) => Err(t.to_string()),
+    }
 }
 
 /// A URL for the logs: no query (an Azure Function's `?code=` key is a secret).
