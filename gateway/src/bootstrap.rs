@@ -122,6 +122,15 @@ fn write_keys(dir: &Path, keys: &[[u8; 32]]) -> Result<(), String> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("cannot sync {}: {e}", dir.display()))
 }
 
+/// An ID scope as the SDKs take it: `0ne` and 8 hex digits, kept in DPS's upper case.
+fn checked_id_scope(s: &str) -> Result<String, String> {
+    let ok = s.len() == 11 && s[..3].eq_ignore_ascii_case("0ne") && s[3..].bytes().all(|b| b.is_ascii_hexdigit());
+    if !ok {
+        return Err(format!("ID scope '{s}' must be 0ne and 8 hex digits, e.g. 0ne00000001"));
+    }
+    Ok(format!("0ne{}", s[3..].to_ascii_uppercase()))
+}
+
 /// Sets owner-only permissions (0600 on files, 0700 on directories), whatever they were.
 pub fn make_private(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
@@ -158,11 +167,18 @@ pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
     let key = data_key(dir, std::env::var("DPS_DATA_KEY").ok())?;
     let store = FjallStore::open(&dir.join("store"), key, cfg.store.cache_mb << 20)
         .map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))?;
+    let wanted_scope = cfg.id_scope.as_deref().map(checked_id_scope).transpose()?;
     let instance = match store.get(Table::Meta, "service").map_err(|e| e.to_string())? {
-        Some(r) => serde_json::from_slice(&r.body).map_err(|e| format!("instance record unreadable: {e}"))?,
+        Some(r) => {
+            let inst: InstanceRecord = serde_json::from_slice(&r.body).map_err(|e| format!("instance record unreadable: {e}"))?;
+            if let Some(w) = wanted_scope.filter(|w| *w != inst.id_scope) {
+                return Err(format!("{} holds the instance with ID scope {}, not {w}", dir.display(), inst.id_scope));
+            }
+            inst
+        }
         None => {
             let inst = InstanceRecord {
-                id_scope: dps_core::ids::id_scope_from(random_bytes::<4>()),
+                id_scope: wanted_scope.unwrap_or_else(|| dps_core::ids::id_scope_from(random_bytes::<4>())),
                 policies: vec![StoredPolicy {
                     key_name: OWNER_POLICY.into(),
                     primary_key: random_key(),

@@ -10,6 +10,9 @@ use std::path::PathBuf;
 pub struct Config {
     /// Where the store, keys and generated certificates live.
     pub data_dir: Option<PathBuf>,
+    /// ID scope of a new instance (`0ne` and 8 hex digits; default: random). A data dir keeps
+    /// the scope it was made with: naming another one here is refused.
+    pub id_scope: Option<String>,
     /// Host names devices and operators use to reach this service; the first one goes into the
     /// connection string and every one into the generated server certificate.
     pub host_names: Vec<String>,
@@ -59,6 +62,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: None,
+            id_scope: None,
             host_names: vec!["localhost".to_string()],
             shards: 0,
             cpus: Vec::new(),

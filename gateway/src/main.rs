@@ -38,6 +38,18 @@ enum Command {
         /// Shards (executors); default one per core.
         #[arg(long)]
         shards: Option<usize>,
+        /// A throwaway instance for device test benches and firmware CI: a fresh data dir in
+        /// the temporary directory, removed on exit; no service API rate limit.
+        ///
+        /// Example: dps serve --ephemeral --id-scope 0ne00000001 --enrollments fleet.jsonl --https-port 8443
+        #[arg(long)]
+        ephemeral: bool,
+        /// ID scope of a new instance (0ne and 8 hex digits), e.g. fixed for a test bench.
+        #[arg(long)]
+        id_scope: Option<String>,
+        /// Enrollments and groups to create once serving (JSON lines, as `dps export` writes).
+        #[arg(long)]
+        enrollments: Option<PathBuf>,
     },
     /// Re-seal every stored value under a new data key (with the service stopped).
     ///
@@ -102,9 +114,9 @@ fn main() {
         fmt.init();
     }
     let cli = Cli::parse();
-    let (data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards) = match cli.command {
-        Command::Serve { data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards } => {
-            (data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards)
+    let (data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards, ephemeral, id_scope, enrollments) = match cli.command {
+        Command::Serve { data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards, ephemeral, id_scope, enrollments } => {
+            (data_dir, config, host_names, mqtt_port, amqp_port, https_port, shards, ephemeral, id_scope, enrollments)
         }
         Command::RotateDataKey { data_dir } => rotate(&data_dir),
         command => manage(command, &cli.connect, &cli.output),
@@ -128,15 +140,52 @@ fn main() {
     if let Some(s) = shards {
         cfg.shards = s;
     }
-    let dir = data_dir.or_else(|| cfg.data_dir.clone()).unwrap_or_else(|| PathBuf::from("dps-data"));
+    if id_scope.is_some() {
+        cfg.id_scope = id_scope;
+    }
+    let dir = if ephemeral {
+        if data_dir.is_some() {
+            exit("--ephemeral makes its own data dir; leave out --data-dir");
+        }
+        // A test bench imports and resets freely.
+        cfg.limits.service_operations_per_minute = 0;
+        let name = format!("dps-ephemeral-{}-{:016x}", std::process::id(), u64::from_be_bytes(dps_gateway::service::random_bytes::<8>()));
+        std::env::temp_dir().join(name)
+    } else {
+        data_dir.or_else(|| cfg.data_dir.clone()).unwrap_or_else(|| PathBuf::from("dps-data"))
+    };
+    // Removes an ephemeral data dir however serving ends.
+    let cleanup = |dir: &std::path::Path| {
+        if ephemeral {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    };
     let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
         Ok(s) => s,
         Err(e) => exit(&format!("cannot install signal handlers: {e}")),
     };
+    let bulk = cfg.limits.max_bulk_items;
     let running = match dps_gateway::start(cfg, &dir) {
         Ok(r) => r,
-        Err(e) => exit(&e),
+        Err(e) => {
+            cleanup(&dir);
+            exit(&e)
+        }
     };
+    if let Some(file) = enrollments {
+        let connect = dps_gateway::cli::client::ConnectOpts { endpoint: Some(dir.join("endpoint.json")), ..Default::default() };
+        let opts = dps_gateway::cli::ImportOpts { file: Some(file.clone()), batch: bulk, restart: true };
+        let imported = dps_gateway::cli::client::Service::connect(&connect).and_then(|s| dps_gateway::cli::import(&s, &opts));
+        match imported {
+            Ok(r) if r.failed.is_empty() => println!("Created {} enrollments and groups from {}.", r.written, file.display()),
+            Ok(r) => tracing::warn!(refused = r.failed.len(), first = %r.failed[0], "some enrollments were refused"),
+            Err(e) => {
+                let _ = running.shutdown();
+                cleanup(&dir);
+                exit(&format!("cannot create the enrollments of {}: {e}", file.display()));
+            }
+        }
+    }
     let e = &running.endpoint;
     println!("Device provisioning service is running.");
     println!("  ID scope:                   {}", e.id_scope);
@@ -150,11 +199,16 @@ fn main() {
     println!("  HTTPS port (service API):   {}", e.ports.https);
     println!("  Metrics:                    http://127.0.0.1:{}/metrics", e.ports.admin);
     println!("  Details in {}", dir.join("endpoint.json").display());
+    if ephemeral {
+        println!("  Ephemeral: this data dir is removed on exit.");
+    }
     let mut signals = signals;
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down");
     }
-    if let Err(e) = running.shutdown() {
+    let stopped = running.shutdown();
+    cleanup(&dir);
+    if let Err(e) = stopped {
         exit(&e);
     }
 }

@@ -328,3 +328,69 @@ fn rotate_data_key_reseals_the_store_under_a_new_key() {
     let r = s.send("GET", "/enrollments/rot-dev", None);
     assert_eq!(r.status().as_u16(), 200);
 }
+
+#[test]
+fn ephemeral_instance_for_a_test_bench() {
+    // `dps serve --ephemeral`: a fixed ID scope, enrollments from a file, and nothing left
+    // behind on exit.
+    let work = tempfile::tempdir().unwrap();
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let file = work.path().join("bench.jsonl");
+    let lines: Vec<String> = (0..25)
+        .map(|i| serde_json::json!({"registrationId": format!("bench-{i}"), "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": key}}}).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    std::fs::write(work.path().join("dps.toml"), common::process::CONFIG).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dps"))
+        .args(["serve", "--ephemeral", "--id-scope", "0ne00000001", "--enrollments"])
+        .arg(&file)
+        .arg("--config")
+        .arg(work.path().join("dps.toml"))
+        .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0", "--shards", "1"])
+        .env("DPS_PORTS__BIND", "127.0.0.1")
+        .env("DPS_PORTS__ADMIN", "0")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ready once it says where its endpoint.json is (the enrollments exist by then).
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut said = String::new();
+    let endpoint = loop {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "dps ended: {said}");
+        said.push_str(&line);
+        if let Some(p) = line.trim().strip_prefix("Details in ") {
+            break std::path::PathBuf::from(p);
+        }
+    };
+    assert!(said.contains("Created 25 enrollments"), "{said}");
+    let data = endpoint.parent().unwrap().to_path_buf();
+    assert!(data.starts_with(std::env::temp_dir()), "{}", data.display());
+    let ep: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&endpoint).unwrap()).unwrap();
+    assert_eq!(ep["idScope"], "0ne00000001");
+    // A device of the file provisions.
+    let ep: dps_gateway::Endpoint = serde_json::from_value(ep).unwrap();
+    let client = common::client_for(&ep);
+    let base = format!("https://localhost:{}/0ne00000001/registrations/bench-7", ep.ports.https);
+    let token = common::mqtt_client::device_token("0ne00000001", "bench-7", key);
+    let r = client.put(format!("{base}/register?api-version=2019-03-31")).header("Authorization", &token).body("{}").send().unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    send_signal(child.id(), "-TERM");
+    assert!(child.wait().unwrap().success());
+    assert!(!data.exists(), "the ephemeral data dir is removed on exit");
+}
+
+#[test]
+fn a_data_dir_keeps_its_id_scope() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::test_config();
+    cfg.id_scope = Some("0ne0000abcd".into());
+    let first = dps_gateway::start(cfg.clone(), dir.path()).unwrap();
+    assert_eq!(first.endpoint.id_scope, "0ne0000ABCD");
+    first.shutdown().unwrap();
+    cfg.id_scope = Some("0ne00000002".into());
+    let err = dps_gateway::start(cfg.clone(), dir.path()).err().expect("another scope on the same data dir");
+    assert!(err.contains("0ne0000ABCD"), "{err}");
+    cfg.id_scope = Some("0ne123".into());
+    assert!(dps_gateway::start(cfg, tempfile::tempdir().unwrap().path()).err().unwrap().contains("8 hex digits"));
+}
