@@ -28,10 +28,11 @@ fn enroll(p: &Process, client: &reqwest::blocking::Client, token: &str, id: &str
     }
 }
 
-/// Registers a device over HTTPS and polls; its (hub, device id) once it is assigned.
+/// Registers a device of the group over HTTPS and polls; its (hub, device id) once it is assigned.
 fn provision(p: &Process, client: &reqwest::blocking::Client, id: &str) -> Option<(String, String)> {
     let base = format!("https://localhost:{}/{}/registrations/{id}", p.ep.ports.https, p.ep.id_scope);
-    let token = device_token(&p.ep.id_scope, id, KEY);
+    let key = dps_core::sas::derive_device_key(&base64::Engine::decode(&base64::engine::general_purpose::STANDARD, KEY).unwrap(), id);
+    let token = device_token(&p.ep.id_scope, id, &key);
     let r = client.put(format!("{base}/register?api-version=2019-03-31")).header("Authorization", &token).body("{}").send().ok()?;
     let (st, v) = status_json(r);
     if st != 202 {
@@ -62,17 +63,39 @@ struct Ledger {
 }
 
 impl Ledger {
-    /// Every entry is there and as acknowledged.
+    /// Every entry is there and as acknowledged: all enrollments and the group's registration
+    /// states read page by page (a GET per entry would make the rounds slower and slower).
     fn check(&self, p: &Process) {
         let token = p.token();
+        let all = |path: &str| -> std::collections::HashMap<String, Value> {
+            let mut out = std::collections::HashMap::new();
+            let mut next: Option<String> = None;
+            loop {
+                let mut r = p.client.post(p.url(path)).header("Authorization", &token).header("x-ms-max-item-count", "1000");
+                if let Some(c) = &next {
+                    r = r.header("x-ms-continuation", c);
+                }
+                let r = r.body(r#"{"query":"*"}"#).send().unwrap();
+                let cont = r.headers().get("x-ms-continuation").map(|v| v.to_str().unwrap().to_string());
+                let (st, v) = status_json(r);
+                assert_eq!(st, 200, "{v}");
+                for item in v.as_array().unwrap() {
+                    out.insert(item["registrationId"].as_str().unwrap().to_string(), item.clone());
+                }
+                match cont.filter(|c| !c.is_empty()) {
+                    Some(c) => next = Some(c),
+                    None => return out,
+                }
+            }
+        };
+        let enrollments = all("/enrollments/query");
         for (id, etag) in &self.enrolled {
-            let (st, v) = status_json(p.client.get(p.url(&format!("/enrollments/{id}"))).header("Authorization", &token).send().unwrap());
-            assert_eq!(st, 200, "acknowledged enrollment {id} lost: {v}");
-            assert_eq!(v["etag"].as_str(), Some(etag.as_str()), "enrollment {id} is not as acknowledged");
+            let e = enrollments.get(id).unwrap_or_else(|| panic!("acknowledged enrollment {id} lost"));
+            assert_eq!(e["etag"].as_str(), Some(etag.as_str()), "enrollment {id} is not as acknowledged");
         }
+        let states = all(&format!("/registrations/{GROUP}/query"));
         for (id, hub, device) in &self.assigned {
-            let (st, v) = status_json(p.client.get(p.url(&format!("/registrations/{id}"))).header("Authorization", &token).send().unwrap());
-            assert_eq!(st, 200, "assigned registration {id} lost: {v}");
+            let v = states.get(id).unwrap_or_else(|| panic!("assigned registration {id} lost"));
             assert_eq!(
                 (v["status"].as_str(), v["assignedHub"].as_str(), v["deviceId"].as_str()),
                 (Some("assigned"), Some(hub.as_str()), Some(device.as_str())),
@@ -81,6 +104,9 @@ impl Ledger {
         }
     }
 }
+
+/// The enrollment group the load's devices belong to.
+const GROUP: &str = "kill-group";
 
 /// Rounds of: start the gateway on the same data dir, check the ledger, provision under load
 /// from several threads (enrollment writes and device registrations), SIGKILL at a random
@@ -94,6 +120,17 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
     let mut rng = rand::thread_rng();
     for round in 0..rounds {
         let p = Arc::new(Process::start(&dir, &[]));
+        if round == 0 {
+            let g = json!({"enrollmentGroupId": GROUP, "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}});
+            let r = p
+                .client
+                .put(p.url(&format!("/enrollmentGroups/{GROUP}")))
+                .header("Authorization", p.token())
+                .body(g.to_string())
+                .send()
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+        }
         ledger.lock().unwrap().check(&p);
         let stop = Arc::new(AtomicBool::new(false));
         let workers: Vec<_> = (0..4)
@@ -105,12 +142,12 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
                     while !stop.load(Ordering::Relaxed) {
                         let id = format!("k{round}-{t}-{i}");
                         i += 1;
-                        match enroll(&p, &client, &token, &id) {
-                            Ok(etag) => ledger.lock().unwrap().enrolled.push((id.clone(), etag)),
-                            Err(_) => continue,
+                        if let Ok(etag) = enroll(&p, &client, &token, &id) {
+                            ledger.lock().unwrap().enrolled.push((id.clone(), etag));
                         }
-                        if let Some((hub, device)) = provision(&p, &client, &id) {
-                            ledger.lock().unwrap().assigned.push((id, hub, device));
+                        let device = format!("d-{id}");
+                        if let Some((hub, device_id)) = provision(&p, &client, &device) {
+                            ledger.lock().unwrap().assigned.push((device, hub, device_id));
                         }
                     }
                 })
