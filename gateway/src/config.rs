@@ -220,9 +220,13 @@ pub struct Limits {
     /// retried like an unreachable hub.
     pub custom_allocation_timeout_secs: u64,
     /// A shard with nothing to do keeps polling this long (µs) before it parks (0: parks at
-    /// once). Each park costs a process-wide memory barrier (an interrupt to every CPU running
-    /// a thread of the service); spinning trades idle CPU for fewer of them (tuning.md).
+    /// once). Spinning trades idle CPU for fewer parks (tuning.md).
     pub spin_before_park_us: u64,
+    /// A shard about to park orders its "asleep" flag against wakers with a fence on each
+    /// side (true), or with glommio's process-wide membarrier, an interrupt to every CPU
+    /// running a thread of the service at each park (false; upstream glommio). tuning.md has
+    /// the measurements.
+    pub park_with_fences: bool,
     /// Refused device credentials (401) allowed per source address per minute, service-wide
     /// (each shard holds its share); past it the source is answered 429 before any store read
     /// until its budget refills. 0: no bound. Sources in `source_allow_list` are exempt.
@@ -271,6 +275,7 @@ impl Default for Limits {
             hub_deadline_secs: 120,
             custom_allocation_timeout_secs: 30,
             spin_before_park_us: 0,
+            park_with_fences: true,
             attestation_failures_per_source: 120,
             write_timeout_secs: 30,
         }
