@@ -447,6 +447,12 @@ impl LinkedHub {
     pub fn weight(&self) -> u32 {
         self.allocation_weight.unwrap_or(1)
     }
+
+    /// The linked hub named `name` (case-insensitive) if a connector serves it, i.e. devices
+    /// assigned there are created at the hub, not only recorded.
+    pub fn with_connector<'a>(hubs: &'a [LinkedHub], name: &str) -> Option<&'a LinkedHub> {
+        hubs.iter().find(|h| h.name.eq_ignore_ascii_case(name) && h.kind() != HubKind::RegistryOnly)
+    }
     pub fn applies_allocation_policy(&self) -> bool {
         self.apply_allocation_policy.unwrap_or(true)
     }

@@ -71,6 +71,20 @@ pub struct Service {
 }
 
 impl Service {
+    /// Registration keys of a group's devices (`group`: the group id), in key order, after
+    /// `after`, at most `limit`: one page of the store's by-group index.
+    pub async fn group_registrations(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, dps_storage::StoreCallError> {
+        let prefix = dps_storage::by_group_key(group, "");
+        let after = after.map(|a| format!("{prefix}{a}"));
+        let rows = self.store.scan(dps_storage::Table::RegistrationsByGroup, &prefix, after.as_deref(), limit).await?;
+        Ok(rows.into_iter().filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string)).collect())
+    }
+
     pub fn generation(&self) -> u64 {
         self.config_generation.load(std::sync::atomic::Ordering::Acquire)
     }

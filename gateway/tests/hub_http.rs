@@ -30,15 +30,7 @@ fn link(s: &TestServer, name: &str, body: Value) {
 }
 
 fn enroll(s: &TestServer, id: &str, extra: Value) {
-    let mut e =
-        json!({"registrationId": id, "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY2}}});
-    e.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    let etag = s.send("GET", &format!("/enrollments/{id}"), None).headers().get("etag").map(|v| v.to_str().unwrap().to_string());
-    let mut r = s.req("PUT", &format!("/enrollments/{id}")).body(e.to_string());
-    if let Some(t) = etag {
-        r = r.header("If-Match", t);
-    }
-    assert_eq!(r.send().unwrap().status().as_u16(), 200);
+    s.put_enrollment(id, KEY, KEY2, extra);
 }
 
 fn register(s: &TestServer, id: &str) -> Value {

@@ -27,15 +27,7 @@ fn certs(s: &TestServer) -> std::path::PathBuf {
 }
 
 fn enroll(s: &TestServer, id: &str, extra: Value) {
-    let mut e = json!({"registrationId": id, "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": OTHER_KEY}}});
-    e.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    let etag = s.send("GET", &format!("/enrollments/{id}"), None).headers().get("etag").map(|v| v.to_str().unwrap().to_string());
-    let mut r = s.req("PUT", &format!("/enrollments/{id}")).body(e.to_string());
-    if let Some(t) = etag {
-        r = r.header("If-Match", t);
-    }
-    let r = r.send().unwrap();
-    assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+    s.put_enrollment(id, KEY, OTHER_KEY, extra);
 }
 
 fn link(s: &TestServer, broker: &Broker, name: &str) {

@@ -242,7 +242,7 @@ pub fn place(state: &mut DeviceRegistrationState, hub: String, p: &Placement, li
             leave.push(old.clone());
         }
     }
-    let connected = linked.iter().find(|h| h.name.eq_ignore_ascii_case(&hub)).is_some_and(|h| h.kind() != HubKind::RegistryOnly);
+    let connected = LinkedHub::with_connector(linked, &hub).is_some();
     match (connected, p.auth.clone()) {
         (true, Some(auth)) => {
             state.status = RegistrationStatus::Assigning;

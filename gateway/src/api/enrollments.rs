@@ -97,15 +97,11 @@ impl ServiceApi {
     /// there, in the background (the registration keys are read here: one for an individual
     /// enrollment, the group's index for a group).
     async fn refresh_at_hubs(&self, c: Collection, key: String, refresh: Refresh) -> Result<(), ServiceError> {
-        let keys = match c {
-            Collection::Enrollments => vec![key],
-            Collection::Groups => {
-                let prefix = dps_storage::by_group_key(&key, "");
-                let rows = self.svc.store.scan(Table::RegistrationsByGroup, &prefix, None, usize::MAX).await?;
-                rows.into_iter().filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string)).collect()
-            }
+        let devices = match c {
+            Collection::Enrollments => crate::hubs::run::Devices::One(key),
+            Collection::Groups => crate::hubs::run::Devices::Group(key),
         };
-        glommio::spawn_local(crate::hubs::run::refresh_devices(self.svc.clone(), keys, refresh)).detach();
+        glommio::spawn_local(crate::hubs::run::refresh_devices(self.svc.clone(), devices, refresh)).detach();
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Registration states: GET, DELETE and the query by enrollment group.
 
 use super::*;
-use dps_storage::{by_group_key, Expect, Op, Txn};
+use dps_storage::{Expect, Op, Txn};
 
 impl ServiceApi {
     pub(super) async fn get_registration(&self, id: &str) -> Handled {
@@ -21,15 +21,12 @@ impl ServiceApi {
     pub(super) async fn query_registrations(&self, group: &str, req: &Request) -> Handled {
         Self::check_query_body(req)?;
         let (size, after) = self.paging(req)?;
-        let prefix = by_group_key(group, "");
-        let after_key = after.map(|a| format!("{prefix}{a}"));
-        let mut rows = self.svc.store.scan(Table::RegistrationsByGroup, &prefix, after_key.as_deref(), size + 1).await?;
-        let more = rows.len() > size;
-        rows.truncate(size);
-        let mut items = Vec::with_capacity(rows.len());
+        let mut keys = self.svc.group_registrations(group, after.as_deref(), size + 1).await?;
+        let more = keys.len() > size;
+        keys.truncate(size);
+        let mut items = Vec::with_capacity(keys.len());
         let mut last = None;
-        for (k, _) in rows {
-            let Some(reg_key) = k.strip_prefix(&prefix).map(str::to_string) else { continue };
+        for reg_key in keys {
             if let Some(r) = self.svc.store.get(Table::Registrations, &reg_key).await? {
                 let state: DeviceRegistrationState = r.parse()?;
                 items.push(

@@ -157,10 +157,17 @@ pub enum Refresh {
     Rekey(Enrollment),
 }
 
-/// Applies an enrollment change at the hubs of the devices it admitted (`registrations`: their
-/// registration keys). Runs in the background with the same retries as a registration; a
-/// device registering meanwhile is decided by the enrollment as it now is anyway.
-pub async fn refresh_devices(svc: Arc<Service>, registrations: Vec<String>, refresh: Refresh) {
+/// The devices an enrollment admitted: an individual enrollment's one registration key, or a
+/// group (by id) whose devices are read page by page.
+pub enum Devices {
+    One(String),
+    Group(String),
+}
+
+/// Applies an enrollment change at the hubs of the devices it admitted. Runs in the
+/// background with the same retries as a registration; a device registering meanwhile is
+/// decided by the enrollment as it now is anyway.
+pub async fn refresh_devices(svc: Arc<Service>, devices: Devices, refresh: Refresh) {
     let hubs: Vec<LinkedHub> = match svc.store.scan(Table::Hubs, "", None, usize::MAX).await {
         Ok(rows) => rows.iter().filter_map(|(_, r)| r.parse().ok()).collect(),
         Err(e) => {
@@ -168,6 +175,27 @@ pub async fn refresh_devices(svc: Arc<Service>, registrations: Vec<String>, refr
             return;
         }
     };
+    match devices {
+        Devices::One(key) => refresh_some(&svc, &hubs, vec![key], &refresh).await,
+        Devices::Group(group) => {
+            let mut after: Option<String> = None;
+            loop {
+                let page = match svc.group_registrations(&group, after.as_deref(), RESYNC_PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(group = %group, error = ?e, "cannot read the group's devices to update them");
+                        return;
+                    }
+                };
+                let Some(last) = page.last().cloned() else { return };
+                refresh_some(&svc, &hubs, page, &refresh).await;
+                after = Some(last);
+            }
+        }
+    }
+}
+
+async fn refresh_some(svc: &Service, hubs: &[LinkedHub], registrations: Vec<String>, refresh: &Refresh) {
     for key in registrations {
         let state: Option<DeviceRegistrationState> = match svc.store.get(Table::Registrations, &key).await {
             Ok(r) => r.and_then(|r| r.parse().ok()),
@@ -175,17 +203,17 @@ pub async fn refresh_devices(svc: Arc<Service>, registrations: Vec<String>, refr
         };
         let Some(state) = state.filter(|s| s.status == dps_core::model::RegistrationStatus::Assigned) else { continue };
         let (Some(hub), Some(device_id)) = (state.assigned_hub.clone(), state.device_id.clone()) else { continue };
-        let Some(h) = hubs.iter().find(|h| h.name.eq_ignore_ascii_case(&hub) && h.kind() != dps_core::model::HubKind::RegistryOnly) else {
+        let Some(h) = dps_core::model::LinkedHub::with_connector(hubs, &hub) else {
             continue;
         };
-        let step = match &refresh {
+        let step = match refresh {
             Refresh::Disable => Step::Disable(device_id.clone()),
             Refresh::Rekey(e) => match assignment(e, &state, &hub, None) {
                 Some(task) => Step::Assign(task),
                 None => continue,
             },
         };
-        if let Err(e) = retried(&svc, || svc.hub_workers.run(Some(h), step.clone())).await {
+        if let Err(e) = retried(svc, || svc.hub_workers.run(Some(h), step.clone())).await {
             tracing::warn!(hub = %hub, device_id = %device_id, reason = %e.message(), "could not update the device at its hub");
         }
     }

@@ -66,6 +66,21 @@ impl TestServer {
         Self::start_in(dir, cfg)
     }
 
+    /// Writes an individual symmetric-key enrollment (`extra` merged in), replacing one that
+    /// exists (If-Match its etag).
+    pub fn put_enrollment(&self, id: &str, primary: &str, secondary: &str, extra: Value) {
+        let mut e = serde_json::json!({"registrationId": id, "attestation": {"type": "symmetricKey",
+            "symmetricKey": {"primaryKey": primary, "secondaryKey": secondary}}});
+        e.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let etag = self.send("GET", &format!("/enrollments/{id}"), None).headers().get("etag").map(|v| v.to_str().unwrap().to_string());
+        let mut r = self.req("PUT", &format!("/enrollments/{id}")).body(e.to_string());
+        if let Some(t) = etag {
+            r = r.header("If-Match", t);
+        }
+        let r = r.send().unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+    }
+
     pub fn url(&self, path: &str) -> String {
         let sep = if path.contains('?') { "&" } else { "?" };
         format!("https://localhost:{}{path}{sep}{API}", self.ep.ports.https)
