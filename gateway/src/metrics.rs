@@ -133,6 +133,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_grafana_dashboard_asks_for_metrics_that_exist() {
+        let dash: serde_json::Value = serde_json::from_str(include_str!("../../packaging/grafana-dashboard.json")).unwrap();
+        let mut seen = 0;
+        for p in dash["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                let mut rest = expr;
+                while let Some(at) = rest.find("dps_") {
+                    let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                    let family = ["_bucket", "_sum", "_count"].iter().fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
+                    assert!(
+                        CATALOGUE.iter().any(|(m, _, _)| *m == family),
+                        "{} asks for {name}, which the service does not export",
+                        p["title"]
+                    );
+                    seen += 1;
+                    rest = &rest[at + name.len()..];
+                }
+            }
+        }
+        assert!(seen >= 12, "{seen}");
+    }
+
+    #[test]
     fn merge_and_render() {
         let a = Metrics::default();
         a.inc("dps_registration_attempts_total", &[("protocol", "mqtt"), ("status", "success")]);
