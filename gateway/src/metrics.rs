@@ -97,7 +97,22 @@ pub fn render(shards: Vec<Vec<(String, i64)>>, extra: Vec<(String, f64)>) -> Str
                 || k == format!("{name}_sum")
                 || k == format!("{name}_count")
         };
-        for (k, v) in total.iter().filter(|(k, _)| belongs(k)) {
+        // Histogram buckets in increasing `le` with +Inf last, then _sum and _count (the text
+        // format requires it; plain key order put `le="+Inf"` first).
+        let mut series: Vec<(&String, &f64)> = total.iter().filter(|(k, _)| belongs(k)).collect();
+        series.sort_by(|(a, _), (b, _)| {
+            let rank = |k: &str| -> (u8, f64) {
+                match k.split_once("le=\"") {
+                    Some((_, rest)) => (0, rest.split('"').next().and_then(|le| le.parse::<f64>().ok()).unwrap_or(f64::INFINITY)),
+                    None if k.ends_with("_sum") => (1, 0.0),
+                    None if k.ends_with("_count") => (2, 0.0),
+                    None => (0, 0.0),
+                }
+            };
+            let (ra, rb) = (rank(a), rank(b));
+            ra.0.cmp(&rb.0).then(ra.1.total_cmp(&rb.1)).then(a.cmp(b))
+        });
+        for (k, v) in series {
             out.push_str(&format!("{k} {v}\n"));
         }
     }
@@ -179,5 +194,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("dps_store_commit_latency_seconds_count 3\n"));
+    }
+
+    #[test]
+    fn histogram_buckets_in_order_with_inf_last() {
+        // Regression: series were written in key order, which puts le="+Inf" before
+        // le="0.0001" (a text format Prometheus refuses) and _count before _sum.
+        let stats = dps_storage::CommitStats::default();
+        let text = render(vec![], store_series(&stats, 0));
+        let family: Vec<&str> = text.lines().filter(|l| l.starts_with("dps_store_commit_latency_seconds")).collect();
+        let les: Vec<f64> = family
+            .iter()
+            .filter_map(|l| l.split_once("le=\"").map(|(_, r)| r.split('"').next().unwrap()))
+            .map(|le| if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() })
+            .collect();
+        assert_eq!(les.len(), dps_storage::COMMIT_BUCKETS_US.len() + 1, "{text}");
+        assert!(les.windows(2).all(|w| w[0] < w[1]), "buckets out of order: {family:?}");
+        assert!(family[family.len() - 2].starts_with("dps_store_commit_latency_seconds_sum"), "{family:?}");
+        assert!(family[family.len() - 1].starts_with("dps_store_commit_latency_seconds_count"), "{family:?}");
     }
 }
