@@ -4,6 +4,7 @@
 
 mod crypt;
 mod fjall_store;
+mod queue;
 mod record;
 mod service;
 

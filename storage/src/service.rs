@@ -3,9 +3,9 @@
 //! writes) and answers each caller only once the commit is durable. Queues are bounded; a full
 //! queue is reported at once so the caller can answer 503 instead of waiting.
 
+use crate::queue::{bounded, Receiver, RecvError, Sender, TrySendError};
 use crate::record::{Table, Txn, TxnResult};
 use crate::{Record, Store, StoreError};
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use futures::channel::oneshot;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -164,8 +164,8 @@ impl StoreService {
         let (reply, rx) = oneshot::channel();
         match tx.try_send(make(reply)) {
             Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(ServiceError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(ServiceError::Closed),
+            Err(TrySendError::Full) => Err(ServiceError::Busy),
+            Err(TrySendError::Disconnected) => Err(ServiceError::Closed),
         }
     }
 
@@ -233,9 +233,9 @@ fn next<T>(rx: &Receiver<T>, closing: &AtomicBool) -> Option<T> {
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(m) => return Some(m),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) if closing.load(Ordering::Relaxed) => return None,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(RecvError::Disconnected) => return None,
+            Err(RecvError::Timeout) if closing.load(Ordering::Relaxed) => return None,
+            Err(RecvError::Timeout) => {}
         }
     }
 }
@@ -270,12 +270,15 @@ fn writer(
         let mut group = vec![first];
         let deadline = Instant::now() + linger;
         while group.len() < max_group {
-            match rx.try_recv() {
+            let room = max_group - group.len();
+            if rx.drain_into(&mut group, room) > 0 {
+                continue;
+            }
+            if linger.is_zero() || Instant::now() >= deadline {
+                break;
+            }
+            match rx.recv_deadline(deadline) {
                 Ok(w) => group.push(w),
-                Err(_) if !linger.is_zero() && Instant::now() < deadline => match rx.recv_deadline(deadline) {
-                    Ok(w) => group.push(w),
-                    Err(_) => break,
-                },
                 Err(_) => break,
             }
         }
