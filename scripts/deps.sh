@@ -3,7 +3,8 @@
 # npm and Python's venv for the interop tests, Mosquitto (the benchmark's peer), and for TPM
 # attestation the TSS libraries (tss-esapi links them), swtpm (a software TPM) and tpm2-tools;
 # strace (the durability test watches fsync against acknowledgements) and a C compiler (the
-# fsync-failure test builds a small LD_PRELOAD library).
+# fsync-failure test builds a small LD_PRELOAD library); Chromium (the web console's end-to-end
+# test drives it headless).
 set -euo pipefail
 missing=()
 command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
@@ -13,6 +14,7 @@ command -v swtpm >/dev/null || missing+=(swtpm swtpm-tools)
 command -v tpm2_createprimary >/dev/null || missing+=(tpm2-tools)
 command -v strace >/dev/null || missing+=(strace)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
+command -v chromium >/dev/null || missing+=(chromium)
 pkg-config --exists tss2-esys 2>/dev/null || missing+=(libtss2-dev pkg-config)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq

@@ -23,7 +23,7 @@ cat >"$data/dps.toml" <<'TOML'
 host_name = "soak-hub.example"
 connection_string = "HostName=soak-hub.example;SharedAccessKeyName=iothubowner;SharedAccessKey=c29hay1rZXktc29hay1rZXktc29hay1rZXktc29haw=="
 TOML
-DPS_PORTS__BIND=127.0.0.1 DPS_PORTS__ADMIN=0 DPS_LOG=warn \
+DPS_PORTS__BIND=127.0.0.1 DPS_PORTS__ADMIN=0 DPS_PORTS__CONSOLE=0 DPS_LOG=warn \
   "$dps" serve --data-dir "$data/dps" --config "$data/dps.toml" --mqtt-port 0 --amqp-port 0 --https-port 0 >"$log" 2>&1 &
 pid=$!
 cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$data"; }

@@ -53,7 +53,7 @@ impl Config {
     /// Every listener on 127.0.0.1 with an ephemeral port (tests, benchmarks, side-by-side
     /// instances); the ports chosen are in endpoint.json.
     pub fn loopback() -> Config {
-        let ports = Ports { mqtt: 0, amqp: 0, https: 0, bind: "127.0.0.1".into(), admin: 0, admin_bind: "127.0.0.1".into() };
+        let ports = Ports { mqtt: 0, amqp: 0, https: 0, admin: 0, console: 0, ..Ports::default() };
         Config { ports, ..Config::default() }
     }
 }
@@ -91,11 +91,25 @@ pub struct Ports {
     pub admin: u16,
     /// Address of the admin listener: loopback unless an operator opens it up.
     pub admin_bind: String,
+    /// The web console's port (HTTPS, the server certificate, a shared access policy's key to
+    /// log in) on `console_bind`; 0 picks a free port.
+    pub console: u16,
+    /// Address of the console listener: loopback unless an operator opens it up.
+    pub console_bind: String,
 }
 
 impl Default for Ports {
     fn default() -> Self {
-        Ports { mqtt: 8883, amqp: 5671, https: 443, bind: "0.0.0.0".to_string(), admin: 9464, admin_bind: "127.0.0.1".to_string() }
+        Ports {
+            mqtt: 8883,
+            amqp: 5671,
+            https: 443,
+            bind: "0.0.0.0".to_string(),
+            admin: 9464,
+            admin_bind: "127.0.0.1".to_string(),
+            console: 9465,
+            console_bind: "127.0.0.1".to_string(),
+        }
     }
 }
 

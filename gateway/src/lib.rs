@@ -5,6 +5,7 @@ pub mod bootstrap;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod hubs;
 pub mod latency;
 pub mod listening;
@@ -52,6 +53,10 @@ pub struct Ports {
     pub https: u16,
     /// Prometheus metrics (plain HTTP, loopback by default).
     pub admin: u16,
+    /// The web console (HTTPS, loopback by default); absent in endpoint.json files written
+    /// before it existed.
+    #[serde(default)]
+    pub console: u16,
 }
 
 pub struct Running {
@@ -146,11 +151,14 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let admin_ip: std::net::IpAddr =
         cfg.ports.admin_bind.parse().map_err(|_| format!("ports.admin_bind '{}' is not an IP address", cfg.ports.admin_bind))?;
     let mut admin = SocketAddr::new(admin_ip, cfg.ports.admin);
+    let console_ip: std::net::IpAddr =
+        cfg.ports.console_bind.parse().map_err(|_| format!("ports.console_bind '{}' is not an IP address", cfg.ports.console_bind))?;
+    let mut console = SocketAddr::new(console_ip, cfg.ports.console);
     // The shards bind with SO_REUSEPORT, which would let this instance share a port with
     // another `dps serve` of the same user without a word: the kernel would then split devices
     // between two instances (two CAs, two ID scopes). So a listener already there is refused.
     // (A test bind cannot tell: connections of an earlier run in TIME_WAIT would fail it.)
-    for (what, addr) in [("HTTPS", https), ("MQTT", mqtt), ("AMQP", amqp), ("admin", admin)] {
+    for (what, addr) in [("HTTPS", https), ("MQTT", mqtt), ("AMQP", amqp), ("admin", admin), ("console", console)] {
         if addr.port() != 0 && listening::someone_listens(addr) {
             let busy = std::io::Error::new(std::io::ErrorKind::AddrInUse, "another process already listens on it");
             return Err(shard::bind_error(what, addr, busy));
@@ -184,6 +192,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             mqtt,
             amqp,
             admin: (id == 0).then_some(admin),
+            console: (id == 0).then_some(console),
             stop: stop.clone(),
             mesh: mesh.clone(),
             go: go.clone(),
@@ -199,6 +208,9 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
                 amqp.set_port(ports.amqp);
                 if let Some(a) = ports.admin {
                     admin.set_port(a);
+                }
+                if let Some(c) = ports.console {
+                    console.set_port(c);
                 }
             }
             Ok(Err(e)) => return fail(shards, &stop, e),
@@ -218,7 +230,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
             .unwrap_or_default(),
         host_name: host,
         ca_certificate: prepared.certs.ca_cert.clone(),
-        ports: Ports { mqtt: mqtt.port(), amqp: amqp.port(), https: https.port(), admin: admin.port() },
+        ports: Ports { mqtt: mqtt.port(), amqp: amqp.port(), https: https.port(), admin: admin.port(), console: console.port() },
     };
     let text = serde_json::to_string_pretty(&endpoint).map_err(|e| e.to_string())?;
     // endpoint.json holds the owner's key: private, like the data key.

@@ -198,6 +198,7 @@ fn main() {
     println!("  AMQP port (devices):        {}", e.ports.amqp);
     println!("  HTTPS port (service API):   {}", e.ports.https);
     println!("  Metrics:                    http://127.0.0.1:{}/metrics", e.ports.admin);
+    println!("  Web console:                https://127.0.0.1:{}/ (log in with the connection string's policy and key)", e.ports.console);
     println!("  Details in {}", dir.join("endpoint.json").display());
     if ephemeral {
         println!("  Ephemeral: this data dir is removed on exit.");

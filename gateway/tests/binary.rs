@@ -177,6 +177,7 @@ fn operation_logs_are_json_lines_without_secrets() {
         .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0", "--shards", "1"])
         .env("DPS_PORTS__BIND", "127.0.0.1")
         .env("DPS_PORTS__ADMIN", "0")
+        .env("DPS_PORTS__CONSOLE", "0")
         .env("DPS_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -349,6 +350,7 @@ fn ephemeral_instance_for_a_test_bench() {
         .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0", "--shards", "1"])
         .env("DPS_PORTS__BIND", "127.0.0.1")
         .env("DPS_PORTS__ADMIN", "0")
+        .env("DPS_PORTS__CONSOLE", "0")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -58,6 +58,7 @@ pub fn well_known_config() -> dps_gateway::config::Config {
     let mut c = dps_gateway::config::Config::default();
     c.ports.bind = "127.0.0.1".into();
     c.ports.admin = 0;
+    c.ports.console = 0;
     c.shards = 2;
     c
 }

@@ -210,6 +210,26 @@ impl ServiceApi {
         Ok(policy.rights)
     }
 
+    /// The console's login: the key (base64) when it is one of policy `name`'s keys, checked
+    /// the way a service API call is (a token signed with it must authenticate).
+    pub(crate) fn check_policy_key(&self, name: &str, key_b64: &str, now: UtcTime) -> Result<Vec<u8>, ServiceError> {
+        use base64::Engine;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(key_b64.trim())
+            .map_err(|_| ServiceError::unauthorized("the key is not base64"))?;
+        let host = self.svc.host_names.first().ok_or_else(|| ServiceError::unauthorized("no host name"))?;
+        let token = sas::build(host, &key, now.unix_secs() + 60, Some(name));
+        let probe = Request {
+            method: "GET".into(),
+            path: "/".into(),
+            query: String::new(),
+            headers: vec![("authorization".into(), token)],
+            body: Vec::new(),
+            close: false,
+        };
+        self.authenticate(&probe, now).map(|_| key)
+    }
+
     async fn read<T: serde::de::DeserializeOwned>(&self, table: Table, id: &str) -> Result<Option<(Record, T)>, ServiceError> {
         match self.svc.store.get(table, &id_key(id)).await? {
             None => Ok(None),

@@ -43,7 +43,7 @@ pub(super) fn snapshot(metrics: &Metrics, mesh: &ShardMesh) -> Vec<(String, i64)
 }
 
 /// Every shard's series: this one's and, over the mesh, the others'.
-async fn scrape_all(metrics: &Metrics, mesh: &ShardMesh) -> Vec<Vec<(String, i64)>> {
+pub(crate) async fn scrape_all(metrics: &Metrics, mesh: &ShardMesh) -> Vec<Vec<(String, i64)>> {
     let mut all = vec![snapshot(metrics, mesh)];
     for peer in (0..mesh.peers()).filter(|p| *p != mesh.me()) {
         if let Ok(Answer::Scraped(series)) = mesh.call(peer, Request::Scrape).await {

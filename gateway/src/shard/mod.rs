@@ -1,7 +1,7 @@
 //! Shards: one glommio executor per core, each with its own `SO_REUSEPORT` listeners, accept
 //! loop and connections. A connection is owned by the task that accepted it, start to end.
 
-mod admin;
+pub(crate) mod admin;
 pub mod enrollment_cache;
 pub mod mesh;
 
@@ -39,6 +39,8 @@ pub struct ShardSpec {
     pub amqp: SocketAddr,
     /// The admin (metrics) listener; shard 0 only.
     pub admin: Option<SocketAddr>,
+    /// The web console's listener; shard 0 only.
+    pub console: Option<SocketAddr>,
     pub stop: Arc<AtomicBool>,
     pub mesh: Option<MeshBuilder<Envelope<Request, Answer>, Full>>,
     /// `WAIT` until every shard is bound, then `GO` (or `ABORT` when one failed).
@@ -56,6 +58,7 @@ pub struct BoundPorts {
     pub mqtt: u16,
     pub amqp: u16,
     pub admin: Option<u16>,
+    pub console: Option<u16>,
 }
 
 /// What a shard reports once its listeners are bound (or why they could not be).
@@ -215,19 +218,22 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     let bind = |what: &str, addr: SocketAddr| listen(addr).map_err(|e| bind_error(what, addr, e));
     let admin = spec.admin.map(|a| bind("admin", a)).transpose();
-    let (https, mqtt, amqp, admin) = match (bind("HTTPS", spec.https), bind("MQTT", spec.mqtt), bind("AMQP", spec.amqp), admin) {
-        (Ok(h), Ok(m), Ok(q), Ok(a)) => (h, m, q, a),
-        (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
-            let _ = bound.send(Err(e));
-            return;
-        }
-    };
+    let console = spec.console.map(|a| bind("console", a)).transpose();
+    let (https, mqtt, amqp, admin, console) =
+        match (bind("HTTPS", spec.https), bind("MQTT", spec.mqtt), bind("AMQP", spec.amqp), admin, console) {
+            (Ok(h), Ok(m), Ok(q), Ok(a), Ok(c)) => (h, m, q, a, c),
+            (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), ..) | (_, _, _, Err(e), _) | (.., Err(e)) => {
+                let _ = bound.send(Err(e));
+                return;
+            }
+        };
     let port = |l: &TcpListener, fallback: u16| l.local_addr().map(|a| a.port()).unwrap_or(fallback);
     let ports = BoundPorts {
         https: port(&https, spec.https.port()),
         mqtt: port(&mqtt, spec.mqtt.port()),
         amqp: port(&amqp, spec.amqp.port()),
         admin: admin.as_ref().map(|l| port(l, 0)),
+        console: console.as_ref().map(|l| port(l, 0)),
     };
     let _ = bound.send(Ok(ports));
     loop {
@@ -278,12 +284,16 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     let b = glommio::spawn_local(accept_loop(mqtt, Listener::Mqtt, shard.clone()));
     let q = glommio::spawn_local(accept_loop(amqp, Listener::Amqp, shard.clone()));
     let c = admin.map(|l| glommio::spawn_local(admin::admin_loop(l, shard.clone())));
+    let w = console.map(|l| glommio::spawn_local(crate::console::console_loop(l, shard.clone())));
     glommio::spawn_local(watch_stalls(shard.clone())).detach();
     a.await;
     b.await;
     q.await;
     if let Some(c) = c {
         c.await;
+    }
+    if let Some(w) = w {
+        w.await;
     }
     // Drain: connections finish their current request and close; give them a few seconds.
     let deadline = Instant::now() + Duration::from_secs(5);

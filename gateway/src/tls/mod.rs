@@ -157,6 +157,8 @@ impl rustls::server::StoresServerSessions for SessionCache {
 pub struct TlsConfigs {
     pub devices: Arc<ServerConfig>,
     pub service_api: Option<(Arc<ServerConfig>, Arc<Vec<String>>)>,
+    /// The web console's: no client certificate requested (a browser would ask its user).
+    pub console: Arc<ServerConfig>,
 }
 
 impl TlsConfigs {
@@ -172,8 +174,8 @@ impl TlsConfigs {
 
     /// The HTTPS configuration for a handshake naming `sni`.
     pub fn for_https(&self, sni: Option<&str>) -> Arc<ServerConfig> {
-        match (&self.service_api, sni) {
-            (Some((cfg, names)), Some(n)) if names.iter().any(|h| h.eq_ignore_ascii_case(n)) => cfg.clone(),
+        match &self.service_api {
+            Some((cfg, _)) if self.is_service_api_host(sni) => cfg.clone(),
             _ => self.devices.clone(),
         }
     }
@@ -185,7 +187,8 @@ pub fn server_configs(files: &CertFiles, knobs: &crate::config::Tls) -> Result<T
         true => None,
         false => Some((server_config(files, knobs, false)?, Arc::new(knobs.service_api_host_names.clone()))),
     };
-    Ok(TlsConfigs { devices, service_api })
+    let console = server_config(files, knobs, false)?;
+    Ok(TlsConfigs { devices, service_api, console })
 }
 
 fn server_config(files: &CertFiles, knobs: &crate::config::Tls, request_client_certificate: bool) -> Result<Arc<ServerConfig>, String> {

@@ -39,6 +39,7 @@ impl Process {
             .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0", "--shards", "2"])
             .env("DPS_PORTS__BIND", "127.0.0.1")
             .env("DPS_PORTS__ADMIN", "0")
+            .env("DPS_PORTS__CONSOLE", "0")
             .env("DPS_LIMITS__SERVICE_OPERATIONS_PER_MINUTE", "0")
             .stdout(Stdio::null())
             .stderr(log);
