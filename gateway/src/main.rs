@@ -83,6 +83,11 @@ enum Command {
         #[command(subcommand)]
         cmd: dps_gateway::cli::HubCmd,
     },
+    /// CA certificates and their proof of possession (az iot dps certificate).
+    Certificate {
+        #[command(subcommand)]
+        cmd: dps_gateway::cli::CertificateCmd,
+    },
     /// Every enrollment and group as JSON lines (with their keys: keep the file secret).
     ///
     /// Example: dps export --endpoint dps-data/endpoint.json --file fleet.jsonl
@@ -233,6 +238,7 @@ fn manage(command: Command, connect: &dps_gateway::cli::client::ConnectOpts, out
         }
         Command::Registration { cmd } => service().and_then(|s| cli::registration(&s, cmd, out)),
         Command::LinkedHub { cmd } => service().and_then(|s| cli::linked_hub(&s, cmd, out)),
+        Command::Certificate { cmd } => service().and_then(|s| cli::certificate(&s, cmd, out)),
         Command::Export { file } => service().and_then(|s| cli::export(&s, file)).map(|n| eprintln!("exported {n} records")),
         Command::Import(o) => service().and_then(|s| cli::import(&s, &o)).and_then(|r| {
             eprintln!("imported {} records ({} skipped as done before)", r.written, r.skipped);

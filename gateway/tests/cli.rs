@@ -226,3 +226,72 @@ fn export_and_import_ten_thousand_enrollments() {
     std::fs::write(&bad, "not json\n").unwrap();
     assert!(other.fails(&["import", "--file", bad.to_str().unwrap(), "--restart"]).contains("line 1"));
 }
+
+#[test]
+fn certificates_upload_prove_possession_list_and_delete() {
+    use common::certs::{ca, device};
+    let (_s, cli) = server();
+    let dir = tempfile::tempdir().unwrap();
+    let root = ca("cli-root", None);
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &root.pem).unwrap();
+    let ca_path = ca_file.to_str().unwrap();
+
+    let v = cli.ok(&["certificate", "create", "--certificate-name", "factory-ca", "--path", ca_path]);
+    assert_eq!((v["name"].as_str(), v["properties"]["isVerified"].as_bool()), (Some("factory-ca"), Some(false)), "{v}");
+    assert_eq!(v["properties"]["subject"], "CN=cli-root", "{v}");
+    assert!(cli.fails(&["certificate", "create", "--certificate-name", "factory-ca", "--path", ca_path]).contains("409"));
+    // Not a CA: refused with the service's reason.
+    let leaf = dir.path().join("leaf.pem");
+    std::fs::write(&leaf, device("leaf", Some(&root)).2).unwrap();
+    let err = cli.fails(&["certificate", "create", "--certificate-name", "leaf", "--path", leaf.to_str().unwrap()]);
+    assert!(err.contains("400") && err.contains("not a CA"), "{err}");
+    let missing = cli.fails(&["certificate", "create", "--certificate-name", "x", "--path", "/nonexistent/ca.pem"]);
+    assert!(missing.contains("cannot read /nonexistent/ca.pem"), "{missing}");
+
+    // Proof of possession: a code, a certificate the CA signed with that code as its CN.
+    let v = cli.ok(&["certificate", "generate-verification-code", "--certificate-name", "factory-ca"]);
+    let code = v["properties"]["verificationCode"].as_str().unwrap().to_string();
+    let wrong = dir.path().join("wrong.pem");
+    std::fs::write(&wrong, device("not-the-code", Some(&root)).2).unwrap();
+    let err = cli.fails(&["certificate", "verify", "--certificate-name", "factory-ca", "--path", wrong.to_str().unwrap()]);
+    assert!(err.contains("400"), "{err}");
+    let proof = dir.path().join("proof.pem");
+    std::fs::write(&proof, device(&code, Some(&root)).2).unwrap();
+    let v = cli.ok(&["certificate", "verify", "--certificate-name", "factory-ca", "--path", proof.to_str().unwrap()]);
+    assert_eq!(v["properties"]["isVerified"], true, "{v}");
+
+    // Uploaded as verified (the operator vouches), listed, shown as a table.
+    let other = ca("cli-other", None);
+    let other_file = dir.path().join("other.pem");
+    std::fs::write(&other_file, &other.pem).unwrap();
+    let v = cli.ok(&["certificate", "create", "--certificate-name", "other-ca", "--path", other_file.to_str().unwrap(), "--verified"]);
+    assert_eq!(v["properties"]["isVerified"], true, "{v}");
+    let list = cli.ok(&["certificate", "list"]);
+    let names: Vec<&str> = list.as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(names, ["factory-ca", "other-ca"], "{list}");
+    let table = String::from_utf8(cli.run(&["certificate", "list", "--output", "table"]).stdout).unwrap();
+    assert!(table.starts_with("NAME") && table.contains("CN=cli-other") && table.contains("true"), "{table}");
+
+    // Update under If-Match: a stale etag is refused; the current one replaces the file and
+    // drops the verification made for the old one.
+    let etag = cli.ok(&["certificate", "show", "--certificate-name", "factory-ca"])["etag"].as_str().unwrap().to_string();
+    let err = cli.fails(&[
+        "certificate",
+        "update",
+        "--certificate-name",
+        "factory-ca",
+        "--path",
+        other_file.to_str().unwrap(),
+        "--etag",
+        "\"stale\"",
+    ]);
+    assert!(err.contains("412"), "{err}");
+    let v = cli.ok(&["certificate", "update", "--certificate-name", "factory-ca", "--path", other_file.to_str().unwrap(), "--etag", &etag]);
+    assert_eq!((v["properties"]["subject"].as_str(), v["properties"]["isVerified"].as_bool()), (Some("CN=cli-other"), Some(false)), "{v}");
+
+    cli.ok(&["certificate", "delete", "--certificate-name", "factory-ca"]);
+    let err = cli.fails(&["certificate", "show", "--certificate-name", "factory-ca"]);
+    assert!(err.contains("404"), "{err}");
+    assert_eq!(cli.ok(&["certificate", "list"]).as_array().unwrap().len(), 1);
+}

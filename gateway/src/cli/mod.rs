@@ -2,6 +2,7 @@
 //! …`, `dps linked-hub …`, `dps export`, `dps import`): a client of the service API like any
 //! other, with the commands and option names of `az iot dps` where they overlap.
 
+mod certificate;
 pub mod client;
 pub mod output;
 mod transfer;
@@ -467,4 +468,5 @@ pub fn linked_hub(s: &Service, cmd: HubCmd, o: &OutputOpts) -> Result<(), CliErr
     Ok(())
 }
 
+pub use certificate::{certificate, CertificateCmd};
 pub use transfer::{export, import, ImportOpts};

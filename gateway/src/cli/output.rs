@@ -33,6 +33,7 @@ pub enum Kind {
     Group,
     Registration,
     Hub,
+    Certificate,
     Other,
 }
 
@@ -63,6 +64,13 @@ impl Kind {
             Kind::Hub => {
                 &[("/name", "HOST NAME"), ("/kind", "KIND"), ("/allocationWeight", "WEIGHT"), ("/applyAllocationPolicy", "ALLOCATE")]
             }
+            Kind::Certificate => &[
+                ("/name", "NAME"),
+                ("/properties/subject", "SUBJECT"),
+                ("/properties/isVerified", "VERIFIED"),
+                ("/properties/expiry", "EXPIRES"),
+                ("/properties/verificationCode", "VERIFICATION CODE"),
+            ],
             Kind::Other => &[],
         }
     }
