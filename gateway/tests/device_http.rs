@@ -5,6 +5,7 @@ mod common;
 use common::mqtt_client::{device_token, tls_config};
 use common::*;
 use serde_json::json;
+use std::io::{Read, Write};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
@@ -176,6 +177,51 @@ fn the_service_api_keeps_connections_of_its_own() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let r = client_from(&s, "127.0.0.2").put(&url).header("Authorization", &token).body("{}").send().unwrap();
     assert_eq!(r.status().as_u16(), 202);
+}
+
+#[test]
+fn shutdown_lets_a_service_api_request_in_the_reserve_finish() {
+    // Regression: the drain at shutdown waited for the device connections only, so a service
+    // API request on a connection of the reserve (the shard full) was cut off mid-request.
+    let mut cfg = test_config();
+    cfg.shards = 1;
+    cfg.limits.max_connections_per_shard = 8;
+    cfg.limits.service_api_connections_per_shard = 2;
+    cfg.limits.max_connections_per_source = 0;
+    let mut s = TestServer::start(cfg);
+    let idle: Vec<std::net::TcpStream> = (0..8).map(|_| std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.mqtt)).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // An operator's request on a reserve connection, its body half sent.
+    let ca = std::fs::read_to_string(s.ep.ca_certificate.as_ref().unwrap()).unwrap();
+    let tls = std::sync::Arc::new(dps_gateway::tls::client_config(Some(&ca)).unwrap());
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(tls, name).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.https)).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let mut op = rustls::StreamOwned::new(conn, tcp);
+    let body = sym_enrollment("drained-1").to_string();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let head = format!(
+        "PUT /enrollments/drained-1?{API} HTTP/1.1\r\nHost: localhost\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        s.token(),
+        body.len()
+    );
+    op.write_all(head.as_bytes()).unwrap();
+    op.write_all(first.as_bytes()).unwrap();
+    op.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Shutdown begins; the device connections go; the request is still being sent.
+    let running = s.running.take().unwrap();
+    let stopping = std::thread::spawn(move || running.shutdown());
+    drop(idle);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    op.write_all(rest.as_bytes()).unwrap();
+    op.flush().unwrap();
+    let mut answer = String::new();
+    let _ = op.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "the request was cut off by the shutdown: {answer:?}");
+    assert!(answer.contains("drained-1"), "{answer}");
+    stopping.join().unwrap().unwrap();
 }
 
 /// A client from one loopback address, on a new connection per request.

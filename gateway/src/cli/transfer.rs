@@ -74,9 +74,13 @@ pub fn import(s: &Service, o: &ImportOpts) -> Result<Imported, CliError> {
         )),
         None => Box::new(std::io::BufReader::new(std::io::stdin().lock())),
     };
-    let total = o.file.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| b.iter().filter(|c| **c == b'\n').count() as u64);
-    let bar = match (total, std::io::stderr().is_terminal()) {
-        (Some(t), true) => {
+    // The bar's length: the file's lines, counted (streaming) only when there is a bar to show.
+    let total = match std::io::stderr().is_terminal() {
+        true => o.file.as_deref().and_then(count_lines),
+        false => None,
+    };
+    let bar = match total {
+        Some(t) => {
             let b = indicatif::ProgressBar::new(t);
             b.set_style(
                 indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} records  {per_sec}  eta {eta}")
@@ -141,4 +145,33 @@ pub fn import(s: &Service, o: &ImportOpts) -> Result<Imported, CliError> {
         let _ = std::fs::remove_file(p);
     }
     Ok(result)
+}
+
+/// Newlines in a file, read in blocks (a big import is never held in memory for it).
+fn count_lines(path: &std::path::Path) -> Option<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut block = vec![0u8; 1 << 16];
+    let mut n = 0u64;
+    loop {
+        match f.read(&mut block) {
+            Ok(0) => return Some(n),
+            Ok(k) => n += block[..k].iter().filter(|c| **c == b'\n').count() as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lines_are_counted_across_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.jsonl");
+        let line = format!("{{\"registrationId\":\"{}\"}}\n", "x".repeat(100));
+        std::fs::write(&p, line.repeat(1500)).unwrap();
+        assert_eq!(super::count_lines(&p), Some(1500));
+        assert_eq!(super::count_lines(&dir.path().join("absent")), None);
+    }
 }

@@ -133,6 +133,15 @@ impl Shard {
         Some(Some(ip))
     }
 
+    /// The count a connection is held in: the service API's reserve or the shard's own.
+    fn pool(&self, api_only: bool) -> &Cell<usize> {
+        if api_only {
+            &self.api_conns
+        } else {
+            &self.conns
+        }
+    }
+
     fn release_source(&self, source: Option<std::net::IpAddr>) {
         let Some(ip) = source else { return };
         let mut by = self.by_source.borrow_mut();
@@ -295,9 +304,10 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     if let Some(w) = w {
         w.await;
     }
-    // Drain: connections finish their current request and close; give them a few seconds.
+    // Drain: connections finish their current request and close, those of the service API's
+    // reserve too; give them a few seconds.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while shard.conns.get() > 0 && Instant::now() < deadline {
+    while shard.conns.get() + shard.api_conns.get() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!(shard = spec.id, "shard stopped");
@@ -368,7 +378,7 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
             drop(stream);
             continue;
         };
-        let pool = if api_only { &shard.api_conns } else { &shard.conns };
+        let pool = shard.pool(api_only);
         pool.set(pool.get() + 1);
         let sid = shard.id.to_string();
         let listener = match kind {
@@ -382,7 +392,7 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
         glommio::spawn_local(async move {
             serve_tls(stream, kind, api_only, &shard).await;
             shard.release_source(source);
-            let pool = if api_only { &shard.api_conns } else { &shard.conns };
+            let pool = shard.pool(api_only);
             pool.set(pool.get() - 1);
             shard.metrics.add("dps_connections_open", &[("shard", &sid)], -1);
         })
