@@ -4,7 +4,7 @@
 # attestation the TSS libraries (tss-esapi links them), swtpm (a software TPM) and tpm2-tools;
 # strace (the durability test watches fsync against acknowledgements) and a C compiler (the
 # fsync-failure test builds a small LD_PRELOAD library); Chromium (the web console's end-to-end
-# test drives it headless).
+# test drives it headless); promtool, from Prometheus (checks the metrics exposition).
 set -euo pipefail
 missing=()
 command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
@@ -19,4 +19,9 @@ pkg-config --exists tss2-esys 2>/dev/null || missing+=(libtss2-dev pkg-config)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+# promtool only: without its recommends (the node exporter and the rest of a Prometheus setup).
+if ! command -v promtool >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 fi

@@ -63,7 +63,7 @@ const CATALOGUE: &[(&str, &str, &str)] = &[
         "Lookups a shard has sent to other shards and not yet had answered (the cross-shard queue), by shard.",
     ),
     ("dps_shard_stalls_total", "counter", "Times a shard's event loop ran more than 10 ms late (a task held the core), by shard."),
-    ("dps_shard_stall_microseconds_total", "counter", "Total lateness of those stalls, microseconds, by shard."),
+    ("dps_shard_stall_seconds_total", "counter", "Total lateness of those stalls, seconds, by shard."),
     ("dps_store_commit_groups_total", "counter", "Group commits (one fsync each)."),
     ("dps_store_commit_transactions_total", "counter", "Transactions committed."),
     ("dps_store_commit_seconds_total", "counter", "Time spent committing, seconds."),
@@ -76,72 +76,184 @@ const CATALOGUE: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// Sums the shards' series and renders the Prometheus text format (0.0.4).
-pub fn render(shards: Vec<Vec<(String, i64)>>, extra: Vec<(String, f64)>) -> String {
-    let mut total: BTreeMap<String, f64> = BTreeMap::new();
-    for s in shards {
-        for (k, v) in s {
-            *total.entry(k).or_default() += v as f64;
-        }
-    }
-    for (k, v) in extra {
-        *total.entry(k).or_default() += v;
-    }
-    let mut out = String::new();
-    for (name, kind, help) in CATALOGUE {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        let belongs = |k: &str| {
-            k == *name
-                || k.starts_with(&format!("{name}{{"))
-                || k.starts_with(&format!("{name}_bucket{{"))
-                || k == format!("{name}_sum")
-                || k == format!("{name}_count")
+/// One sample's value: counts are integers, durations seconds.
+#[derive(Debug, Clone, Copy)]
+enum Value {
+    Int(i64),
+    Float(f64),
+}
+
+/// A scrape: every shard's series summed (name → label set → value), the store's, and the store's
+/// commit latency histogram; encoded by prometheus-client, so the exposition is valid by
+/// construction.
+#[derive(Debug, Default)]
+struct Scrape {
+    series: BTreeMap<String, BTreeMap<Vec<(String, String)>, Value>>,
+    /// Sum (seconds) and per-bucket counts (upper bound in seconds; the last +Inf).
+    commit_latency: (f64, Vec<(f64, u64)>),
+}
+
+impl Scrape {
+    fn add(&mut self, series: &str, v: Value) {
+        let (name, labels) = split_series(series);
+        // Our internal durations are integer microseconds; the exposition's unit is the second.
+        let (name, v) = match (name.strip_suffix("_microseconds_total"), v) {
+            (Some(base), Value::Int(us)) => (format!("{base}_seconds_total"), Value::Float(us as f64 / 1e6)),
+            _ => (name, v),
         };
-        // Histogram buckets in increasing `le` with +Inf last, then _sum and _count (the text
-        // format requires it; plain key order put `le="+Inf"` first).
-        let mut series: Vec<(&String, &f64)> = total.iter().filter(|(k, _)| belongs(k)).collect();
-        series.sort_by(|(a, _), (b, _)| {
-            let rank = |k: &str| -> (u8, f64) {
-                match k.split_once("le=\"") {
-                    Some((_, rest)) => (0, rest.split('"').next().and_then(|le| le.parse::<f64>().ok()).unwrap_or(f64::INFINITY)),
-                    None if k.ends_with("_sum") => (1, 0.0),
-                    None if k.ends_with("_count") => (2, 0.0),
-                    None => (0, 0.0),
+        let slot = self.series.entry(name).or_default().entry(labels).or_insert(Value::Int(0));
+        *slot = match (*slot, v) {
+            (Value::Int(a), Value::Int(b)) => Value::Int(a + b),
+            (Value::Int(a), Value::Float(b)) => Value::Float(a as f64 + b),
+            (Value::Float(a), Value::Int(b)) => Value::Float(a + b as f64),
+            (Value::Float(a), Value::Float(b)) => Value::Float(a + b),
+        };
+    }
+}
+
+impl prometheus_client::collector::Collector for Scrape {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::NoLabelSet;
+        use prometheus_client::metrics::MetricType;
+        let empty = BTreeMap::new();
+        for (name, kind, help) in CATALOGUE {
+            let samples = self.series.get(*name).unwrap_or(&empty);
+            match *kind {
+                "counter" => {
+                    // OpenMetrics names the counter family without its `_total` sample suffix.
+                    let family = name.strip_suffix("_total").unwrap_or(name);
+                    let mut m = enc.encode_descriptor(family, help, None, MetricType::Counter)?;
+                    for (labels, v) in samples {
+                        sample(&mut m, labels, |e| match v {
+                            Value::Int(i) => e.encode_counter::<NoLabelSet, _, u64>(&(*i).max(0).unsigned_abs(), None),
+                            Value::Float(x) => e.encode_counter::<NoLabelSet, _, u64>(&x.max(0.0), None),
+                        })?;
+                    }
                 }
-            };
-            let (ra, rb) = (rank(a), rank(b));
-            ra.0.cmp(&rb.0).then(ra.1.total_cmp(&rb.1)).then(a.cmp(b))
-        });
-        for (k, v) in series {
-            out.push_str(&format!("{k} {v}\n"));
+                "gauge" => {
+                    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                    for (labels, v) in samples {
+                        sample(&mut m, labels, |e| match v {
+                            Value::Int(i) => e.encode_gauge(i),
+                            Value::Float(x) => e.encode_gauge(x),
+                        })?;
+                    }
+                }
+                _ => {
+                    let (sum, buckets) = &self.commit_latency;
+                    let count = buckets.iter().map(|(_, c)| c).sum();
+                    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+                    m.encode_histogram::<NoLabelSet>(*sum, count, buckets, None)?;
+                }
+            }
         }
+        Ok(())
+    }
+}
+
+/// One sample: bare without labels (`name 1`, not `name{} 1`), else in its label set.
+/// prometheus-client (0.23) writes label values as given, so they are escaped here.
+fn sample(
+    m: &mut prometheus_client::encoding::MetricEncoder,
+    labels: &[(String, String)],
+    write: impl FnOnce(&mut prometheus_client::encoding::MetricEncoder) -> std::fmt::Result,
+) -> std::fmt::Result {
+    if labels.is_empty() {
+        return write(m);
+    }
+    let escaped: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.clone(), esc(v))).collect();
+    write(&mut m.encode_family(&escaped)?)
+}
+
+/// `name{k="v",…}` (as `series` writes it) back into its name and labels.
+fn split_series(s: &str) -> (String, Vec<(String, String)>) {
+    let Some((name, rest)) = s.split_once('{') else { return (s.to_string(), Vec::new()) };
+    let mut labels = Vec::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() || chars.next() != Some('"') {
+            break;
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => break,
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(other) => value.push(other),
+                    None => break,
+                },
+                c => value.push(c),
+            }
+        }
+        labels.push((key.trim_start_matches(',').to_string(), value));
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    (name.to_string(), labels)
+}
+
+/// The store's commit statistics and write queue, for a scrape.
+pub struct StoreView {
+    pub groups: u64,
+    pub txns: u64,
+    pub commit_seconds: f64,
+    pub queued: usize,
+    pub writes_stopped: bool,
+    /// Per-bucket commit counts (upper bound in seconds; the last bucket +Inf).
+    pub buckets: Vec<(f64, u64)>,
+}
+
+impl StoreView {
+    pub fn read(stats: &dps_storage::CommitStats, queued: usize) -> StoreView {
+        use std::sync::atomic::Ordering::Relaxed;
+        let buckets = stats
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (dps_storage::COMMIT_BUCKETS_US.get(i).map_or(f64::MAX, |us| *us as f64 / 1e6), b.load(Relaxed)))
+            .collect();
+        StoreView {
+            groups: stats.groups.load(Relaxed),
+            txns: stats.txns.load(Relaxed),
+            commit_seconds: stats.commit_micros.load(Relaxed) as f64 / 1e6,
+            queued,
+            writes_stopped: stats.writes_stopped.load(Relaxed),
+            buckets,
+        }
+    }
+}
+
+/// Sums the shards' series, adds the store's, and renders the OpenMetrics text format.
+pub fn render(shards: Vec<Vec<(String, i64)>>, store: Option<StoreView>) -> String {
+    let mut scrape = Scrape::default();
+    for (k, v) in shards.into_iter().flatten() {
+        scrape.add(&k, Value::Int(v));
+    }
+    if let Some(st) = store {
+        let int = |v: u64| Value::Int(i64::try_from(v).unwrap_or(i64::MAX));
+        scrape.add("dps_store_commit_groups_total", int(st.groups));
+        scrape.add("dps_store_commit_transactions_total", int(st.txns));
+        scrape.add("dps_store_commit_seconds_total", Value::Float(st.commit_seconds));
+        scrape.add("dps_store_write_queue_depth", int(st.queued as u64));
+        // 1 once a full disk or a failed fsync stopped the store's writes (until a restart).
+        scrape.add("dps_store_writes_stopped", Value::Int(i64::from(st.writes_stopped)));
+        scrape.commit_latency = (st.commit_seconds, st.buckets);
+    }
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(scrape));
+    let mut out = String::new();
+    // Writing into a String cannot fail; an error here would be the encoder's own.
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        tracing::error!("metrics encoding failed");
     }
     out
 }
 
-/// The store's commit statistics as series: counters and the latency histogram (cumulative
-/// buckets in seconds, as Prometheus wants them).
-pub fn store_series(stats: &dps_storage::CommitStats, queued: usize) -> Vec<(String, f64)> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let name = "dps_store_commit_latency_seconds";
-    let mut out = vec![
-        ("dps_store_commit_groups_total".to_string(), stats.groups.load(Relaxed) as f64),
-        ("dps_store_commit_transactions_total".to_string(), stats.txns.load(Relaxed) as f64),
-        ("dps_store_commit_seconds_total".to_string(), stats.commit_micros.load(Relaxed) as f64 / 1e6),
-        ("dps_store_write_queue_depth".to_string(), queued as f64),
-        // 1 once a full disk or a failed fsync stopped the store's writes (until a restart).
-        ("dps_store_writes_stopped".to_string(), if stats.writes_stopped.load(Relaxed) { 1.0 } else { 0.0 }),
-        (format!("{name}_sum"), stats.commit_micros.load(Relaxed) as f64 / 1e6),
-    ];
-    let mut cumulative = 0u64;
-    for (i, bucket) in stats.buckets.iter().enumerate() {
-        cumulative += bucket.load(Relaxed);
-        let le = dps_storage::COMMIT_BUCKETS_US.get(i).map_or("+Inf".to_string(), |us| (*us as f64 / 1e6).to_string());
-        out.push((series(&format!("{name}_bucket"), &[("le", &le)]), cumulative as f64));
-    }
-    out.push((format!("{name}_count"), cumulative as f64));
-    out
-}
+/// The content type of `render`'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[cfg(test)]
 mod tests {
@@ -176,33 +288,35 @@ mod tests {
         let a = Metrics::default();
         a.inc("dps_registration_attempts_total", &[("protocol", "mqtt"), ("status", "success")]);
         a.inc("dps_registration_attempts_total", &[("protocol", "mqtt"), ("status", "success")]);
+        a.add("dps_shard_stall_microseconds_total", &[("shard", "0")], 1_500_000);
         let b = Metrics::default();
         b.inc("dps_registration_attempts_total", &[("protocol", "mqtt"), ("status", "success")]);
         b.inc("dps_device_assignments_total", &[("hub", "h\"1")]);
-        let text = render(vec![a.snapshot(), b.snapshot()], vec![("dps_store_commit_groups_total".into(), 4.0)]);
+        b.set("dps_connections_open", &[("shard", "1")], 7);
+        let text = render(vec![a.snapshot(), b.snapshot()], Some(StoreView::read(&dps_storage::CommitStats::default(), 4)));
         assert!(text.contains("dps_registration_attempts_total{protocol=\"mqtt\",status=\"success\"} 3\n"), "{text}");
-        assert!(text.contains("dps_device_assignments_total{hub=\"h\\\"1\"} 1\n"));
-        assert!(text.contains("# TYPE dps_connections_open gauge\n"));
-        assert!(text.contains("dps_store_commit_groups_total 4\n"));
-        let hist = vec![
-            ("dps_store_commit_latency_seconds_bucket{le=\"0.001\"}".to_string(), 2.0),
-            ("dps_store_commit_latency_seconds_count".to_string(), 3.0),
-        ];
-        let text = render(vec![], hist);
-        assert!(
-            text.contains("# TYPE dps_store_commit_latency_seconds histogram\ndps_store_commit_latency_seconds_bucket{le=\"0.001\"} 2\n"),
-            "{text}"
-        );
-        assert!(text.contains("dps_store_commit_latency_seconds_count 3\n"));
+        assert!(text.contains("# TYPE dps_registration_attempts counter\n"), "{text}");
+        assert!(text.contains("dps_device_assignments_total{hub=\"h\\\"1\"} 1\n"), "{text}");
+        assert!(text.contains("# TYPE dps_connections_open gauge\ndps_connections_open{shard=\"1\"} 7\n"), "{text}");
+        assert!(text.contains("dps_store_write_queue_depth 4\n"), "{text}");
+        assert!(text.contains("dps_shard_stall_seconds_total{shard=\"0\"} 1.5\n"), "microseconds exposed as seconds: {text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn series_names_split_back_into_labels() {
+        let s = series("m_total", &[("a", "x,y"), ("b", "q\"u\\o\nte")]);
+        assert_eq!(split_series(&s), ("m_total".to_string(), vec![("a".into(), "x,y".into()), ("b".into(), "q\"u\\o\nte".into())]));
+        assert_eq!(split_series("plain"), ("plain".to_string(), vec![]));
     }
 
     #[test]
     fn histogram_buckets_in_order_with_inf_last() {
-        // Regression: series were written in key order, which puts le="+Inf" before
-        // le="0.0001" (a text format Prometheus refuses) and _count before _sum.
+        // Regression: series were written in key order, which put le="+Inf" before
+        // le="0.0001" (a text format Prometheus refuses).
         let stats = dps_storage::CommitStats::default();
-        let text = render(vec![], store_series(&stats, 0));
-        let family: Vec<&str> = text.lines().filter(|l| l.starts_with("dps_store_commit_latency_seconds")).collect();
+        let text = render(vec![], Some(StoreView::read(&stats, 0)));
+        let family: Vec<&str> = text.lines().filter(|l| l.starts_with("dps_store_commit_latency_seconds_bucket")).collect();
         let les: Vec<f64> = family
             .iter()
             .filter_map(|l| l.split_once("le=\"").map(|(_, r)| r.split('"').next().unwrap()))
@@ -210,7 +324,6 @@ mod tests {
             .collect();
         assert_eq!(les.len(), dps_storage::COMMIT_BUCKETS_US.len() + 1, "{text}");
         assert!(les.windows(2).all(|w| w[0] < w[1]), "buckets out of order: {family:?}");
-        assert!(family[family.len() - 2].starts_with("dps_store_commit_latency_seconds_sum"), "{family:?}");
-        assert!(family[family.len() - 1].starts_with("dps_store_commit_latency_seconds_count"), "{family:?}");
+        assert_eq!(les.last(), Some(&f64::INFINITY));
     }
 }

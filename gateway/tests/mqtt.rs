@@ -521,7 +521,29 @@ fn metrics_are_merged_across_shards() {
     // Both shards report their cross-shard queue (idle now) and the stall counters exist.
     assert_eq!(value("dps_cross_shard_pending{shard=\"0\"}"), 0.0);
     assert_eq!(value("dps_cross_shard_pending{shard=\"1\"}"), 0.0);
-    assert!(text.contains("# TYPE dps_shard_stalls_total counter"));
+    assert!(text.contains("# TYPE dps_shard_stalls counter"));
+    // Valid exposition (OpenMetrics, as prometheus-client writes it), checked twice:
+    // (1) by the OpenMetrics parser of Prometheus's Python client, which is strict about the
+    // format (families, suffixes, escapes, `# EOF`); (2) by `promtool check metrics`
+    // (scripts/deps.sh installs it), which parses the classic text format and lints names,
+    // units and types. Its one complaint that is a format difference, not a defect: a counter's
+    // HELP is on its family name (`# HELP x`, samples `x_total`), as OpenMetrics puts it.
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/interop/.venv/bin/python");
+    let script = "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as p\n\
+                  fams = list(p(sys.stdin.read()))\nprint(len(fams))";
+    let parsed = pipe(python, &["-c", script], &text);
+    assert!(parsed.status.success(), "OpenMetrics parser: {}", String::from_utf8_lossy(&parsed.stderr));
+    let families: usize = String::from_utf8_lossy(&parsed.stdout).trim().parse().unwrap();
+    assert_eq!(families, text.lines().filter(|l| l.starts_with("# TYPE ")).count(), "every family parsed");
+    let checked = pipe("promtool", &["check", "metrics"], &text);
+    let problems = String::from_utf8_lossy(&checked.stdout).to_string() + &String::from_utf8_lossy(&checked.stderr);
+    for line in problems.lines().filter(|l| !l.trim().is_empty()) {
+        let family_help = line
+            .strip_suffix(" no help text")
+            .and_then(|m| m.strip_suffix("_total"))
+            .is_some_and(|family| text.contains(&format!("# HELP {family} ")));
+        assert!(family_help, "promtool check metrics: {line}\n{problems}");
+    }
     // Connections were spread over both shards, and each shard's counts are in the sum.
     let accepted: f64 = text
         .lines()
@@ -627,4 +649,18 @@ fn a_client_that_trickles_bytes_is_closed_at_the_login_deadline() {
     }
     assert!(closed || c.closed(), "still open after 8 s of trickling");
     assert!(t.elapsed() < std::time::Duration::from_secs(6), "closed at the 2 s login deadline, not later: {:?}", t.elapsed());
+}
+
+/// Runs `program args` with `input` on its stdin; its output.
+fn pipe(program: &str, args: &[&str], input: &str) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/deps.sh and tests/interop/setup.sh install it)"));
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
 }

@@ -20,9 +20,9 @@ pub(super) async fn admin_loop(listener: TcpListener, shard: Rc<Shard>) {
                 glommio::timer::timeout(Duration::from_secs(5), async { Ok(http::read_request(&mut stream, &mut buf, 0).await) }).await;
             let resp = match read {
                 Ok(Ok(req)) if req.method == "GET" && req.path == "/metrics" => {
-                    let extra = crate::metrics::store_series(&shard.svc.store.stats, shard.svc.store.queued_writes());
-                    let text = crate::metrics::render(scrape_all(&shard.metrics, shard.cache.mesh()).await, extra);
-                    let mut r = Response::new(200).header("Content-Type", "text/plain; version=0.0.4");
+                    let store = crate::metrics::StoreView::read(&shard.svc.store.stats, shard.svc.store.queued_writes());
+                    let text = crate::metrics::render(scrape_all(&shard.metrics, shard.cache.mesh()).await, Some(store));
+                    let mut r = Response::new(200).header("Content-Type", crate::metrics::CONTENT_TYPE);
                     r.body = text.into_bytes();
                     r
                 }
