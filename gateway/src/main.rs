@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "dps", about = "Self-hosted device provisioning service, wire-compatible with Azure IoT Hub DPS")]
+#[command(name = "dps", version, about = "Self-hosted device provisioning service, wire-compatible with Azure IoT Hub DPS")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
