@@ -300,6 +300,8 @@ impl Default for Limits {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreKnobs {
     pub readers: usize,
+    /// Point reads on the shard itself instead of a reader thread (tuning.md).
+    pub inline_point_reads: bool,
     pub queue: usize,
     pub max_group: usize,
     pub linger_us: u64,
@@ -310,7 +312,14 @@ pub struct StoreKnobs {
 impl Default for StoreKnobs {
     fn default() -> Self {
         let d = dps_storage::StoreServiceConfig::default();
-        StoreKnobs { readers: d.readers, queue: d.queue, max_group: d.max_group, linger_us: d.linger_us, cache_mb: 64 }
+        StoreKnobs {
+            readers: d.readers,
+            inline_point_reads: d.inline_point_reads,
+            queue: d.queue,
+            max_group: d.max_group,
+            linger_us: d.linger_us,
+            cache_mb: 64,
+        }
     }
 }
 

@@ -2,7 +2,8 @@
 //! [`DataKey`]. Commits hold a lock, so preconditions, quotas and counts are exact.
 
 use crate::crypt::DataKey;
-use crate::record::{by_group_key, registration_group, Expect, Op, Record, Table, Txn, TxnError, TxnResult};
+use crate::plan::plan;
+use crate::record::{Record, Table, Txn, TxnResult};
 use crate::{Store, StoreError};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::collections::HashMap;
@@ -135,41 +136,6 @@ impl FjallStore {
     }
 }
 
-type Staged = Vec<((Table, String), Option<Record>)>;
-
-/// The store owns the by-group index: a registration record written or deleted moves its entry
-/// with it, so no caller can leave one behind.
-fn index_registration(staged: &mut Staged, key: &str, old: Option<&Record>, new: Option<&Record>) {
-    let (was, is) = (old.and_then(registration_group), new.and_then(registration_group));
-    if was == is {
-        return;
-    }
-    if let Some(g) = was {
-        staged.push(((Table::RegistrationsByGroup, by_group_key(&g, key)), None));
-    }
-    if let Some(g) = is {
-        staged
-            .push(((Table::RegistrationsByGroup, by_group_key(&g, key)), Some(Record { etag: String::new(), class: 0, body: Vec::new() })));
-    }
-}
-
-fn check(expect: &Expect, current: Option<&Record>) -> Result<(), TxnError> {
-    match (expect, current) {
-        (Expect::Any, _) => Ok(()),
-        (Expect::Absent, None) => Ok(()),
-        (Expect::Absent, Some(_)) => Err(TxnError::Conflict),
-        (_, None) => Err(TxnError::NotFound),
-        (Expect::Present, Some(_)) => Ok(()),
-        (Expect::Etag(e), Some(r)) => {
-            if dps_core::ids::etag_matches(e, &r.etag) {
-                Ok(())
-            } else {
-                Err(TxnError::PreconditionFailed)
-            }
-        }
-    }
-}
-
 impl Store for FjallStore {
     fn get(&self, table: Table, key: &str) -> Result<Option<Record>, StoreError> {
         self.read(table, key)
@@ -220,63 +186,19 @@ impl Store for FjallStore {
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
         let mut results = Vec::with_capacity(txns.len());
         for txn in txns {
-            let mut staged: Staged = Vec::new();
-            let mut previous = Vec::with_capacity(txn.ops.len());
-            let mut delta: HashMap<(Table, u8), i64> = HashMap::new();
-            let mut failed = None;
-            for op in &txn.ops {
-                let (table, key) = match op {
-                    Op::Put { table, key, .. } | Op::Delete { table, key, .. } => (*table, key.clone()),
-                };
-                let current = match staged.iter().rev().find(|(k, _)| k.0 == table && k.1 == key) {
-                    Some((_, v)) => v.clone(),
-                    None => match overlay.get(&(table, key.clone())) {
-                        Some(v) => v.clone(),
-                        None => self.read(table, &key)?,
-                    },
-                };
-                let outcome = match op {
-                    Op::Put { record, expect, quota, .. } => check(expect, current.as_ref()).and_then(|_| {
-                        let grows_class = current.as_ref().is_none_or(|c| c.class != record.class);
-                        if let (Some(q), true) = (quota, grows_class) {
-                            let have = new_counts.get(&(table, record.class)).copied().unwrap_or(0) as i64
-                                + delta.get(&(table, record.class)).copied().unwrap_or(0);
-                            if have >= *q as i64 {
-                                return Err(TxnError::QuotaExceeded);
-                            }
-                        }
-                        if let Some(c) = &current {
-                            *delta.entry((table, c.class)).or_default() -= 1;
-                        }
-                        *delta.entry((table, record.class)).or_default() += 1;
-                        Ok(Some(record.clone()))
-                    }),
-                    Op::Delete { expect, .. } => check(expect, current.as_ref()).map(|_| {
-                        if let Some(c) = &current {
-                            *delta.entry((table, c.class)).or_default() -= 1;
-                        }
-                        None
-                    }),
-                };
-                match outcome {
-                    Ok(new) => {
-                        if table == Table::Registrations {
-                            index_registration(&mut staged, &key, current.as_ref(), new.as_ref());
-                        }
-                        previous.push(current);
-                        staged.push(((table, key), new));
-                    }
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
+            let read = |t: Table, k: &str| match overlay.get(&(t, k.to_string())) {
+                Some(v) => Ok(v.clone()),
+                None => self.read(t, k),
+            };
+            let planned = plan(&txn, read, |t, c| Ok(new_counts.get(&(t, c)).copied().unwrap_or(0)))?;
+            let p = match planned {
+                Ok(p) => p,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
                 }
-            }
-            if let Some(e) = failed {
-                results.push(Err(e));
-                continue;
-            }
-            for ((table, key), value) in staged {
+            };
+            for ((table, key), value) in p.staged {
                 match &value {
                     Some(_) if table == Table::RegistrationsByGroup => batch.insert(self.space(table), key.as_bytes(), &[][..]),
                     Some(r) => batch.insert(self.space(table), key.as_bytes(), self.key.seal(table, &key, r)),
@@ -284,15 +206,12 @@ impl Store for FjallStore {
                 }
                 overlay.insert((table, key), value);
             }
-            for ((t, class), d) in delta {
-                if t == Table::RegistrationsByGroup || d == 0 {
-                    continue;
-                }
+            for ((t, class), d) in p.delta {
                 let c = new_counts.entry((t, class)).or_default();
                 *c = (*c as i64 + d).max(0) as u64;
                 batch.insert(self.space(Table::Meta), count_key(t, class).as_bytes(), c.to_le_bytes().to_vec());
             }
-            results.push(Ok(previous));
+            results.push(Ok(p.previous));
         }
         if !batch.is_empty() {
             batch.commit().map_err(|e| self.stop_writes(e))?;

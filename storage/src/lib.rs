@@ -3,12 +3,15 @@
 //! ([`StoreService`]: readers plus one group-committing writer).
 
 mod crypt;
+mod etcd_store;
 mod fjall_store;
+mod plan;
 mod queue;
 mod record;
 mod service;
 
 pub use crypt::DataKey;
+pub use etcd_store::{EtcdConfig, EtcdStore};
 pub use fjall_store::FjallStore;
 pub use record::{by_group_key, Expect, Op, Record, Table, Txn, TxnError, TxnResult};
 pub use service::{CommitStats, ServiceError as StoreCallError, StoreService, StoreServiceConfig, StoreThreads, COMMIT_BUCKETS_US};
@@ -27,6 +30,9 @@ pub enum StoreError {
     /// The service needs a restart (recovery from the journal) once the disk is fixed.
     #[error("writes are stopped: {0}")]
     WritesStopped(String),
+    /// The shared store (etcd) did not answer, or refused.
+    #[error("etcd: {0}")]
+    Remote(String),
 }
 
 impl StoreError {

@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 pub struct StoreServiceConfig {
     /// Reader threads. Default 2.
     pub readers: usize,
+    /// Point reads (`get`, `get_many`) on the caller's thread instead of a reader's: no thread
+    /// crossing and no wake-up of the caller, at the price of blocking it for a read that misses
+    /// the caches (tuning.md). Scans always go to the readers.
+    pub inline_point_reads: bool,
     /// Capacity of the read and write queues, in requests. Default 65,536.
     pub queue: usize,
     /// Most transactions in one group commit. Default 4,096.
@@ -28,7 +32,7 @@ pub struct StoreServiceConfig {
 
 impl Default for StoreServiceConfig {
     fn default() -> Self {
-        StoreServiceConfig { readers: 2, queue: 65_536, max_group: 4_096, linger_us: 0 }
+        StoreServiceConfig { readers: 2, inline_point_reads: false, queue: 65_536, max_group: 4_096, linger_us: 0 }
     }
 }
 
@@ -119,6 +123,7 @@ pub struct StoreService {
     store: std::sync::Weak<dyn Store>,
     reads: Sender<Read>,
     writes: Sender<Write>,
+    inline_point_reads: bool,
     pub stats: Arc<CommitStats>,
 }
 
@@ -157,7 +162,9 @@ impl StoreService {
                 (store.clone(), stats.clone(), cfg.max_group.max(1), Duration::from_micros(cfg.linger_us), closing.clone());
             handles.push(spawn("store-write".into(), move || writer(s, wrx, st, max, linger, c)));
         }
-        (StoreService { store: Arc::downgrade(&store), reads: rtx, writes: wtx, stats }, StoreThreads { handles, store, closing })
+        let service =
+            StoreService { store: Arc::downgrade(&store), reads: rtx, writes: wtx, inline_point_reads: cfg.inline_point_reads, stats };
+        (service, StoreThreads { handles, store, closing })
     }
 
     fn send<T, M>(tx: &Sender<M>, make: impl FnOnce(Reply<T>) -> M) -> Result<oneshot::Receiver<Result<T, ServiceError>>, ServiceError> {
@@ -174,12 +181,20 @@ impl StoreService {
     }
 
     pub async fn get(&self, table: Table, key: &str) -> Result<Option<Record>, ServiceError> {
+        if self.inline_point_reads {
+            let store = self.store.upgrade().ok_or(ServiceError::Closed)?;
+            return store.get(table, key).map_err(|e| ServiceError::Failed(e.to_string()));
+        }
         let rx = Self::send(&self.reads, |r| Read::Get(table, key.to_string(), r))?;
         Self::wait(rx).await
     }
 
     /// Several point reads in one trip to a reader thread.
     pub async fn get_many(&self, keys: Vec<(Table, String)>) -> Result<Vec<Option<Record>>, ServiceError> {
+        if self.inline_point_reads {
+            let store = self.store.upgrade().ok_or(ServiceError::Closed)?;
+            return keys.iter().map(|(t, k)| store.get(*t, k).map_err(|e| ServiceError::Failed(e.to_string()))).collect();
+        }
         let rx = Self::send(&self.reads, |r| Read::GetMany(keys, r))?;
         Self::wait(rx).await
     }

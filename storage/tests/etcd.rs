@@ -1,0 +1,210 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+//! The etcd store against a real etcd cluster (Debian's etcd-server; three members on loopback,
+//! started here): the store's rules, two nodes racing, secrets sealed, a member lost under load.
+
+#[path = "common/semantics.rs"]
+mod semantics;
+
+use dps_storage::{by_group_key, DataKey, EtcdConfig, EtcdStore, Expect, Op, Record, Store, Table, Txn, TxnError};
+use semantics::{put, rec};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Cluster {
+    members: Vec<Option<Child>>,
+    clients: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let peers: Vec<String> = (0..n).map(|_| format!("http://127.0.0.1:{}", free_port())).collect();
+        let clients: Vec<String> = (0..n).map(|_| format!("http://127.0.0.1:{}", free_port())).collect();
+        let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("m{i}={p}")).collect();
+        let members = (0..n)
+            .map(|i| {
+                let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
+                Some(
+                    Command::new("etcd")
+                        .args(["--name", &format!("m{i}"), "--data-dir"])
+                        .arg(dir.path().join(format!("m{i}")))
+                        .args(["--listen-client-urls", &clients[i], "--advertise-client-urls", &clients[i]])
+                        .args(["--listen-peer-urls", &peers[i], "--initial-advertise-peer-urls", &peers[i]])
+                        .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
+                        .args(["--initial-cluster-token", "dps-test"])
+                        .stdout(Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .expect("etcd (apt-get install etcd-server; scripts/deps.sh does)"),
+                )
+            })
+            .collect();
+        let c = Cluster { members, clients, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c.store("/probe").is_err() {
+            assert!(Instant::now() < deadline, "the etcd cluster did not come up");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c
+    }
+
+    fn config(&self, root: &str) -> EtcdConfig {
+        EtcdConfig { endpoints: self.clients.clone(), root: root.into(), ..Default::default() }
+    }
+
+    fn store(&self, root: &str) -> Result<EtcdStore, dps_storage::StoreError> {
+        EtcdStore::connect(&self.config(root), DataKey::new(&[7; 32]))
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// One cluster for the tests of this file (each test uses roots of its own).
+fn cluster() -> &'static Mutex<Cluster> {
+    static C: std::sync::OnceLock<Mutex<Cluster>> = std::sync::OnceLock::new();
+    C.get_or_init(|| Mutex::new(Cluster::start(3)))
+}
+
+fn unique_root(what: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("/test-{}-{what}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+#[test]
+fn the_store_rules_hold_on_etcd() {
+    let c = cluster().lock().unwrap_or_else(|p| p.into_inner());
+    semantics::all(&|| Box::new(c.store(&unique_root("rules")).unwrap()));
+}
+
+#[test]
+fn two_nodes_racing_for_one_registration_id_make_one_record() {
+    let root = unique_root("race");
+    let (a, b) = {
+        let c = cluster().lock().unwrap_or_else(|p| p.into_inner());
+        (Arc::new(c.store(&root).unwrap()), Arc::new(c.store(&root).unwrap()))
+    };
+    const IDS: usize = 60;
+    let wins = Arc::new(AtomicUsize::new(0));
+    let conflicts = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let node: Arc<EtcdStore> = if t % 2 == 0 { a.clone() } else { b.clone() };
+            let (wins, conflicts) = (wins.clone(), conflicts.clone());
+            std::thread::spawn(move || {
+                for i in 0..IDS {
+                    let body = format!(r#"{{"registrationId":"dev-{i}","_enrollmentGroupId":"g","by":{t}}}"#);
+                    let txn = put(Table::Registrations, &format!("dev-{i}"), rec(&format!("\"{t}\""), 0, &body), Expect::Absent, None);
+                    match node.commit(vec![txn]).unwrap().remove(0) {
+                        Ok(_) => wins.fetch_add(1, Ordering::Relaxed),
+                        Err(TxnError::Conflict) => conflicts.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => panic!("{e:?}"),
+                    };
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(wins.load(Ordering::Relaxed), IDS, "one create per registration id");
+    assert_eq!(conflicts.load(Ordering::Relaxed), 7 * IDS);
+    assert_eq!(a.count(Table::Registrations, 0), IDS as u64, "the count is exact across nodes");
+    assert_eq!(b.scan(Table::RegistrationsByGroup, &by_group_key("g", ""), None, 1000).unwrap().len(), IDS);
+    // An update under If-Match: of two nodes holding the same etag, one wins.
+    let etag = a.get(Table::Registrations, "dev-0").unwrap().unwrap().etag;
+    let upd = |who: &str| put(Table::Registrations, "dev-0", rec(&format!("\"{who}\""), 0, "{}"), Expect::Etag(etag.clone()), None);
+    assert!(a.commit(vec![upd("a")]).unwrap()[0].is_ok());
+    assert_eq!(b.commit(vec![upd("b")]).unwrap()[0], Err(TxnError::PreconditionFailed));
+}
+
+#[test]
+fn values_leave_the_node_sealed() {
+    let root = unique_root("sealed");
+    let c = cluster().lock().unwrap_or_else(|p| p.into_inner());
+    let s = c.store(&root).unwrap();
+    let secret = "c2VjcmV0LXByaW1hcnkta2V5LW9mLXRoZS1lbnJvbGxtZW50";
+    assert!(s.commit(vec![put(Table::Enrollments, "e1", rec("\"1\"", 0, secret), Expect::Absent, None)]).unwrap()[0].is_ok());
+    // What etcd holds, read past the store.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let raw = rt.block_on(async {
+        let mut client = etcd_client::Client::connect(&c.clients, None).await.unwrap();
+        client.get(format!("{root}/t/enrollments/e1"), None).await.unwrap().kvs()[0].value().to_vec()
+    });
+    assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()), "the body is in etcd in the clear");
+    // Another data key opens nothing.
+    let other = EtcdStore::connect(&c.config(&root), DataKey::new(&[8; 32])).unwrap();
+    assert!(other.get(Table::Enrollments, "e1").is_err());
+    assert_eq!(s.get(Table::Enrollments, "e1").unwrap().unwrap().body, secret.as_bytes());
+}
+
+#[test]
+fn a_member_lost_under_load_loses_nothing_acknowledged() {
+    // A cluster of its own: the member killed here stays dead.
+    let root = unique_root("lost");
+    let mut c = Cluster::start(3);
+    let store = Arc::new(c.store(&root).unwrap());
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (store, acked, stop) = (store.clone(), acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("w{w}-{i}");
+                    let record = Record { etag: format!("\"{i}\""), class: 0, body: key.clone().into_bytes() };
+                    let txn =
+                        Txn::one(Op::Put { table: Table::Enrollments, key: key.clone(), record, expect: Expect::Absent, quota: None });
+                    // A write may fail while the cluster fails over; only acknowledged ones count.
+                    if let Ok(r) = store.commit(vec![txn]) {
+                        assert!(r[0].is_ok(), "{key}: {:?}", r[0]);
+                        acked.lock().unwrap().push(key);
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let before = acked.lock().unwrap().len();
+    c.kill(0);
+    std::thread::sleep(Duration::from_millis(2500));
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > before + 20, "writes went on with two members of three ({before} -> {})", acked.len());
+    // Everything acknowledged is there, read through the surviving members.
+    let survivors = EtcdConfig { endpoints: c.clients[1..].to_vec(), root: root.clone(), ..Default::default() };
+    let reader = EtcdStore::connect(&survivors, DataKey::new(&[7; 32])).unwrap();
+    for key in &acked {
+        let r = reader.get(Table::Enrollments, key).unwrap();
+        assert_eq!(r.map(|r| r.body), Some(key.clone().into_bytes()), "{key} was acknowledged and is gone");
+    }
+    // A write whose answer was lost with the member may be there unacknowledged (at most one per
+    // writer); the count matches what is there either way.
+    let present = reader.scan(Table::Enrollments, "", None, usize::MAX).unwrap().len();
+    assert!(present >= acked.len() && present <= acked.len() + 4, "{present} records, {} acknowledged", acked.len());
+    assert_eq!(reader.count(Table::Enrollments, 0), present as u64);
+}
