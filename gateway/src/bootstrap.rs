@@ -8,8 +8,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use dps_core::model::{HubKind, LinkedHub};
 use dps_core::rights::Rights;
-use dps_storage::{DataKey, Expect, FjallStore, Op, Record, Store, Table, Txn};
+use dps_storage::{DataKey, EtcdConfig, EtcdStore, Expect, FjallStore, Op, Record, Store, Table, Txn, TxnError};
 use std::path::Path;
+use std::sync::Arc;
 
 pub const OWNER_POLICY: &str = "provisioningserviceowner";
 
@@ -155,7 +156,9 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
 }
 
 pub struct Prepared {
-    pub store: FjallStore,
+    pub store: Arc<dyn Store>,
+    /// Where the shared store is (`store.kind = "etcd"`), for the change watch.
+    pub shared: Option<EtcdConfig>,
     pub instance: InstanceRecord,
     pub certs: CertFiles,
 }
@@ -165,10 +168,55 @@ pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
     // The data dir holds the data key, private keys and the owner's connection string.
     make_private(dir)?;
     let key = data_key(dir, std::env::var("DPS_DATA_KEY").ok())?;
-    let store = FjallStore::open(&dir.join("store"), key, cfg.store.cache_mb << 20)
-        .map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))?;
+    let (store, shared): (Arc<dyn Store>, Option<EtcdConfig>) = match cfg.store.kind.as_str() {
+        "fjall" => {
+            let s = FjallStore::open(&dir.join("store"), key, cfg.store.cache_mb << 20)
+                .map_err(|e| format!("cannot open the store in {}: {e}", dir.display()))?;
+            (Arc::new(s), None)
+        }
+        "etcd" => {
+            let ec = EtcdConfig {
+                endpoints: cfg.store.etcd_endpoints.clone(),
+                root: cfg.store.etcd_root.clone(),
+                user: cfg.store.etcd_user.clone().zip(cfg.store.etcd_password.clone()),
+                ..Default::default()
+            };
+            let s = EtcdStore::connect(&ec, key).map_err(|e| format!("cannot reach etcd at {}: {e}", ec.endpoints.join(", ")))?;
+            (Arc::new(s), Some(ec))
+        }
+        other => return Err(format!("store.kind must be \"fjall\" or \"etcd\", not \"{other}\"")),
+    };
+    let instance = instance(&*store, cfg, dir)?;
+    let store_ref = &*store;
+    // Hubs named in the config are (re)written on every start; ones added through the API stay.
+    let txns = config_hubs(cfg)?;
+    for r in store_ref.commit(txns).map_err(|e| e.to_string())? {
+        r.map_err(|e| format!("linked hubs from the config: {e:?}"))?;
+    }
+    // Nodes sharing a store share its development CA (devices trust one CA whichever node they
+    // reach); each node makes its own server certificates under it.
+    if shared.is_some() && cfg.tls.ecdsa_cert.is_none() && cfg.tls.rsa_cert.is_none() {
+        share_dev_ca(store_ref, dir, cfg)?;
+    }
+    let certs = certs::ensure(dir, &cfg.tls, &cfg.host_names)?;
+    Ok(Prepared { store, shared, instance, certs })
+}
+
+/// The instance record (ID scope, access policies): the store's, or a new one. Another node
+/// making one at the same moment wins or loses by the create's precondition; the loser reads
+/// the winner's.
+fn instance(store: &dyn Store, cfg: &Config, dir: &Path) -> Result<InstanceRecord, String> {
     let wanted_scope = cfg.id_scope.as_deref().map(checked_id_scope).transpose()?;
-    let instance = match store.get(Table::Meta, "service").map_err(|e| e.to_string())? {
+    let unreadable = |e: dps_storage::StoreError| match e {
+        dps_storage::StoreError::Corrupt { .. } => format!(
+            "the store's values do not open with this data key: a node joining a shared store needs the data key of the \
+             others (copy their data.key into {}, or set DPS_DATA_KEY)",
+            dir.display()
+        ),
+        e => e.to_string(),
+    };
+    let existing = store.get(Table::Meta, "service").map_err(unreadable)?;
+    let inst = match existing {
         Some(r) => {
             let inst: InstanceRecord = serde_json::from_slice(&r.body).map_err(|e| format!("instance record unreadable: {e}"))?;
             if let Some(w) = wanted_scope.filter(|w| *w != inst.id_scope) {
@@ -194,16 +242,21 @@ pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
                 expect: Expect::Absent,
                 quota: None,
             };
-            store
-                .commit(vec![Txn::one(op)])
-                .map_err(|e| e.to_string())?
-                .remove(0)
-                .map_err(|e| format!("cannot initialise the instance: {e:?}"))?;
+            match store.commit(vec![Txn::one(op)]).map_err(|e| e.to_string())?.remove(0) {
+                Ok(_) => {}
+                // Another node of a shared store initialised it first: join that one.
+                Err(TxnError::Conflict) => return instance(store, cfg, dir),
+                Err(e) => return Err(format!("cannot initialise the instance: {e:?}")),
+            }
             tracing::info!(id_scope = %inst.id_scope, "initialised a new service instance");
             inst
         }
     };
-    // Hubs named in the config are (re)written on every start; ones added through the API stay.
+    Ok(inst)
+}
+
+/// The linked hubs of the config file, as writes.
+fn config_hubs(cfg: &Config) -> Result<Vec<Txn>, String> {
     let mut txns = Vec::new();
     for h in &cfg.linked_hubs {
         let ca_cert = match &h.ca_cert {
@@ -236,11 +289,52 @@ pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
             quota: Some(cfg.limits.max_linked_hubs),
         }));
     }
-    for r in store.commit(txns).map_err(|e| e.to_string())? {
-        r.map_err(|e| format!("linked hubs from the config: {e:?}"))?;
+    Ok(txns)
+}
+
+/// The development CA of a shared store, in this node's data dir: the store's when it has one
+/// (written over a CA this node made alone, whose server certificates are then made anew);
+/// otherwise this node's, published for the others (the first node to publish wins).
+fn share_dev_ca(store: &dyn Store, dir: &Path, cfg: &Config) -> Result<(), String> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct SharedCa {
+        cert: String,
+        key: String,
     }
-    let certs = certs::ensure(dir, &cfg.tls, &cfg.host_names)?;
-    Ok(Prepared { store, instance, certs })
+    let certs_dir = dir.join("certs");
+    for _ in 0..2 {
+        if let Some(r) = store.get(Table::Meta, "dev-ca").map_err(|e| e.to_string())? {
+            let ca: SharedCa = serde_json::from_slice(&r.body).map_err(|e| format!("shared CA record unreadable: {e}"))?;
+            std::fs::create_dir_all(&certs_dir).map_err(|e| format!("cannot create {}: {e}", certs_dir.display()))?;
+            if std::fs::read_to_string(certs_dir.join("ca.pem")).ok().as_deref() != Some(ca.cert.as_str()) {
+                write_private(&certs_dir.join("ca.key"), ca.key.as_bytes())?;
+                std::fs::write(certs_dir.join("ca.pem"), &ca.cert).map_err(|e| format!("cannot write the CA: {e}"))?;
+                // Server certificates of another CA are made anew.
+                let _ = std::fs::remove_file(certs_dir.join("hosts"));
+            }
+            return Ok(());
+        }
+        let files = certs::ensure(dir, &cfg.tls, &cfg.host_names)?;
+        let read = |p: Option<&Path>| -> Result<String, String> {
+            let p = p.ok_or("no CA file")?;
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        let ca = SharedCa { cert: read(files.ca_cert.as_deref())?, key: read(Some(&certs_dir.join("ca.key")))? };
+        let body = serde_json::to_vec(&ca).map_err(|e| e.to_string())?;
+        let op = Op::Put {
+            table: Table::Meta,
+            key: "dev-ca".into(),
+            record: Record { etag: crate::service::new_etag(), class: 0, body },
+            expect: Expect::Absent,
+            quota: None,
+        };
+        match store.commit(vec![Txn::one(op)]).map_err(|e| e.to_string())?.remove(0) {
+            Ok(_) => return Ok(()),
+            Err(TxnError::Conflict) => continue, // another node published first: take its CA
+            Err(e) => return Err(format!("cannot publish the development CA: {e:?}")),
+        }
+    }
+    Err("the development CA of the shared store could not be settled".into())
 }
 
 #[cfg(test)]

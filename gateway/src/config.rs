@@ -307,6 +307,16 @@ pub struct StoreKnobs {
     pub linger_us: u64,
     /// fjall block cache, MiB.
     pub cache_mb: u64,
+    /// `fjall` (embedded, one node: the default) or `etcd` (state shared by several nodes).
+    pub kind: String,
+    /// etcd client URLs (`kind = "etcd"`).
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this instance in etcd; nodes with the same endpoints and root are one
+    /// instance.
+    pub etcd_root: String,
+    /// etcd authentication, when the cluster has it on.
+    pub etcd_user: Option<String>,
+    pub etcd_password: Option<String>,
 }
 
 impl Default for StoreKnobs {
@@ -319,6 +329,11 @@ impl Default for StoreKnobs {
             max_group: d.max_group,
             linger_us: d.linger_us,
             cache_mb: 64,
+            kind: "fjall".into(),
+            etcd_endpoints: Vec::new(),
+            etcd_root: "/dps".into(),
+            etcd_user: None,
+            etcd_password: None,
         }
     }
 }

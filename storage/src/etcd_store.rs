@@ -238,6 +238,72 @@ impl EtcdStore {
     }
 }
 
+/// Watches the tables in `tables` for writes by any node and calls `on_change(Some(table))` for
+/// each; after the watch was lost (a member gone, a compaction, a partition) it calls
+/// `on_change(None)`, meaning "anything may have changed: resync", and watches again. Runs on a
+/// thread of its own until `stop`.
+pub fn watch_changes(
+    cfg: &EtcdConfig,
+    tables: Vec<Table>,
+    on_change: impl Fn(Option<Table>) + Send + 'static,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError::Remote(format!("cannot start the etcd watch runtime: {e}")))?;
+    let cfg = cfg.clone();
+    let prefix = format!("{}/t/", cfg.root.trim_end_matches('/'));
+    std::thread::Builder::new()
+        .name("store-etcd-watch".into())
+        .spawn(move || {
+            let mut member = 0usize;
+            while !stop.load(Relaxed) {
+                let endpoint = cfg.endpoints[member % cfg.endpoints.len().max(1)].clone();
+                member += 1;
+                let watched = rt.block_on(async {
+                    let mut opts = ConnectOptions::new().with_connect_timeout(cfg.timeout);
+                    if let Some((name, password)) = &cfg.user {
+                        opts = opts.with_user(name.clone(), password.clone());
+                    }
+                    let mut client = Client::connect([endpoint], Some(opts)).await?;
+                    let mut stream = client.watch(prefix.clone(), Some(etcd_client::WatchOptions::new().with_prefix())).await?;
+                    // Watching from now on: what changed while no watch was up is covered by the
+                    // resync below.
+                    on_change(None);
+                    while !stop.load(Relaxed) {
+                        let msg = match tokio::time::timeout(Duration::from_millis(200), stream.message()).await {
+                            Err(_) => continue,
+                            Ok(m) => m?,
+                        };
+                        let Some(resp) = msg else { break };
+                        if resp.canceled() {
+                            break;
+                        }
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            let rest = kv.key().get(prefix.len()..).unwrap_or_default();
+                            let name = rest.split(|b| *b == b'/').next().unwrap_or_default();
+                            if let Some(t) = tables.iter().find(|t| t.name().as_bytes() == name) {
+                                on_change(Some(*t));
+                            }
+                        }
+                    }
+                    Ok::<(), etcd_client::Error>(())
+                });
+                if let Err(e) = watched {
+                    tracing::warn!(error = %e, "etcd watch lost; resyncing");
+                }
+                on_change(None);
+                if !stop.load(Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        })
+        .map_err(|e| StoreError::Remote(format!("cannot start the etcd watch thread: {e}")))
+}
+
 impl Store for EtcdStore {
     fn get(&self, table: Table, key: &str) -> Result<Option<Record>, StoreError> {
         Ok(self.read(table, key)?.0)

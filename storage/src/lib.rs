@@ -11,7 +11,7 @@ mod record;
 mod service;
 
 pub use crypt::DataKey;
-pub use etcd_store::{EtcdConfig, EtcdStore};
+pub use etcd_store::{watch_changes, EtcdConfig, EtcdStore};
 pub use fjall_store::FjallStore;
 pub use record::{by_group_key, Expect, Op, Record, Table, Txn, TxnError, TxnResult};
 pub use service::{CommitStats, ServiceError as StoreCallError, StoreService, StoreServiceConfig, StoreThreads, COMMIT_BUCKETS_US};

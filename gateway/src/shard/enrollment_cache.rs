@@ -27,6 +27,8 @@ pub struct EnrollmentCache {
     hash_key: (u64, u64),
     store: StoreService,
     entries: RefCell<Remembered>,
+    /// False with `limits.enrollment_cache_entries = 0`: every lookup reads the store.
+    caching: bool,
     /// Bumped by every invalidation of this partition; a store read that raced one is not cached.
     epoch: Cell<u64>,
     metrics: Rc<Metrics>,
@@ -57,6 +59,7 @@ impl EnrollmentCache {
             hash_key,
             store,
             entries: RefCell::new(Remembered::new(max_entries)),
+            caching: max_entries > 0,
             epoch: Cell::new(0),
             metrics,
             challenges: RefCell::new(ChallengeBook::new(max_challenges)),
@@ -82,6 +85,10 @@ impl EnrollmentCache {
 
     /// This partition's answer: the cached record, or the store's.
     pub async fn local_get(&self, key: &str) -> Lookup {
+        if !self.caching {
+            // No cache (a store shared by several nodes: another node's write must be seen).
+            return self.store.get(Table::Enrollments, key).await;
+        }
         if let Some(v) = self.entries.borrow().get(key) {
             return Ok(v);
         }
