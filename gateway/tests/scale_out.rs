@@ -112,3 +112,114 @@ fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
 }
+
+/// A device's HTTPS registration through `port`, start to end; its assignment (device id, hub)
+/// or why not (the node unreachable or answering an error).
+fn provision(client: &reqwest::blocking::Client, port: u16, scope: &str, id: &str, key: &str) -> Result<(String, String), String> {
+    let token = mqtt_client::device_token(scope, id, key);
+    let base = format!("https://localhost:{port}/{scope}/registrations/{id}");
+    let r = client
+        .put(format!("{base}/register?api-version=2019-03-31"))
+        .header("Authorization", &token)
+        .body(format!(r#"{{"registrationId":"{id}"}}"#))
+        .send()
+        .map_err(|e| e.to_string())?;
+    if r.status().as_u16() != 202 {
+        return Err(format!("register answered {}", r.status()));
+    }
+    let op: serde_json::Value = r.json().map_err(|e| e.to_string())?;
+    let op = op["operationId"].as_str().ok_or("no operation id")?.to_string();
+    for _ in 0..100 {
+        let r = client
+            .get(format!("{base}/operations/{op}?api-version=2019-03-31"))
+            .header("Authorization", &token)
+            .send()
+            .map_err(|e| e.to_string())?;
+        let v: serde_json::Value = r.json().map_err(|e| e.to_string())?;
+        match v["status"].as_str() {
+            Some("assigned") => {
+                let s = &v["registrationState"];
+                return Ok((s["deviceId"].as_str().unwrap_or("").into(), s["assignedHub"].as_str().unwrap_or("").into()));
+            }
+            Some("assigning") => std::thread::sleep(Duration::from_millis(50)),
+            _ => return Err(format!("operation answered {v}")),
+        }
+    }
+    Err("still assigning".into())
+}
+
+#[test]
+fn an_etcd_member_and_a_node_lost_under_load_lose_nothing() {
+    use common::process::Process;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut etcd = Cluster::start(3);
+    let store = format!(
+        "\n[store]\nkind = \"etcd\"\netcd_root = \"/lost\"\netcd_endpoints = [{}]\n",
+        etcd.clients.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ")
+    );
+    let root = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (root.path().join("a/data"), root.path().join("b/data"));
+    std::fs::create_dir_all(dir_a.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let a = Process::start_with(&dir_a, &store, &[]);
+    std::fs::copy(dir_a.join("data.key"), dir_b.join("data.key")).unwrap();
+    let b = Process::start_with(&dir_b, &store, &[]);
+    let group = json!({"enrollmentGroupId": "fleet", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY2}}});
+    let r = a.client.put(a.url("/enrollmentGroups/fleet")).header("Authorization", a.token()).json(&group).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    let ports = [a.ep.ports.https, b.ep.ports.https];
+    let scope = a.ep.id_scope.clone();
+    let acked: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|t| {
+            let (acked, stop, scope, client) = (acked.clone(), stop.clone(), scope.clone(), a.client.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("dev-{t}-{i}");
+                    let key = dps_core::sas::derive_device_key(&base64_decode(KEY), &id);
+                    // The thread's own node first; when it fails, the other one (a device
+                    // retrying through the balancer).
+                    for attempt in 0..6 {
+                        let port = ports[(t + attempt) % 2];
+                        if let Ok((device, hub)) = provision(&client, port, &scope, &id, &key) {
+                            acked.lock().unwrap().push((id.clone(), device, hub));
+                            break;
+                        }
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = acked.lock().unwrap().len();
+    etcd.kill(0);
+    a.kill();
+    std::thread::sleep(Duration::from_millis(3000));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    eprintln!("provisioned {before} devices before the losses, {} in all", acked.len());
+    assert!(before > 10, "{before} devices before the losses");
+    assert!(acked.len() > before + 10, "devices went on being provisioned through the other node ({before} -> {})", acked.len());
+    // Every acknowledged assignment is stored as it was answered, once.
+    for (id, device, hub) in &acked {
+        let r = b.client.get(b.url(&format!("/registrations/{id}"))).header("Authorization", b.token()).send().unwrap();
+        let (st, v) = status_json(r);
+        assert_eq!(st, 200, "{id}: {v}");
+        assert_eq!(
+            (v["status"].as_str(), v["deviceId"].as_str(), v["assignedHub"].as_str()),
+            (Some("assigned"), Some(device.as_str()), Some(hub.as_str())),
+            "{id}"
+        );
+    }
+    let ids: std::collections::HashSet<&str> = acked.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), acked.len(), "a device was acknowledged twice");
+}

@@ -26,9 +26,14 @@ impl Process {
     /// Starts `dps serve` on `dir` (ephemeral loopback ports, the config above) and waits for
     /// its endpoint.json; `env` is added to its environment. Its stderr goes to `dir/../dps.log`.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Process {
+        Self::start_with(dir, "", env)
+    }
+
+    /// As `start`, with `extra` appended to the configuration file (say a `[store]` table).
+    pub fn start_with(dir: &Path, extra: &str, env: &[(&str, &str)]) -> Process {
         let parent = dir.parent().unwrap();
         let config = parent.join("dps.toml");
-        std::fs::write(&config, CONFIG).unwrap();
+        std::fs::write(&config, format!("{CONFIG}{extra}")).unwrap();
         let _ = std::fs::remove_file(dir.join("endpoint.json"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(parent.join("dps.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dps"));
