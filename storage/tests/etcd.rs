@@ -79,12 +79,6 @@ impl Drop for Cluster {
     }
 }
 
-/// One cluster for the tests of this file (each test uses roots of its own).
-fn cluster() -> &'static Mutex<Cluster> {
-    static C: std::sync::OnceLock<Mutex<Cluster>> = std::sync::OnceLock::new();
-    C.get_or_init(|| Mutex::new(Cluster::start(3)))
-}
-
 fn unique_root(what: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
     format!("/test-{}-{what}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
@@ -92,17 +86,16 @@ fn unique_root(what: &str) -> String {
 
 #[test]
 fn the_store_rules_hold_on_etcd() {
-    let c = cluster().lock().unwrap_or_else(|p| p.into_inner());
+    // Each test has a cluster of its own (a static one would outlive the test process).
+    let c = Cluster::start(3);
     semantics::all(&|| Box::new(c.store(&unique_root("rules")).unwrap()));
 }
 
 #[test]
 fn two_nodes_racing_for_one_registration_id_make_one_record() {
     let root = unique_root("race");
-    let (a, b) = {
-        let c = cluster().lock().unwrap_or_else(|p| p.into_inner());
-        (Arc::new(c.store(&root).unwrap()), Arc::new(c.store(&root).unwrap()))
-    };
+    let c = Cluster::start(3);
+    let (a, b) = (Arc::new(c.store(&root).unwrap()), Arc::new(c.store(&root).unwrap()));
     const IDS: usize = 60;
     let wins = Arc::new(AtomicUsize::new(0));
     let conflicts = Arc::new(AtomicUsize::new(0));
@@ -140,7 +133,7 @@ fn two_nodes_racing_for_one_registration_id_make_one_record() {
 #[test]
 fn values_leave_the_node_sealed() {
     let root = unique_root("sealed");
-    let c = cluster().lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(3);
     let s = c.store(&root).unwrap();
     let secret = "c2VjcmV0LXByaW1hcnkta2V5LW9mLXRoZS1lbnJvbGxtZW50";
     assert!(s.commit(vec![put(Table::Enrollments, "e1", rec("\"1\"", 0, secret), Expect::Absent, None)]).unwrap()[0].is_ok());
@@ -159,7 +152,6 @@ fn values_leave_the_node_sealed() {
 
 #[test]
 fn a_member_lost_under_load_loses_nothing_acknowledged() {
-    // A cluster of its own: the member killed here stays dead.
     let root = unique_root("lost");
     let mut c = Cluster::start(3);
     let store = Arc::new(c.store(&root).unwrap());
