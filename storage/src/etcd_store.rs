@@ -1,7 +1,8 @@
 //! The store shared by several gateway nodes: etcd, through its v3 API (etcd-client). It runs
 //! on the store threads only, driven by a small tokio runtime of its own; the shards never
 //! see it. Keys are `{root}/t/{table}/{key}`, values sealed by the [`DataKey`] as on disk (so
-//! secrets never leave the node in the clear); per-class counts are `{root}/c/{table}/{class}`.
+//! secrets never leave the node in the clear); per-class counts are spread over 64 keys
+//! `{root}/c/{table}/{class}/{nn}` (one count key would be a point every create collides on).
 //!
 //! A transaction is planned (`plan`) against the values it read, then written as one etcd
 //! transaction whose compares say that none of those values, nor the counts it changes, moved
@@ -35,6 +36,20 @@ impl Default for EtcdConfig {
     fn default() -> Self {
         EtcdConfig { endpoints: vec!["http://127.0.0.1:2379".into()], root: "/dps".into(), user: None, timeout: Duration::from_secs(5) }
     }
+}
+
+/// Keys a count is spread over (one shard alone may go negative; their sum is the count).
+const COUNT_SHARDS: u64 = 64;
+
+fn count_shard(key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish() % COUNT_SHARDS
+}
+
+fn parse_count(v: &[u8]) -> i64 {
+    std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 /// Planning again after a lost race: a handful of tries is plenty unless one key is hot.
@@ -95,7 +110,7 @@ impl EtcdStore {
             .collect::<Result<Vec<_>, _>>()?;
         let store = EtcdStore { rt, clients, current: 0.into(), root: cfg.root.trim_end_matches('/').to_string(), key };
         // Reach the cluster now: a wrong endpoint is a start-up error, not a first request's.
-        store.read_raw(&store.count_key(Table::Meta, 0))?;
+        store.read_raw(&store.count_key(Table::Meta, 0, 0))?;
         Ok(store)
     }
 
@@ -103,8 +118,13 @@ impl EtcdStore {
         format!("{}/t/{}/{key}", self.root, t.name()).into_bytes()
     }
 
-    fn count_key(&self, t: Table, class: u8) -> Vec<u8> {
-        format!("{}/c/{}/{class}", self.root, t.name()).into_bytes()
+    /// One of the `COUNT_SHARDS` keys a (table, class) count is spread over.
+    fn count_key(&self, t: Table, class: u8, shard: u64) -> Vec<u8> {
+        format!("{}/c/{}/{class}/{shard:02}", self.root, t.name()).into_bytes()
+    }
+
+    fn count_prefix(&self, t: Table, class: u8) -> Vec<u8> {
+        format!("{}/c/{}/{class}/", self.root, t.name()).into_bytes()
     }
 
     /// Runs `call` against the current member; when it cannot connect to it (a member down, so
@@ -163,10 +183,20 @@ impl EtcdStore {
         Ok((v.map(|v| self.open(table, key, &v)).transpose()?, rev))
     }
 
-    fn read_count(&self, t: Table, class: u8) -> Result<(u64, i64), StoreError> {
-        let (v, rev) = self.read_raw(&self.count_key(t, class))?;
-        let n = v.and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok())).unwrap_or(0);
-        Ok((n, rev))
+    /// One count shard's value and mod revision.
+    fn read_count_shard(&self, k: &[u8]) -> Result<(i64, i64), StoreError> {
+        let (v, rev) = self.read_raw(k)?;
+        Ok((v.as_deref().map_or(0, parse_count), rev))
+    }
+
+    /// A (table, class) count: the sum of its shards.
+    fn read_count(&self, t: Table, class: u8) -> Result<u64, StoreError> {
+        let prefix = self.count_prefix(t, class);
+        let r = self.request(|mut kv| {
+            let (start, end) = (prefix.clone(), prefix_end(&prefix));
+            async move { kv.get(start, Some(GetOptions::new().with_range(end))).await }
+        })?;
+        Ok(r.kvs().iter().map(|kv| parse_count(kv.value())).sum::<i64>().max(0) as u64)
     }
 
     /// One transaction, planned and written until it wins or is refused.
@@ -174,7 +204,9 @@ impl EtcdStore {
         for _ in 0..MAX_ATTEMPTS {
             // What the plan read, with the revision each was read at.
             let seen: RefCell<HashMap<Vec<u8>, i64>> = RefCell::default();
-            let mut counts: HashMap<(Table, u8), u64> = HashMap::new();
+            // Quotas read the whole count without pinning it: two nodes creating at the same
+            // moment may pass a quota by the creates in flight (pinning every shard would make
+            // all creates collide again).
             let planned = plan(
                 txn,
                 |t, k| {
@@ -182,12 +214,7 @@ impl EtcdStore {
                     seen.borrow_mut().insert(self.data_key(t, k), rev);
                     Ok(v)
                 },
-                |t, c| {
-                    let (n, rev) = self.read_count(t, c)?;
-                    seen.borrow_mut().insert(self.count_key(t, c), rev);
-                    counts.insert((t, c), n);
-                    Ok(n)
-                },
+                |t, c| self.read_count(t, c),
             )?;
             let mut seen = seen.into_inner();
             let p = match planned {
@@ -203,17 +230,16 @@ impl EtcdStore {
                     None => TxnOp::delete(k, None),
                 });
             }
+            // Each count change goes to one shard of the count, picked by the transaction's first
+            // key, and pins only that shard: creates of different records rarely meet there.
+            let shard = txn.ops.first().map_or(0, |op| match op {
+                crate::record::Op::Put { key, .. } | crate::record::Op::Delete { key, .. } => count_shard(key),
+            });
             for ((t, class), d) in &p.delta {
-                let n = match counts.get(&(*t, *class)) {
-                    Some(n) => *n,
-                    None => {
-                        let (n, rev) = self.read_count(*t, *class)?;
-                        seen.insert(self.count_key(*t, *class), rev);
-                        n
-                    }
-                };
-                let updated = (n as i64 + d).max(0) as u64;
-                ops.push(TxnOp::put(self.count_key(*t, *class), updated.to_string(), None));
+                let k = self.count_key(*t, *class, shard);
+                let (n, rev) = self.read_count_shard(&k)?;
+                seen.insert(k.clone(), rev);
+                ops.push(TxnOp::put(k, (n + d).to_string(), None));
             }
             if ops.is_empty() {
                 return Ok(Ok(p.previous));
@@ -335,7 +361,7 @@ impl Store for EtcdStore {
     }
 
     fn count(&self, table: Table, class: u8) -> u64 {
-        self.read_count(table, class).map(|(n, _)| n).unwrap_or(0)
+        self.read_count(table, class).unwrap_or(0)
     }
 
     /// Each transaction is its own etcd transaction, durable (committed by a quorum) when it

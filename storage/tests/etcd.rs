@@ -200,3 +200,37 @@ fn a_member_lost_under_load_loses_nothing_acknowledged() {
     assert!(present >= acked.len() && present <= acked.len() + 4, "{present} records, {} acknowledged", acked.len());
     assert_eq!(reader.count(Table::Enrollments, 0), present as u64);
 }
+
+#[test]
+fn many_writers_creating_distinct_records_do_not_collide() {
+    // Regression: every create also rewrote one count key per table and class, which each
+    // transaction pinned by its revision; with dozens of writers nearly every attempt lost that
+    // race, and creates failed after their retries (500s under load). Counts are now spread
+    // over many keys.
+    let c = Cluster::start(3);
+    let root = unique_root("busy");
+    let stores: Vec<Arc<EtcdStore>> = (0..4).map(|_| Arc::new(c.store(&root).unwrap())).collect();
+    let failures = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..48)
+        .map(|t| {
+            let (store, failures) = (stores[t % stores.len()].clone(), failures.clone());
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    let body = format!(r#"{{"registrationId":"d-{t}-{i}","_enrollmentGroupId":"g"}}"#);
+                    let txn = put(Table::Registrations, &format!("d-{t}-{i}"), rec("\"e\"", 0, &body), Expect::Absent, Some(1_000_000));
+                    match store.commit(vec![txn]) {
+                        Ok(r) if r[0].is_ok() => {}
+                        _ => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "creates of distinct records failed");
+    assert_eq!(stores[0].count(Table::Registrations, 0), 48 * 25);
+}
