@@ -2,81 +2,24 @@
 //! The etcd store against a real etcd cluster (Debian's etcd-server; three members on loopback,
 //! started here): the store's rules, two nodes racing, secrets sealed, a member lost under load.
 
+#[path = "common/etcd_cluster.rs"]
+mod etcd_cluster;
 #[path = "common/semantics.rs"]
 mod semantics;
 
 use dps_storage::{by_group_key, DataKey, EtcdConfig, EtcdStore, Expect, Op, Record, Store, Table, Txn, TxnError};
+use etcd_cluster::Cluster;
 use semantics::{put, rec};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-struct Cluster {
-    members: Vec<Option<Child>>,
-    clients: Vec<String>,
-    _dir: tempfile::TempDir,
+fn config(c: &Cluster, root: &str) -> EtcdConfig {
+    EtcdConfig { endpoints: c.clients.clone(), root: root.into(), ..Default::default() }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Cluster {
-    fn start(n: usize) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let peers: Vec<String> = (0..n).map(|_| format!("http://127.0.0.1:{}", free_port())).collect();
-        let clients: Vec<String> = (0..n).map(|_| format!("http://127.0.0.1:{}", free_port())).collect();
-        let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("m{i}={p}")).collect();
-        let members = (0..n)
-            .map(|i| {
-                let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
-                Some(
-                    Command::new("etcd")
-                        .args(["--name", &format!("m{i}"), "--data-dir"])
-                        .arg(dir.path().join(format!("m{i}")))
-                        .args(["--listen-client-urls", &clients[i], "--advertise-client-urls", &clients[i]])
-                        .args(["--listen-peer-urls", &peers[i], "--initial-advertise-peer-urls", &peers[i]])
-                        .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
-                        .args(["--initial-cluster-token", "dps-test"])
-                        .stdout(Stdio::null())
-                        .stderr(log)
-                        .spawn()
-                        .expect("etcd (apt-get install etcd-server; scripts/deps.sh does)"),
-                )
-            })
-            .collect();
-        let c = Cluster { members, clients, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while c.store("/probe").is_err() {
-            assert!(Instant::now() < deadline, "the etcd cluster did not come up");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        c
-    }
-
-    fn config(&self, root: &str) -> EtcdConfig {
-        EtcdConfig { endpoints: self.clients.clone(), root: root.into(), ..Default::default() }
-    }
-
-    fn store(&self, root: &str) -> Result<EtcdStore, dps_storage::StoreError> {
-        EtcdStore::connect(&self.config(root), DataKey::new(&[7; 32]))
-    }
-
-    fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.kill(i);
-        }
-    }
+fn store(c: &Cluster, root: &str) -> Result<EtcdStore, dps_storage::StoreError> {
+    EtcdStore::connect(&config(c, root), DataKey::new(&[7; 32]))
 }
 
 fn unique_root(what: &str) -> String {
@@ -88,14 +31,14 @@ fn unique_root(what: &str) -> String {
 fn the_store_rules_hold_on_etcd() {
     // Each test has a cluster of its own (a static one would outlive the test process).
     let c = Cluster::start(3);
-    semantics::all(&|| Box::new(c.store(&unique_root("rules")).unwrap()));
+    semantics::all(&|| Box::new(store(&c, &unique_root("rules")).unwrap()));
 }
 
 #[test]
 fn two_nodes_racing_for_one_registration_id_make_one_record() {
     let root = unique_root("race");
     let c = Cluster::start(3);
-    let (a, b) = (Arc::new(c.store(&root).unwrap()), Arc::new(c.store(&root).unwrap()));
+    let (a, b) = (Arc::new(store(&c, &root).unwrap()), Arc::new(store(&c, &root).unwrap()));
     const IDS: usize = 60;
     let wins = Arc::new(AtomicUsize::new(0));
     let conflicts = Arc::new(AtomicUsize::new(0));
@@ -134,7 +77,7 @@ fn two_nodes_racing_for_one_registration_id_make_one_record() {
 fn values_leave_the_node_sealed() {
     let root = unique_root("sealed");
     let c = Cluster::start(3);
-    let s = c.store(&root).unwrap();
+    let s = store(&c, &root).unwrap();
     let secret = "c2VjcmV0LXByaW1hcnkta2V5LW9mLXRoZS1lbnJvbGxtZW50";
     assert!(s.commit(vec![put(Table::Enrollments, "e1", rec("\"1\"", 0, secret), Expect::Absent, None)]).unwrap()[0].is_ok());
     // What etcd holds, read past the store.
@@ -145,7 +88,7 @@ fn values_leave_the_node_sealed() {
     });
     assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()), "the body is in etcd in the clear");
     // Another data key opens nothing.
-    let other = EtcdStore::connect(&c.config(&root), DataKey::new(&[8; 32])).unwrap();
+    let other = EtcdStore::connect(&config(&c, &root), DataKey::new(&[8; 32])).unwrap();
     assert!(other.get(Table::Enrollments, "e1").is_err());
     assert_eq!(s.get(Table::Enrollments, "e1").unwrap().unwrap().body, secret.as_bytes());
 }
@@ -154,7 +97,7 @@ fn values_leave_the_node_sealed() {
 fn a_member_lost_under_load_loses_nothing_acknowledged() {
     let root = unique_root("lost");
     let mut c = Cluster::start(3);
-    let store = Arc::new(c.store(&root).unwrap());
+    let store = Arc::new(store(&c, &root).unwrap());
     let acked = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = (0..4)
@@ -209,7 +152,7 @@ fn many_writers_creating_distinct_records_do_not_collide() {
     // over many keys.
     let c = Cluster::start(3);
     let root = unique_root("busy");
-    let stores: Vec<Arc<EtcdStore>> = (0..4).map(|_| Arc::new(c.store(&root).unwrap())).collect();
+    let stores: Vec<Arc<EtcdStore>> = (0..4).map(|_| Arc::new(store(&c, &root).unwrap())).collect();
     let failures = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..48)
         .map(|t| {

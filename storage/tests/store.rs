@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
-use dps_storage::{DataKey, Expect, FjallStore, Op, Store, Table, Txn, TxnError};
+use dps_storage::{DataKey, Expect, FjallStore, Store, Table, Txn};
 use std::path::Path;
 
 fn open(dir: &Path) -> FjallStore {
@@ -24,19 +24,7 @@ fn the_store_rules() {
 #[test]
 fn quotas_and_counts_survive_reopen() {
     let d = tempfile::tempdir().unwrap();
-    {
-        let s = open(d.path());
-        let txns = (0..5).map(|i| put(Table::Groups, &format!("g{i}"), rec("\"e\"", 1, "g"), Expect::Absent, Some(3))).collect();
-        let r = s.commit(txns).unwrap();
-        assert_eq!(r.iter().filter(|r| r.is_ok()).count(), 3);
-        assert_eq!(r[3], Err(TxnError::QuotaExceeded));
-        // Another class has its own count.
-        assert!(s.commit(vec![put(Table::Groups, "x", rec("\"e\"", 2, "g"), Expect::Absent, Some(3))]).unwrap()[0].is_ok());
-        // Updating an existing record does not count against the quota.
-        assert!(s.commit(vec![put(Table::Groups, "g0", rec("\"f\"", 1, "g"), Expect::Any, Some(3))]).unwrap()[0].is_ok());
-        assert!(s.commit(vec![Txn::one(Op::Delete { table: Table::Groups, key: "g1".into(), expect: Expect::Any })]).unwrap()[0].is_ok());
-        assert_eq!(s.count(Table::Groups, 1), 2);
-    }
+    semantics::quotas_and_counts(&open(d.path()));
     let s = open(d.path());
     assert_eq!(s.count(Table::Groups, 1), 2);
     assert_eq!(s.count(Table::Groups, 2), 1);

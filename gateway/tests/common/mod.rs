@@ -10,6 +10,7 @@ use reqwest::blocking::{Client, RequestBuilder, Response};
 use serde_json::Value;
 
 pub mod certs;
+#[path = "../../../storage/tests/common/etcd_cluster.rs"]
 pub mod etcd;
 pub mod fake_iothub;
 pub mod http_server;

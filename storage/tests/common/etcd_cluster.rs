@@ -1,4 +1,5 @@
-//! A real etcd cluster on loopback (Debian's etcd-server), members started and killed by tests.
+//! A real etcd cluster on loopback (Debian's etcd-server), members started and killed by tests:
+//! the store's own tests (tests/etcd.rs) and the gateway's scale-out tests include this file.
 #![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
