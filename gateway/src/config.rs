@@ -192,6 +192,11 @@ pub struct Limits {
     /// After the TLS handshake, a device must be logged in within this (MQTT: CONNECT
     /// accepted; AMQP: SASL done and the connection open), however it trickles its bytes.
     pub login_timeout_secs: u64,
+    /// Seconds a connection stays open after its device's credential was refused (401): long
+    /// enough for the SDK to read the answer and hang up itself (the Node SDK never reports the
+    /// refusal if the connection ends right behind it), short enough that refused devices do
+    /// not hold slots. MQTT and AMQP; an HTTPS connection is closed with the 401.
+    pub refused_close_secs: u64,
     /// The largest MQTT keep-alive honoured (s); the read deadline is 1.5 times it.
     pub max_keep_alive_secs: u64,
     /// Registration states kept (DPS quota).
@@ -270,6 +275,7 @@ impl Default for Limits {
             idle_timeout_secs: 60,
             handshake_timeout_secs: 10,
             login_timeout_secs: 20,
+            refused_close_secs: 5,
             max_keep_alive_secs: 300,
             max_registrations: 1_000_000,
             registrations_per_minute: 0,

@@ -315,3 +315,52 @@ fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
     assert!(ended.is_ok(), "the connection was still open after {answers} answers to {sent} requests");
     assert!(answers < sent, "{answers} answers to {sent} requests");
 }
+
+#[test]
+fn a_refused_credential_ends_the_https_connection() {
+    // Regression: after a 401 the connection stayed open for the next request, so a client
+    // without a valid credential could keep its slot by guessing now and then. Now a refused
+    // credential is answered with `Connection: close` and the connection ends; a TPM challenge
+    // (also a 401) keeps it, since the device answers it next.
+    let s = server();
+    let e = json!({"registrationId": "close-dev", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}});
+    assert_eq!(s.send("PUT", "/enrollments/close-dev", Some(e)).status().as_u16(), 200);
+    let open = || {
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.https)).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let conn =
+            rustls::ClientConnection::new(tls_config(s.ep.ca_certificate.as_ref().unwrap()), "localhost".try_into().unwrap()).unwrap();
+        rustls::StreamOwned::new(conn, tcp)
+    };
+    let request = |token: &str| {
+        format!(
+            "PUT /{}/registrations/close-dev/register?api-version=2019-03-31 HTTP/1.1\r\nHost: localhost\r\nAuthorization: {token}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}",
+            s.ep.id_scope
+        )
+    };
+    // The wrong key: one 401 with Connection: close, then the end of the stream.
+    let wrong = device_token(&s.ep.id_scope, "close-dev", "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXkhIQ==");
+    let mut tls = open();
+    tls.write_all(request(&wrong).as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let end = tls.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    assert!(end.is_ok() || !matches!(end.as_ref().unwrap_err().kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+    // The genuine device keeps its connection: two requests on one.
+    let good = device_token(&s.ep.id_scope, "close-dev", KEY);
+    let mut tls = open();
+    tls.write_all(request(&good).as_bytes()).unwrap();
+    tls.write_all(request(&good).as_bytes()).unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while seen.windows(9).filter(|w| w == b"HTTP/1.1 ").count() < 2 {
+        let n = tls.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed after {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert_eq!(text.matches("HTTP/1.1 202").count(), 2, "{text}");
+    assert!(!text.to_ascii_lowercase().contains("connection: close"), "{text}");
+}

@@ -664,3 +664,31 @@ fn pipe(program: &str, args: &[&str], input: &str) -> std::process::Output {
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
 }
+
+#[test]
+fn a_refused_device_is_disconnected_shortly_after_its_answer() {
+    // Regression: a device whose key was refused kept its connection (and a slot) for as long
+    // as its keep-alive asked (up to 450 s), though its credential, sent in CONNECT, can only be
+    // refused again on that connection.
+    let mut cfg = test_config();
+    cfg.limits.refused_close_secs = 1;
+    cfg.limits.idle_timeout_secs = 60;
+    cfg.linked_hubs = vec![hub("hub-a.example")];
+    let s = TestServer::start(cfg);
+    enroll(&s, "refused", json!({}));
+    let wrong = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXkhIQ==";
+    let mut c = connect(&s, "refused", wrong);
+    let t = std::time::Instant::now();
+    assert_eq!(c.register("1", b"").0, 401, "the refusal is answered first");
+    match c.read_within(std::time::Duration::from_secs(10)) {
+        Some(None) => {}
+        other => panic!("expected the connection closed, got {other:?}"),
+    }
+    let waited = t.elapsed();
+    assert!(waited >= std::time::Duration::from_millis(900), "not at once: the SDK must read the answer first ({waited:?})");
+    assert!(waited < std::time::Duration::from_secs(5), "closed about 1 s after the refusal, not at the keep-alive ({waited:?})");
+    // An accepted device keeps its connection past that time (it may poll on it).
+    let mut ok = connect(&s, "refused", KEY);
+    assert_eq!(ok.register("1", b"").0, 200);
+    assert!(ok.read_within(std::time::Duration::from_secs(2)).is_none(), "an accepted device's connection stays open");
+}

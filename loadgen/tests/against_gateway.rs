@@ -346,3 +346,63 @@ fn tpm_challenges_refuse_tampering_other_keys_and_replays() {
     assert_eq!(st, 401);
     t.gw.shutdown().unwrap();
 }
+
+/// Regression: a device refused over AMQP kept its connection (and a slot) until it went idle,
+/// though its SASL credential can only be refused again on that connection. Now the gateway
+/// closes it `limits.refused_close_secs` after the Rejected answer: a second register on the
+/// same connection then fails instead of being answered.
+#[test]
+fn a_refused_amqp_device_is_disconnected_after_its_answer() {
+    use fe2o3_amqp::link::{Receiver, Sender};
+    use fe2o3_amqp::session::Session;
+    use fe2o3_amqp_types::messaging::{ApplicationProperties, Message, Outcome};
+    use fe2o3_amqp_types::primitives::{Binary, OrderedMap, SimpleValue};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(false);
+    c.limits.refused_close_secs = 1;
+    let gw = dps_gateway::start(c, dir.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ep = Endpoint::read(&dir.path().join("endpoint.json"), "127.0.0.1").unwrap();
+    let service = ServiceClient::new(&ep).unwrap();
+    let b64 = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let body = format!(
+        r#"{{"registrationId":"amqp-refused","attestation":{{"type":"symmetricKey","symmetricKey":{{"primaryKey":"{b64}","secondaryKey":"{b64}"}}}}}}"#
+    );
+    let (st, text) = rt.block_on(service.call(reqwest::Method::PUT, "/enrollments/amqp-refused", Some(body))).unwrap();
+    assert_eq!(st, 200, "{text}");
+    let register = || {
+        let mut app = OrderedMap::new();
+        app.insert("iotdps-operation-type".to_string(), SimpleValue::String("iotdps-register".into()));
+        Message::builder()
+            .application_properties(ApplicationProperties(app))
+            .data(Binary::from(br#"{"registrationId":"amqp-refused"}"#.to_vec()))
+            .build()
+    };
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect((ep.connect.as_str(), ep.amqp_port)).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(ep.host.clone()).unwrap();
+        let tls = dps_loadgen::tls::client_config(&ep.ca).unwrap();
+        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
+        let address = format!("{}/registrations/amqp-refused", ep.id_scope);
+        // A token signed with a key the enrollment does not have.
+        let se = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 + 3600;
+        let token = dps_core::sas::build(&address, b"some other key material", se, Some("registration"));
+        let mut conn = fe2o3_amqp::Connection::builder()
+            .container_id("amqp-refused")
+            .scheme("amqp")
+            .hostname(ep.host.as_str())
+            .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Plain { username: address.clone(), password: token })
+            .open_with_stream(stream)
+            .await
+            .unwrap();
+        let mut session = Session::begin(&mut conn).await.unwrap();
+        let _receiver = Receiver::attach(&mut session, "dps-receiver", address.as_str()).await.unwrap();
+        let mut sender = Sender::attach(&mut session, "dps-sender", address.as_str()).await.unwrap();
+        let first = sender.send(register()).await.unwrap();
+        assert!(matches!(first, Outcome::Rejected(_)), "the wrong key is refused: {first:?}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let second = tokio::time::timeout(Duration::from_secs(10), sender.send(register())).await.unwrap();
+        assert!(second.is_err(), "the connection was closed after the refusal, yet a second register was answered: {second:?}");
+    });
+    gw.shutdown().unwrap();
+}

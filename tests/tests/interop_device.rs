@@ -16,6 +16,9 @@ fn official_device_sdks_provision_devices() {
     let _ports = lock_well_known_ports().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = well_known_config();
+    // A refused device's connection is closed 1 s after its answer (5 s by default); the SDKs'
+    // wrong-key tests then wait past that, so a close behind a refusal is seen by every SDK.
+    cfg.limits.refused_close_secs = 1;
     cfg.linked_hubs.push(dps_gateway::config::HubConfig {
         host_name: "hub-a.example".into(),
         connection_string: "HostName=hub-a.example;SharedAccessKeyName=iothubowner;SharedAccessKey=aHViLWtleQ==".into(),

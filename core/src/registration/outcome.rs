@@ -30,6 +30,9 @@ pub struct Reply {
     pub status: u16,
     pub body: String,
     pub retry_after: Option<u64>,
+    /// The device's credential was refused (401): the connection that carried it has nothing
+    /// more to do here, so the transport closes it soon after the answer.
+    pub credential_refused: bool,
 }
 
 /// Seconds a device waits before polling an operation that is not final yet. The C SDK raises
@@ -62,9 +65,11 @@ impl Outcome {
                     OperationStatus { operation_id: operation_id.clone(), status: state.status, registration_state: Some(result(state)) };
                 let done = !matches!(state.status, RegistrationStatus::Assigning | RegistrationStatus::Unassigned);
                 let (code, retry_after) = if done { (200, None) } else { (202, Some(POLL_AFTER_SECS)) };
-                Reply { status: code, body: json(&status), retry_after }
+                Reply { status: code, body: json(&status), retry_after, credential_refused: false }
             }
-            Outcome::Registration { state } => Reply { status: 200, body: json(&result(state)), retry_after: None },
+            Outcome::Registration { state } => {
+                Reply { status: 200, body: json(&result(state)), retry_after: None, credential_refused: false }
+            }
             Outcome::Challenge { authentication_key, .. } => {
                 use base64::Engine;
                 let key = base64::engine::general_purpose::STANDARD.encode(authentication_key);
@@ -72,9 +77,16 @@ impl Outcome {
                     status: 401,
                     body: serde_json::json!({"authenticationKey": key, "keyName": TPM_KEY_NAME}).to_string(),
                     retry_after: None,
+                    // A challenge: the device answers it, maybe on this connection.
+                    credential_refused: false,
                 }
             }
-            Outcome::Refused(e) => Reply { status: e.kind.status(), body: error_body(e, tracking_id, now), retry_after: e.retry_after },
+            Outcome::Refused(e) => Reply {
+                status: e.kind.status(),
+                body: error_body(e, tracking_id, now),
+                retry_after: e.retry_after,
+                credential_refused: e.kind == crate::error::ErrorKind::Unauthorized,
+            },
         }
     }
 
@@ -87,6 +99,7 @@ impl Outcome {
                 status: 202,
                 body: serde_json::json!({"operationId": operation_id, "status": "assigning"}).to_string(),
                 retry_after: Some(POLL_AFTER_SECS),
+                credential_refused: false,
             },
             other => other.reply(tracking_id, now),
         }

@@ -43,6 +43,8 @@ pub async fn serve_amqp<S: ByteStream>(
     let mut chunk = vec![0u8; 16 * 1024];
     // The TPM mechanism's keys and the challenge sent for them, until the device answers.
     let mut tpm: Option<(Vec<u8>, Vec<u8>, Issued)> = None;
+    // Set once the device's credential is refused: the connection ends then at the latest.
+    let mut refused_deadline: Option<Instant> = None;
     loop {
         let event = conn.poll();
         let out = conn.take_output();
@@ -58,7 +60,7 @@ pub async fn serve_amqp<S: ByteStream>(
             None => match crate::transport::stream::read_before(
                 s,
                 &mut chunk,
-                if conn.logged_in() { Instant::now() + idle } else { (Instant::now() + idle).min(login_deadline) },
+                read_deadline(conn.logged_in(), idle, login_deadline, refused_deadline),
                 stop,
             )
             .await
@@ -108,7 +110,26 @@ pub async fn serve_amqp<S: ByteStream>(
             Some(Event::Request { delivery_id, correlation_id, request }) => {
                 let reply = prov.handle(request, via, source).await;
                 let _ = conn.answer(delivery_id, correlation_id, reply.status, &reply.body, reply.retry_after);
+                // The connection's credential (SASL or its certificate) was refused: it can
+                // only be refused again here, so the connection ends shortly after the answer
+                // (not at once: as on MQTT, the SDK must first read why).
+                if reply.credential_refused && refused_deadline.is_none() {
+                    refused_deadline = Some(Instant::now() + Duration::from_secs(limits.refused_close_secs));
+                }
             }
         }
     }
+}
+
+/// When the next read gives up: the idle time, cut by the login deadline until the device is
+/// logged in and by the close that follows a refused credential.
+fn read_deadline(logged_in: bool, idle: Duration, login: Instant, refused: Option<Instant>) -> Instant {
+    let mut deadline = Instant::now() + idle;
+    if !logged_in {
+        deadline = deadline.min(login);
+    }
+    if let Some(r) = refused {
+        deadline = deadline.min(r);
+    }
+    deadline
 }

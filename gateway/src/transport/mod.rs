@@ -209,11 +209,11 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
         if websocket::is_upgrade(&req) {
             return Some((req, std::mem::take(&mut buf)));
         }
-        let resp = match https::handle(&shard.prov, &req, chain, source).await {
-            Some(r) => r,
-            None => shard.api.handle(&req, utc_now(), mono_nanos()).await,
+        let (resp, refused) = match https::handle(&shard.prov, &req, chain, source).await {
+            Some(answer) => (answer.response, answer.close),
+            None => (shard.api.handle(&req, utc_now(), mono_nanos()).await, false),
         };
-        let close = req.close || stop.load(Ordering::Relaxed);
+        let close = req.close || refused || stop.load(Ordering::Relaxed);
         if http::write_response(s, &resp, close).await.is_err() || close {
             return None;
         }

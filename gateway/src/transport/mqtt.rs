@@ -41,6 +41,8 @@ pub async fn serve_mqtt<S: ByteStream>(
     // byte now and then hold the connection forever without ever logging in.
     let login_deadline = Instant::now() + Duration::from_secs(limits.login_timeout_secs);
     let mut session = Session::new(settings);
+    // Set once the device's credential is refused: the connection ends then at the latest.
+    let mut refused_deadline: Option<Instant> = None;
     let mut chunk = [0u8; 4096];
     loop {
         match session.poll() {
@@ -49,9 +51,13 @@ pub async fn serve_mqtt<S: ByteStream>(
                 if let Err(e) = session.answer(&rid, reply.status, &reply.body, reply.retry_after) {
                     return e.into();
                 }
-                // A refused device keeps its connection until it disconnects or its keep-alive
-                // runs out: closing right after the 401 leaves the official Node SDK's register
-                // callback never called (its promise stays pending), so it never learns why.
+                // The credential travels in CONNECT, so a refused device can only be refused
+                // again on this connection: it is closed shortly after the answer. Not at once:
+                // closing right behind the 401 leaves the official Node SDK's register callback
+                // never called (its promise stays pending), so it would never learn why.
+                if reply.credential_refused && refused_deadline.is_none() {
+                    refused_deadline = Some(Instant::now() + Duration::from_secs(limits.refused_close_secs));
+                }
             }
             // Everything queued goes out in one write just before the next wait for input (or
             // the end): a pipelining client gets CONNACK, SUBACK, PUBACK and the response in one
@@ -72,6 +78,9 @@ pub async fn serve_mqtt<S: ByteStream>(
                 let mut deadline = Instant::now() + Duration::from_secs(session.read_timeout_secs());
                 if !session.connected() {
                     deadline = deadline.min(login_deadline);
+                }
+                if let Some(refused) = refused_deadline {
+                    deadline = deadline.min(refused);
                 }
                 match read_before(s, &mut chunk, deadline, stop).await {
                     Ok(0) => return End::Closed,
