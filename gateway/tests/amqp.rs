@@ -102,3 +102,34 @@ fn sasl_refusals_and_bad_input() {
     // The shard still serves.
     assert_eq!(s.send("GET", "/enrollments/x", None).status().as_u16(), 404);
 }
+
+#[test]
+fn a_client_that_trickles_sasl_bytes_is_closed_at_the_login_deadline() {
+    // Each byte used to reset the read deadline, so a client sending one now and then held its
+    // connection for ever without finishing SASL. Now SASL and open must be done within
+    // `limits.login_timeout_secs` of the handshake.
+    let mut cfg = test_config();
+    cfg.limits.login_timeout_secs = 2;
+    cfg.limits.idle_timeout_secs = 60;
+    let s = TestServer::start(cfg);
+    let mut tls = open_tls(&s);
+    tls.write_all(&dps_core::amqp::SASL_HEADER).unwrap();
+    tls.flush().unwrap();
+    // A sasl-init frame, fed a byte every 300 ms.
+    let frame = sasl_init("PLAIN", &[b'x'; 200]);
+    let t = std::time::Instant::now();
+    let mut closed = false;
+    for b in frame.iter().cycle().take(40) {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        if tls.write_all(&[*b]).and_then(|_| tls.flush()).is_err() {
+            closed = true;
+            break;
+        }
+    }
+    if !closed {
+        // The server's close may not have failed a write yet: read to the end.
+        let _ = read_all(&mut tls);
+    }
+    assert!(t.elapsed() < std::time::Duration::from_secs(11), "trickled for {:?}", t.elapsed());
+    assert!(closed, "the connection outlived 40 trickled bytes (12 s) past a 2 s login deadline");
+}

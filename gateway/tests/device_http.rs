@@ -364,3 +364,28 @@ fn a_refused_credential_ends_the_https_connection() {
     assert_eq!(text.matches("HTTP/1.1 202").count(), 2, "{text}");
     assert!(!text.to_ascii_lowercase().contains("connection: close"), "{text}");
 }
+
+#[test]
+fn a_request_head_trickled_byte_by_byte_is_closed_at_the_idle_deadline() {
+    // A client sending its request head a byte at a time must not hold the connection longer
+    // than `limits.idle_timeout_secs` in all, however steadily the bytes come.
+    let mut cfg = test_config();
+    cfg.limits.idle_timeout_secs = 2;
+    let s = TestServer::start(cfg);
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.https)).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let conn = rustls::ClientConnection::new(tls_config(s.ep.ca_certificate.as_ref().unwrap()), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let head = format!("GET /{} HTTP/1.1\r\nHost: localhost\r\n", "a".repeat(200));
+    let t = std::time::Instant::now();
+    let mut closed = false;
+    for b in head.bytes().take(40) {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        if tls.write_all(&[b]).and_then(|_| tls.flush()).is_err() {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the connection outlived 40 trickled bytes (12 s) past a 2 s deadline");
+    assert!(t.elapsed() < std::time::Duration::from_secs(11), "trickled for {:?}", t.elapsed());
+}
