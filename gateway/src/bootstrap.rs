@@ -163,6 +163,22 @@ pub struct Prepared {
     pub certs: CertFiles,
 }
 
+/// TLS to etcd from the `[store]` files: none without a CA file; a client certificate needs
+/// its key and the reverse.
+fn etcd_tls(k: &crate::config::StoreKnobs) -> Result<Option<dps_storage::EtcdTls>, String> {
+    let read = |p: &Path, what: &str| std::fs::read(p).map_err(|e| format!("store.{what} {}: {e}", p.display()));
+    let client = match (&k.etcd_cert_file, &k.etcd_key_file) {
+        (Some(c), Some(key)) => Some((read(c, "etcd_cert_file")?, read(key, "etcd_key_file")?)),
+        (None, None) => None,
+        _ => return Err("store.etcd_cert_file and store.etcd_key_file go together".into()),
+    };
+    match &k.etcd_ca_file {
+        Some(ca) => Ok(Some(dps_storage::EtcdTls { ca_pem: read(ca, "etcd_ca_file")?, client })),
+        None if client.is_some() => Err("a client certificate for etcd needs store.etcd_ca_file".into()),
+        None => Ok(None),
+    }
+}
+
 pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
     // The data dir holds the data key, private keys and the owner's connection string.
@@ -179,6 +195,7 @@ pub fn prepare(cfg: &Config, dir: &Path) -> Result<Prepared, String> {
                 endpoints: cfg.store.etcd_endpoints.clone(),
                 root: cfg.store.etcd_root.clone(),
                 user: cfg.store.etcd_user.clone().zip(cfg.store.etcd_password.clone()),
+                tls: etcd_tls(&cfg.store)?,
                 ..Default::default()
             };
             let s = EtcdStore::connect(&ec, key).map_err(|e| format!("cannot reach etcd at {}: {e}", ec.endpoints.join(", ")))?;

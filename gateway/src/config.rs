@@ -323,6 +323,11 @@ pub struct StoreKnobs {
     /// etcd authentication, when the cluster has it on.
     pub etcd_user: Option<String>,
     pub etcd_password: Option<String>,
+    /// TLS to etcd (`https://` endpoints): the CA file the members' certificates chain to.
+    pub etcd_ca_file: Option<std::path::PathBuf>,
+    /// This node's client certificate and key (PEM files), for a cluster that checks them.
+    pub etcd_cert_file: Option<std::path::PathBuf>,
+    pub etcd_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for StoreKnobs {
@@ -340,6 +345,9 @@ impl Default for StoreKnobs {
             etcd_root: "/dps".into(),
             etcd_user: None,
             etcd_password: None,
+            etcd_ca_file: None,
+            etcd_cert_file: None,
+            etcd_key_file: None,
         }
     }
 }

@@ -65,8 +65,6 @@ pub struct Running {
     shards: Vec<glommio::ExecutorJoinHandle<()>>,
     latency: Option<std::thread::JoinHandle<()>>,
     hub_workers: Vec<std::thread::JoinHandle<()>>,
-    /// With a shared store: the thread that watches other nodes' changes.
-    watcher: Option<std::thread::JoinHandle<()>>,
     threads: dps_storage::StoreThreads,
 }
 
@@ -84,9 +82,6 @@ impl Running {
         }
         // Hub workers see `stop` within 200 ms, or when the step in hand ends (10 s at most).
         for w in self.hub_workers {
-            let _ = w.join();
-        }
-        if let Some(w) = self.watcher {
             let _ = w.join();
         }
         self.threads.join().map_err(|e| format!("final store flush failed: {e}"))
@@ -126,7 +121,8 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     };
     if prepared.shared.is_some() && cfg.limits.enrollment_cache_entries > 0 {
         // Another node's write must be seen by the next registration here: with a shared store
-        // enrollments are read through (groups, hubs and CAs follow the change watch below).
+        // enrollments are read through, and the copies of groups, hubs and CAs are checked
+        // against the store's config stamp before each use (`Provisioning::snapshot`).
         tracing::info!("shared store: the enrollment cache is off");
         cfg.limits.enrollment_cache_entries = 0;
     }
@@ -155,17 +151,8 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
         shard_hash_key: (u64::from_be_bytes(service::random_bytes::<8>()), u64::from_be_bytes(service::random_bytes::<8>())),
         hub_workers,
         hub_tasks: Default::default(),
+        shared_store: prepared.shared.is_some(),
     });
-    // Another node's change of a group, hub or CA certificate reaches this node's snapshots
-    // through the config generation, as a change made here does.
-    let watcher = match &prepared.shared {
-        Some(ec) => {
-            let svc = svc.clone();
-            let tables = vec![dps_storage::Table::Groups, dps_storage::Table::Hubs, dps_storage::Table::Certificates];
-            Some(dps_storage::watch_changes(ec, tables, move |_| svc.bump_generation(), stop.clone()).map_err(|e| e.to_string())?)
-        }
-        None => None,
-    };
     let ip: std::net::IpAddr = cfg.ports.bind.parse().map_err(|_| format!("ports.bind '{}' is not an IP address", cfg.ports.bind))?;
     let mut https = SocketAddr::new(ip, cfg.ports.https);
     let mut mqtt = SocketAddr::new(ip, cfg.ports.mqtt);
@@ -266,5 +253,5 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
                 .map_err(|e| format!("cannot start the hub latency thread: {e}"))?,
         ),
     };
-    Ok(Running { endpoint, stop, shards, latency, hub_workers: hub_threads, watcher, threads })
+    Ok(Running { endpoint, stop, shards, latency, hub_workers: hub_threads, threads })
 }

@@ -75,6 +75,8 @@ pub struct Provisioning {
     /// This shard's copy of the enrollment groups and linked hubs (few, read by every
     /// registration), valid while the service's config generation is unchanged.
     snapshot: RefCell<Option<Rc<Snapshot>>>,
+    /// The shared store's config stamp the snapshot was read at (0 with a store of our own).
+    snapshot_stamp: std::cell::Cell<u64>,
     shard: usize,
 }
 
@@ -92,7 +94,17 @@ impl Provisioning {
         };
         let registrar = RefCell::new(Registrar::new(settings, mono_nanos()));
         let failures = RefCell::new(SourceFailures::new(l.attestation_failures_per_source.div_ceil(svc.shards.max(1) as u64)));
-        Provisioning { svc, enrollments, metrics, tracking, registrar, failures, snapshot: RefCell::new(None), shard }
+        Provisioning {
+            svc,
+            enrollments,
+            metrics,
+            tracking,
+            registrar,
+            failures,
+            snapshot: RefCell::new(None),
+            snapshot_stamp: Default::default(),
+            shard,
+        }
     }
 
     /// This instance's ID scope.
@@ -275,10 +287,13 @@ impl Provisioning {
     /// The shard's groups and hubs, reloaded when the service API changed them.
     async fn snapshot(&self) -> Result<Rc<Snapshot>, ServiceError> {
         let generation = self.svc.generation();
-        if let Some(c) = self.snapshot.borrow().as_ref().filter(|c| c.generation == generation) {
+        let store = &self.svc.store;
+        // With a shared store, another node may have changed a group a moment ago and told its
+        // operator so: the stamp is read first, so a snapshot is never older than it.
+        let stamp = if self.svc.shared_store { store.config_stamp().await? } else { 0 };
+        if let Some(c) = self.snapshot.borrow().as_ref().filter(|c| c.generation == generation && self.snapshot_stamp.get() == stamp) {
             return Ok(c.clone());
         }
-        let store = &self.svc.store;
         let groups = store.scan(Table::Groups, "", None, usize::MAX).await?.iter().map(|(_, r)| r.parse()).collect::<Result<_, _>>()?;
         let hubs = store.scan(Table::Hubs, "", None, usize::MAX).await?.iter().map(|(_, r)| r.parse()).collect::<Result<_, _>>()?;
         let mut verified_cas = std::collections::HashMap::new();
@@ -291,6 +306,7 @@ impl Provisioning {
         let latency = self.svc.hub_latency.read().map(|m| m.clone()).unwrap_or_default();
         let c = Rc::new(Snapshot { generation, groups, hubs, latency, verified_cas });
         *self.snapshot.borrow_mut() = Some(c.clone());
+        self.snapshot_stamp.set(stamp);
         Ok(c)
     }
 

@@ -68,6 +68,9 @@ pub struct Service {
     pub hub_workers: crate::hubs::workers::HubWorkers,
     /// Registration keys whose hub task runs in this process (`hubs::run::claim`).
     pub hub_tasks: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The store is shared with other nodes (etcd): their changes to groups, hubs and CA
+    /// certificates are found by the store's config stamp, read before every use of a copy.
+    pub shared_store: bool,
 }
 
 impl Service {

@@ -20,6 +20,8 @@ fn node_config(etcd: &Cluster) -> dps_gateway::config::Config {
     c.store.etcd_endpoints = etcd.clients.clone();
     c.store.etcd_root = "/scale-out".into();
     c.linked_hubs.push(hub("hub-a.example"));
+    // The tests register one device many times in a row.
+    c.limits.polls_per_device = 0;
     c
 }
 
@@ -57,23 +59,29 @@ fn two_nodes_on_one_etcd_cluster_are_one_service() {
     a.put_enrollment("dev-1", KEY, KEY2, json!({"provisioningStatus": "enabled"}));
     assert_eq!(register(&b, "dev-1", KEY)["status"], "assigned");
 
-    // A group made on B admits its devices on A, once A's change watch has seen it (ms).
-    let group = json!({"enrollmentGroupId": "line-1", "attestation": {"type": "symmetricKey",
-        "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY2}}});
-    assert_eq!(b.send("PUT", "/enrollmentGroups/line-1", Some(group)).status().as_u16(), 200);
-    let device_key = dps_core::sas::derive_device_key(&base64_decode(KEY), "line-1-dev");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let admitted = loop {
-        let url =
-            format!("https://localhost:{}/{}/registrations/line-1-dev/register?api-version=2019-03-31", a.ep.ports.https, a.ep.id_scope);
-        let token = mqtt_client::device_token(&a.ep.id_scope, "line-1-dev", &device_key);
-        let r = a.client.put(url).header("Authorization", token).body(r#"{"registrationId":"line-1-dev"}"#).send().unwrap();
-        if r.status().as_u16() == 202 || std::time::Instant::now() > deadline {
-            break r.status().as_u16();
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    // A group made on B admits its devices on A at once: the config stamp moved with the
+    // change, and A reads it before using its copy of the groups (the change watch alone
+    // leaves a window of milliseconds). Then the group is disabled and enabled again on B,
+    // ten times over, each change obeyed by A's very next registration.
+    let group = |status: &str| {
+        json!({"enrollmentGroupId": "line-1", "provisioningStatus": status, "attestation": {"type": "symmetricKey",
+            "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY2}}})
     };
-    assert_eq!(admitted, 202, "A never saw the group made on B");
+    assert_eq!(b.send("PUT", "/enrollmentGroups/line-1", Some(group("enabled"))).status().as_u16(), 200);
+    let device_key = dps_core::sas::derive_device_key(&base64_decode(KEY), "line-1-dev");
+    let url = format!("https://localhost:{}/{}/registrations/line-1-dev/register?api-version=2019-03-31", a.ep.ports.https, a.ep.id_scope);
+    let token = mqtt_client::device_token(&a.ep.id_scope, "line-1-dev", &device_key);
+    let r = a.client.put(&url).header("Authorization", &token).body(r#"{"registrationId":"line-1-dev"}"#).send().unwrap();
+    assert_eq!(r.status().as_u16(), 202, "A did not see the group just made on B");
+    for round in 0..10 {
+        for status in ["disabled", "enabled"] {
+            let r = b.req("PUT", "/enrollmentGroups/line-1").header("If-Match", "*").body(group(status).to_string()).send().unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            let expected = if status == "disabled" { "disabled" } else { "assigned" };
+            let seen = register(&a, "line-1-dev", &device_key);
+            assert_eq!(seen["status"], expected, "round {round}: the group {status} on B, A answered {seen}");
+        }
+    }
 
     // Racing: both nodes register the same new device at once, many times over; one state.
     a.put_enrollment("racer", KEY, KEY2, json!({}));
@@ -222,4 +230,33 @@ fn an_etcd_member_and_a_node_lost_under_load_lose_nothing() {
     }
     let ids: std::collections::HashSet<&str> = acked.iter().map(|(id, _, _)| id.as_str()).collect();
     assert_eq!(ids.len(), acked.len(), "a device was acknowledged twice");
+}
+
+#[test]
+fn a_node_reaches_etcd_over_tls_with_its_client_certificate() {
+    let etcd = Cluster::start_tls(3);
+    let tls = etcd.tls.clone().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let (client_cert, client_key) = tls.client.clone().unwrap();
+    for (name, pem) in [("ca.pem", &tls.ca_pem), ("node.pem", &client_cert), ("node.key", &client_key)] {
+        std::fs::write(files.path().join(name), pem).unwrap();
+    }
+    let mut cfg = node_config(&etcd);
+    cfg.store.etcd_ca_file = Some(files.path().join("ca.pem"));
+    cfg.store.etcd_cert_file = Some(files.path().join("node.pem"));
+    cfg.store.etcd_key_file = Some(files.path().join("node.key"));
+    // A certificate without its key is a configuration error, named at start.
+    let mut half = cfg.clone();
+    half.store.etcd_key_file = None;
+    let err = dps_gateway::start(half, tempfile::tempdir().unwrap().path()).err().unwrap();
+    assert!(err.contains("etcd_cert_file and store.etcd_key_file go together"), "{err}");
+    // Without the client certificate the cluster refuses the node, and start says where.
+    let mut anonymous = cfg.clone();
+    (anonymous.store.etcd_cert_file, anonymous.store.etcd_key_file) = (None, None);
+    let err = dps_gateway::start(anonymous, tempfile::tempdir().unwrap().path()).err().unwrap();
+    assert!(err.contains("cannot reach etcd"), "{err}");
+    // With it: a device is enrolled and provisioned through the node.
+    let node = TestServer::start(cfg);
+    node.put_enrollment("tls-dev", KEY, KEY2, json!({}));
+    assert_eq!(register(&node, "tls-dev", KEY)["status"], "assigned");
 }

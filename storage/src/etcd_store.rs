@@ -30,11 +30,53 @@ pub struct EtcdConfig {
     pub user: Option<(String, String)>,
     /// Per request.
     pub timeout: Duration,
+    /// TLS to the members (`https://` endpoints).
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA the members' certificates chain to, and this node's client certificate
+/// when the cluster checks them (`--client-cert-auth`).
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    /// Certificate chain and private key, PEM.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The private key stays out of logs.
+        f.debug_struct("EtcdTls").field("client_certificate", &self.client.is_some()).finish_non_exhaustive()
+    }
 }
 
 impl Default for EtcdConfig {
     fn default() -> Self {
-        EtcdConfig { endpoints: vec!["http://127.0.0.1:2379".into()], root: "/dps".into(), user: None, timeout: Duration::from_secs(5) }
+        EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            root: "/dps".into(),
+            user: None,
+            timeout: Duration::from_secs(5),
+            tls: None,
+        }
+    }
+}
+
+impl EtcdConfig {
+    /// The client options every connection to a member uses.
+    fn connect_options(&self) -> ConnectOptions {
+        let mut opts = ConnectOptions::new().with_timeout(self.timeout).with_connect_timeout(self.timeout);
+        if let Some((name, password)) = &self.user {
+            opts = opts.with_user(name.clone(), password.clone());
+        }
+        if let Some(t) = &self.tls {
+            let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&t.ca_pem));
+            if let Some((cert, key)) = &t.client {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(tls);
+        }
+        opts
     }
 }
 
@@ -96,10 +138,7 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Remote(format!("cannot start the etcd client runtime: {e}")))?;
-        let mut opts = ConnectOptions::new().with_timeout(cfg.timeout).with_connect_timeout(cfg.timeout);
-        if let Some((name, password)) = &cfg.user {
-            opts = opts.with_user(name.clone(), password.clone());
-        }
+        let opts = cfg.connect_options();
         if cfg.endpoints.is_empty() {
             return Err(StoreError::Remote("no etcd endpoints configured".into()));
         }
@@ -121,6 +160,12 @@ impl EtcdStore {
     /// One of the `COUNT_SHARDS` keys a (table, class) count is spread over.
     fn count_key(&self, t: Table, class: u8, shard: u64) -> Vec<u8> {
         format!("{}/c/{}/{class}/{shard:02}", self.root, t.name()).into_bytes()
+    }
+
+    /// Rewritten by every transaction that changes a config table: its mod revision is the
+    /// config stamp.
+    fn config_stamp_key(&self) -> Vec<u8> {
+        format!("{}/config-stamp", self.root).into_bytes()
     }
 
     fn count_prefix(&self, t: Table, class: u8) -> Vec<u8> {
@@ -244,6 +289,9 @@ impl EtcdStore {
             if ops.is_empty() {
                 return Ok(Ok(p.previous));
             }
+            if p.staged.iter().any(|((t, _), _)| crate::CONFIG_TABLES.contains(t)) {
+                ops.push(TxnOp::put(self.config_stamp_key(), Vec::new(), None));
+            }
             let compares: Vec<Compare> = seen
                 .into_iter()
                 .map(|(k, rev)| match rev {
@@ -262,72 +310,6 @@ impl EtcdStore {
         }
         Err(StoreError::Remote(format!("a transaction lost {MAX_ATTEMPTS} races in a row for the same keys")))
     }
-}
-
-/// Watches the tables in `tables` for writes by any node and calls `on_change(Some(table))` for
-/// each; after the watch was lost (a member gone, a compaction, a partition) it calls
-/// `on_change(None)`, meaning "anything may have changed: resync", and watches again. Runs on a
-/// thread of its own until `stop`.
-pub fn watch_changes(
-    cfg: &EtcdConfig,
-    tables: Vec<Table>,
-    on_change: impl Fn(Option<Table>) + Send + 'static,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Result<std::thread::JoinHandle<()>, StoreError> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| StoreError::Remote(format!("cannot start the etcd watch runtime: {e}")))?;
-    let cfg = cfg.clone();
-    let prefix = format!("{}/t/", cfg.root.trim_end_matches('/'));
-    std::thread::Builder::new()
-        .name("store-etcd-watch".into())
-        .spawn(move || {
-            let mut member = 0usize;
-            while !stop.load(Relaxed) {
-                let endpoint = cfg.endpoints[member % cfg.endpoints.len().max(1)].clone();
-                member += 1;
-                let watched = rt.block_on(async {
-                    let mut opts = ConnectOptions::new().with_connect_timeout(cfg.timeout);
-                    if let Some((name, password)) = &cfg.user {
-                        opts = opts.with_user(name.clone(), password.clone());
-                    }
-                    let mut client = Client::connect([endpoint], Some(opts)).await?;
-                    let mut stream = client.watch(prefix.clone(), Some(etcd_client::WatchOptions::new().with_prefix())).await?;
-                    // Watching from now on: what changed while no watch was up is covered by the
-                    // resync below.
-                    on_change(None);
-                    while !stop.load(Relaxed) {
-                        let msg = match tokio::time::timeout(Duration::from_millis(200), stream.message()).await {
-                            Err(_) => continue,
-                            Ok(m) => m?,
-                        };
-                        let Some(resp) = msg else { break };
-                        if resp.canceled() {
-                            break;
-                        }
-                        for ev in resp.events() {
-                            let Some(kv) = ev.kv() else { continue };
-                            let rest = kv.key().get(prefix.len()..).unwrap_or_default();
-                            let name = rest.split(|b| *b == b'/').next().unwrap_or_default();
-                            if let Some(t) = tables.iter().find(|t| t.name().as_bytes() == name) {
-                                on_change(Some(*t));
-                            }
-                        }
-                    }
-                    Ok::<(), etcd_client::Error>(())
-                });
-                if let Err(e) = watched {
-                    tracing::warn!(error = %e, "etcd watch lost; resyncing");
-                }
-                on_change(None);
-                if !stop.load(Relaxed) {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-        })
-        .map_err(|e| StoreError::Remote(format!("cannot start the etcd watch thread: {e}")))
 }
 
 impl Store for EtcdStore {
@@ -372,6 +354,12 @@ impl Store for EtcdStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// The mod revision of the stamp key: moved in the same etcd transaction as the config
+    /// change, so a node that reads it after the change was acknowledged sees it moved.
+    fn config_stamp(&self) -> Result<u64, StoreError> {
+        Ok(self.read_raw(&self.config_stamp_key())?.1.max(0) as u64)
     }
 }
 

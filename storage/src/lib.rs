@@ -11,7 +11,7 @@ mod record;
 mod service;
 
 pub use crypt::DataKey;
-pub use etcd_store::{watch_changes, EtcdConfig, EtcdStore};
+pub use etcd_store::{EtcdConfig, EtcdStore, EtcdTls};
 pub use fjall_store::FjallStore;
 pub use record::{by_group_key, Expect, Op, Record, Table, Txn, TxnError, TxnResult};
 pub use service::{CommitStats, ServiceError as StoreCallError, StoreService, StoreServiceConfig, StoreThreads, COMMIT_BUCKETS_US};
@@ -55,4 +55,14 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self, txns: Vec<Txn>) -> Result<Vec<TxnResult>, StoreError>;
     /// Makes every write durable (used at shutdown).
     fn flush(&self) -> Result<(), StoreError>;
+    /// A number that grows whenever an enrollment group, linked hub or CA certificate changes,
+    /// on any node sharing this store: a node compares it with the one its cached copies were
+    /// read at. 0 for a store of this process alone, whose writes reach its caches directly.
+    fn config_stamp(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }
+
+/// The tables whose records every registration reads from a node's cached copy (groups, linked
+/// hubs, CA certificates): a change to any of them moves [`Store::config_stamp`].
+pub const CONFIG_TABLES: [Table; 3] = [Table::Groups, Table::Hubs, Table::Certificates];

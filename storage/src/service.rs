@@ -84,6 +84,7 @@ enum Read {
     Get(Table, String, Reply<Option<Record>>),
     GetMany(Vec<(Table, String)>, Reply<Vec<Option<Record>>>),
     Scan(Table, String, Option<String>, usize, Reply<Vec<(String, Record)>>),
+    ConfigStamp(Reply<u64>),
 }
 
 struct Write {
@@ -204,6 +205,12 @@ impl StoreService {
         Self::wait(rx).await
     }
 
+    /// The store's [`Store::config_stamp`].
+    pub async fn config_stamp(&self) -> Result<u64, ServiceError> {
+        let rx = Self::send(&self.reads, Read::ConfigStamp)?;
+        Self::wait(rx).await
+    }
+
     /// Commits one transaction; resolves once it is durable (or refused by its preconditions).
     pub async fn commit(&self, txn: Txn) -> Result<TxnResult, ServiceError> {
         let rx = Self::send(&self.writes, |reply| Write { txn, reply })?;
@@ -268,6 +275,9 @@ fn reader(store: Arc<dyn Store>, rx: Receiver<Read>, closing: Arc<AtomicBool>) {
             }
             Read::Scan(t, p, after, limit, reply) => {
                 let _ = reply.send(store.scan(t, &p, after.as_deref(), limit).map_err(fail));
+            }
+            Read::ConfigStamp(reply) => {
+                let _ = reply.send(store.config_stamp().map_err(fail));
             }
         }
     }

@@ -177,3 +177,50 @@ fn many_writers_creating_distinct_records_do_not_collide() {
     assert_eq!(failures.load(Ordering::Relaxed), 0, "creates of distinct records failed");
     assert_eq!(stores[0].count(Table::Registrations, 0), 48 * 25);
 }
+
+#[test]
+fn tls_with_client_certificates() {
+    let c = Cluster::start_tls(3);
+    let key = || DataKey::new(&[7; 32]);
+    // The store's rules hold over TLS, with this node's client certificate.
+    semantics::all(&|| Box::new(EtcdStore::connect(&c.config(&unique_root("tls")), key()).unwrap()));
+    // The members check client certificates: without one, nothing is served.
+    let mut no_certificate = c.config("/tls");
+    no_certificate.tls.as_mut().unwrap().client = None;
+    no_certificate.timeout = Duration::from_secs(2);
+    assert!(EtcdStore::connect(&no_certificate, key()).is_err(), "served a client without a certificate");
+    // A member whose certificate does not chain to the configured CA is not trusted.
+    let mut other_ca = c.config("/tls");
+    let mut stranger = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    stranger.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    other_ca.tls.as_mut().unwrap().ca_pem = stranger.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem().into_bytes();
+    other_ca.timeout = Duration::from_secs(2);
+    assert!(EtcdStore::connect(&other_ca, key()).is_err(), "trusted a member of another CA");
+    // Plain text to a TLS member gets nothing.
+    let mut plain = c.config("/tls");
+    plain.tls = None;
+    plain.endpoints = plain.endpoints.iter().map(|e| e.replace("https://", "http://")).collect();
+    plain.timeout = Duration::from_secs(2);
+    assert!(EtcdStore::connect(&plain, key()).is_err(), "a TLS member answered plain text");
+}
+
+#[test]
+fn the_config_stamp_moves_with_groups_hubs_and_certificates_only() {
+    let root = unique_root("stamp");
+    let c = Cluster::start(1);
+    let (a, b) = (store(&c, &root).unwrap(), store(&c, &root).unwrap());
+    let mut last = b.config_stamp().unwrap();
+    for (i, table) in [Table::Enrollments, Table::Groups, Table::Registrations, Table::Hubs, Table::Certificates].into_iter().enumerate() {
+        let txn = put(table, &format!("k{i}"), rec("\"1\"", 0, "{}"), Expect::Absent, None);
+        assert!(a.commit(vec![txn]).unwrap()[0].is_ok());
+        // Read on the other node, after the write was acknowledged.
+        let now = b.config_stamp().unwrap();
+        assert_eq!(now > last, dps_storage::CONFIG_TABLES.contains(&table), "{table:?}: {last} -> {now}");
+        last = now;
+    }
+    // A delete moves it too.
+    assert!(
+        a.commit(vec![Txn { ops: vec![Op::Delete { table: Table::Groups, key: "k1".into(), expect: Expect::Any }] }]).unwrap()[0].is_ok()
+    );
+    assert!(b.config_stamp().unwrap() > last);
+}

@@ -9,6 +9,32 @@ pub struct Cluster {
     members: Vec<Option<Child>>,
     pub clients: Vec<String>,
     dir: tempfile::TempDir,
+    /// A cluster started with `start_tls`: the CA and a client certificate it accepts.
+    pub tls: Option<dps_storage::EtcdTls>,
+}
+
+/// Certificates for a TLS cluster made with rcgen: a CA, the members' server certificate (for
+/// 127.0.0.1) and a client certificate, written as PEM files into `dir`.
+fn tls_files(dir: &std::path::Path) -> dps_storage::EtcdTls {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let mut p = CertificateParams::new(names).unwrap();
+        p.extended_key_usages = vec![usage];
+        let k = KeyPair::generate().unwrap();
+        (p.signed_by(&k, &issuer).unwrap().pem(), k.serialize_pem())
+    };
+    let (server, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], ExtendedKeyUsagePurpose::ServerAuth);
+    let (client, client_key) = leaf(vec!["dps-node".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    for (name, pem) in [("ca.pem", ca_cert.pem()), ("server.pem", server), ("server.key", server_key)] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+    dps_storage::EtcdTls { ca_pem: ca_cert.pem().into_bytes(), client: Some((client.into_bytes(), client_key.into_bytes())) }
 }
 
 fn free_port() -> u16 {
@@ -17,16 +43,39 @@ fn free_port() -> u16 {
 
 impl Cluster {
     pub fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, false)
+    }
+
+    /// Members that speak TLS to clients and accept only clients with a certificate of the
+    /// cluster's CA (`--client-cert-auth`).
+    pub fn start_tls(n: usize) -> Cluster {
+        Cluster::start_with(n, true)
+    }
+
+    /// A store configuration for this cluster under `root` (with its TLS, if any).
+    pub fn config(&self, root: &str) -> dps_storage::EtcdConfig {
+        dps_storage::EtcdConfig { endpoints: self.clients.clone(), root: root.into(), tls: self.tls.clone(), ..Default::default() }
+    }
+
+    fn start_with(n: usize, tls: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let tls = tls.then(|| tls_files(dir.path()));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let peers: Vec<String> = (0..n).map(|_| format!("http://127.0.0.1:{}", free_port())).collect();
-        let clients: Vec<String> = (0..n).map(|_| format!("http://127.0.0.1:{}", free_port())).collect();
+        let clients: Vec<String> = (0..n).map(|_| format!("{scheme}://127.0.0.1:{}", free_port())).collect();
         let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("m{i}={p}")).collect();
         let members = (0..n)
             .map(|i| {
                 let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
+                let mut etcd = Command::new("etcd");
+                if tls.is_some() {
+                    etcd.arg("--cert-file").arg(dir.path().join("server.pem"));
+                    etcd.arg("--key-file").arg(dir.path().join("server.key"));
+                    etcd.arg("--trusted-ca-file").arg(dir.path().join("ca.pem"));
+                    etcd.arg("--client-cert-auth");
+                }
                 Some(
-                    Command::new("etcd")
-                        .args(["--name", &format!("m{i}"), "--data-dir"])
+                    etcd.args(["--name", &format!("m{i}"), "--data-dir"])
                         .arg(dir.path().join(format!("m{i}")))
                         .args(["--listen-client-urls", &clients[i], "--advertise-client-urls", &clients[i]])
                         .args(["--listen-peer-urls", &peers[i], "--initial-advertise-peer-urls", &peers[i]])
@@ -39,9 +88,9 @@ impl Cluster {
                 )
             })
             .collect();
-        let c = Cluster { members, clients, dir };
+        let c = Cluster { members, clients, dir, tls };
         let deadline = Instant::now() + Duration::from_secs(60);
-        let cfg = dps_storage::EtcdConfig { endpoints: c.clients.clone(), root: "/probe".into(), ..Default::default() };
+        let cfg = c.config("/probe");
         while dps_storage::EtcdStore::connect(&cfg, dps_storage::DataKey::new(&[0; 32])).is_err() {
             assert!(Instant::now() < deadline, "the etcd cluster did not come up");
             std::thread::sleep(Duration::from_millis(200));
