@@ -14,6 +14,9 @@ use dps_loadgen::tpm_device::TpmHandle;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "../../storage/tests/common/etcd_cluster.rs"]
+mod etcd_cluster;
+
 fn config(handshake_only: bool) -> dps_gateway::config::Config {
     let mut c = dps_gateway::config::Config::loopback();
     c.shards = 2;
@@ -405,4 +408,62 @@ fn a_refused_amqp_device_is_disconnected_after_its_answer() {
         assert!(second.is_err(), "the connection was closed after the refusal, yet a second register was answered: {second:?}");
     });
     gw.shutdown().unwrap();
+}
+
+/// Two nodes on one etcd cluster: a TPM device over HTTPS fetches its challenge from one and
+/// answers on the other (behind a balancer the two requests may go anywhere). Regression: the
+/// challenge lived in the issuing node's memory, so the answer on the other node was refused.
+#[test]
+fn a_tpm_challenge_issued_by_one_node_is_answered_on_another() {
+    let etcd = etcd_cluster::Cluster::start(1);
+    let node_config = || {
+        let mut c = config(false);
+        c.store.kind = "etcd".into();
+        c.store.etcd_endpoints = etcd.clients.clone();
+        c
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = dps_gateway::start(node_config(), dir_a.path()).unwrap();
+    std::fs::copy(dir_a.path().join("data.key"), dir_b.path().join("data.key")).unwrap();
+    let b = dps_gateway::start(node_config(), dir_b.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ep_a = Endpoint::read(&dir_a.path().join("endpoint.json"), "127.0.0.1").unwrap();
+    let ep_b = Endpoint::read(&dir_b.path().join("endpoint.json"), "127.0.0.1").unwrap();
+    assert_eq!(ep_a.id_scope, ep_b.id_scope, "one instance");
+    let tpm = SoftTpm::start().unwrap();
+    let device = TpmHandle::open(&tpm.tcti()).unwrap();
+    let id = "tpm-roaming";
+    rt.block_on(ServiceClient::new(&ep_a).unwrap().create_tpm_individual(&[id.to_string()], &device.endorsement_key, 10)).unwrap();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let body = serde_json::json!({"registrationId": id, "tpm": {"endorsementKey": b64(&device.endorsement_key), "storageRootKey": b64(&device.storage_root_key)}}).to_string();
+    let put = |ep: &Endpoint, token: Option<&str>| {
+        let tls = dps_loadgen::tls::client_config(&ep.ca).unwrap();
+        let addr = format!("127.0.0.1:{}", ep.https_port).parse().unwrap();
+        let http = reqwest::Client::builder().use_preconfigured_tls((*tls).clone()).resolve(&ep.host, addr).build().unwrap();
+        let url = format!("https://{}:{}/{}/registrations/{id}/register?api-version=2019-03-31", ep.host, ep.https_port, ep.id_scope);
+        let mut r = http.put(url).header("Content-Type", "application/json").body(body.clone());
+        if let Some(t) = token {
+            r = r.header("Authorization", t);
+        }
+        rt.block_on(async {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        })
+    };
+    // The challenge from A.
+    let (st, v) = put(&ep_a, None);
+    assert_eq!(st, 401, "{v}");
+    let blob = base64::engine::general_purpose::STANDARD.decode(v["authenticationKey"].as_str().unwrap()).unwrap();
+    let resource = dps_core::sas::encode_resource(&format!("{}/registrations/{id}", ep_a.id_scope));
+    let se = 4_000_000_000i64;
+    let signature = rt.block_on(device.activate_and_sign(blob, format!("{resource}\n{se}").into_bytes())).unwrap();
+    let token = dps_loadgen::device::tpm_token_of(&resource, se, &signature);
+    // The answer on B: admitted.
+    let (st, v) = put(&ep_b, Some(&token));
+    assert_eq!(st, 202, "the answer on the other node: {v}");
+    // The same answer replayed on A finds the challenge taken (once across all nodes).
+    let (st, v) = put(&ep_a, Some(&token));
+    assert_eq!((st, v["errorCode"].as_u64()), (401, Some(401002)), "replayed on the issuing node: {v}");
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
 }

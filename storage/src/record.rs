@@ -14,10 +14,13 @@ pub enum Table {
     Operations,
     /// CA certificates and their proof-of-possession state.
     Certificates,
+    /// TPM challenges issued and not yet answered, when several nodes share the store (the
+    /// answer may reach another node). A single node keeps them in memory.
+    Challenges,
 }
 
 impl Table {
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 9] = [
         Table::Enrollments,
         Table::Groups,
         Table::Registrations,
@@ -26,6 +29,7 @@ impl Table {
         Table::Meta,
         Table::Operations,
         Table::Certificates,
+        Table::Challenges,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +42,7 @@ impl Table {
             Table::Meta => "meta",
             Table::Operations => "operations",
             Table::Certificates => "certificates",
+            Table::Challenges => "challenges",
         }
     }
 }

@@ -7,7 +7,9 @@
 //!
 //! The same partitions hold the TPM challenges issued over HTTPS (a device asks for its
 //! challenge with one request and answers with the next, maybe over another connection and
-//! so on another shard; the owner of its registration id keeps K in between).
+//! so on another shard; the owner of its registration id keeps K in between). With a store
+//! shared by several nodes the next request may reach another node: the challenges are kept
+//! in the store then (`shared_challenges`).
 
 use super::{Answer, Request, ShardMesh};
 use crate::metrics::Metrics;
@@ -33,6 +35,8 @@ pub struct EnrollmentCache {
     epoch: Cell<u64>,
     metrics: Rc<Metrics>,
     challenges: RefCell<ChallengeBook>,
+    /// The store is shared by several nodes: TPM challenges are kept there, not in `challenges`.
+    shared_store: bool,
 }
 
 /// The partition (mesh peer) that owns a registration key: SipHash keyed with the instance's
@@ -52,6 +56,7 @@ impl EnrollmentCache {
         store: StoreService,
         max_entries: usize,
         max_challenges: usize,
+        shared_store: bool,
         metrics: Rc<Metrics>,
     ) -> EnrollmentCache {
         EnrollmentCache {
@@ -63,6 +68,7 @@ impl EnrollmentCache {
             epoch: Cell::new(0),
             metrics,
             challenges: RefCell::new(ChallengeBook::new(max_challenges)),
+            shared_store,
         }
     }
 
@@ -102,6 +108,9 @@ impl EnrollmentCache {
 
     /// Takes the TPM challenge issued to a registration key (each is answered once).
     pub async fn take_challenge(&self, key: &str, now_secs: i64) -> Option<Issued> {
+        if self.shared_store {
+            return super::shared_challenges::take(&self.store, key, now_secs).await;
+        }
         let owner = owner_of(key, self.mesh.peers(), self.hash_key);
         if owner == self.mesh.me() {
             return self.challenges.borrow_mut().take(key, now_secs);
@@ -114,6 +123,13 @@ impl EnrollmentCache {
 
     /// Keeps a TPM challenge at its owner until the device answers it.
     pub async fn remember_challenge(&self, key: &str, issued: Issued, now_secs: i64) -> Result<(), Full> {
+        if self.shared_store {
+            // A store that cannot take it is "busy, retry" to the device, like a full book.
+            return super::shared_challenges::remember(&self.store, key, &issued).await.map_err(|e| {
+                tracing::warn!(error = %e, "cannot keep a TPM challenge in the shared store");
+                Full
+            });
+        }
         let owner = owner_of(key, self.mesh.peers(), self.hash_key);
         if owner == self.mesh.me() {
             return self.local_remember_challenge(key.to_string(), issued, now_secs);

@@ -4,6 +4,7 @@
 pub(crate) mod admin;
 pub mod enrollment_cache;
 pub mod mesh;
+pub mod shared_challenges;
 
 use crate::api::ServiceApi;
 use crate::clock::mono_nanos;
@@ -269,7 +270,7 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     let cache = Rc::new_cyclic(|cache| {
         let mesh = Mesh::start(mesh, serve_peers(cache.clone(), metrics.clone()));
         let challenges = spec.svc.limits.max_tpm_challenges.div_ceil(spec.svc.shards.max(1));
-        EnrollmentCache::new(mesh, spec.svc.shard_hash_key, store, entries, challenges, metrics.clone())
+        EnrollmentCache::new(mesh, spec.svc.shard_hash_key, store, entries, challenges, spec.svc.shared_store, metrics.clone())
     });
     let tracking = Rc::new(TrackingIds::new(spec.svc.boot, spec.id));
     let shard = Rc::new(Shard {
