@@ -260,3 +260,44 @@ fn a_node_reaches_etcd_over_tls_with_its_client_certificate() {
     node.put_enrollment("tls-dev", KEY, KEY2, json!({}));
     assert_eq!(register(&node, "tls-dev", KEY)["status"], "assigned");
 }
+
+#[test]
+fn hub_work_left_by_a_stopped_node_is_finished_by_another_nodes_poll() {
+    // A registration's hub step (the device's identity at an Azure-IoT-Hub-like registry) keeps
+    // failing on node A, which then goes away with the state `assigning` in etcd. The device
+    // polls node B: B resumes the step from the stored state and answers `assigned`.
+    let etcd = Cluster::start(1);
+    let hub = common::fake_iothub::FakeIotHub::start("roaming.azure-devices.net");
+    hub.unavailable.store(usize::MAX / 2, std::sync::atomic::Ordering::SeqCst);
+    let cfg = || {
+        let mut c = node_config(&etcd);
+        c.limits.hub_retry_first_ms = 50;
+        c.limits.hub_retry_max_ms = 100;
+        c.limits.hub_deadline_secs = 60;
+        c.limits.hub_wait_ms = 200;
+        c
+    };
+    let a = TestServer::start(cfg());
+    let dir_b = tempfile::tempdir().unwrap();
+    std::fs::copy(a.dir.path().join("data.key"), dir_b.path().join("data.key")).unwrap();
+    let b = TestServer::start_in(dir_b, cfg());
+    let (st, v) = status_json(a.send("PUT", &format!("/linkedHubs/{}", hub.host), Some(hub.hub_json(true))));
+    assert_eq!(st, 200, "{v}");
+    a.put_enrollment("roamer", KEY, KEY2, json!({"iotHubs": [hub.host]}));
+    let op = https_register(&a, "roamer", KEY, "{}");
+    let pending = https_poll(&a, "roamer", KEY, &op, Duration::from_millis(500));
+    assert_eq!(pending["status"], "assigning", "the hub is down, so A cannot finish: {pending}");
+    drop(a);
+    assert!(hub.device("roamer").is_none());
+    // The hub is back; A is gone. The device polls B with the operation A gave it.
+    hub.unavailable.store(0, std::sync::atomic::Ordering::SeqCst);
+    let done = https_poll(&b, "roamer", KEY, &op, Duration::from_secs(20));
+    assert_eq!(
+        (done["status"].as_str(), done["registrationState"]["assignedHub"].as_str()),
+        (Some("assigned"), Some(hub.host.as_str())),
+        "{done}"
+    );
+    assert!(hub.device("roamer").is_some(), "B created the identity at the hub");
+    let (_, state) = status_json(b.send("GET", "/registrations/roamer", None));
+    assert_eq!(state["status"], "assigned", "{state}");
+}
