@@ -224,3 +224,34 @@ fn the_config_stamp_moves_with_groups_hubs_and_certificates_only() {
     );
     assert!(b.config_stamp().unwrap() > last);
 }
+
+#[test]
+fn etcd_authentication_is_used_when_configured() {
+    let c = Cluster::start(1);
+    // Authentication turned on as an operator would: a root user, then a user of our own whose
+    // role may read and write the instance's prefix only.
+    let root = "/auth-dps";
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut admin = etcd_client::Client::connect(&c.clients, None).await.unwrap();
+        let _ = admin.role_add("root").await;
+        admin.user_add("root", "root-password", None).await.unwrap();
+        admin.user_grant_role("root", "root").await.unwrap();
+        admin.role_add("dps").await.unwrap();
+        admin.role_grant_permission("dps", etcd_client::Permission::read_write(format!("{root}/")).with_prefix()).await.unwrap();
+        admin.user_add("dps", "dps-password", None).await.unwrap();
+        admin.user_grant_role("dps", "dps").await.unwrap();
+        admin.auth_enable().await.unwrap();
+    });
+    let with_user = |user: Option<(&str, &str)>, root: &str| {
+        let cfg =
+            EtcdConfig { user: user.map(|(u, p)| (u.to_string(), p.to_string())), timeout: Duration::from_secs(3), ..config(&c, root) };
+        EtcdStore::connect(&cfg, DataKey::new(&[7; 32]))
+    };
+    let s = with_user(Some(("dps", "dps-password")), root).unwrap();
+    assert!(s.commit(vec![put(Table::Enrollments, "e1", rec("\"1\"", 0, "{}"), Expect::Absent, None)]).unwrap()[0].is_ok());
+    assert!(s.get(Table::Enrollments, "e1").unwrap().is_some());
+    assert!(with_user(None, root).is_err(), "served without credentials");
+    assert!(with_user(Some(("dps", "wrong")), root).is_err(), "served with a wrong password");
+    assert!(with_user(Some(("dps", "dps-password")), "/someone-else").is_err(), "served outside the role's prefix");
+}
