@@ -21,6 +21,8 @@ pub fn config(shards: usize, handshake_only: bool) -> dps_gateway::config::Confi
     c.limits.spin_before_park_us = std::env::var("DPS_BENCH_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     // DPS_BENCH_FENCES=0: glommio's membarrier at each park, as upstream (tuning.md).
     c.limits.park_with_fences = std::env::var("DPS_BENCH_FENCES").map_or(true, |v| v != "0");
+    // DPS_BENCH_PREEMPT_TIMERS=1: glommio's preemption timers armed on every pass, as upstream.
+    c.limits.preempt_timers = std::env::var("DPS_BENCH_PREEMPT_TIMERS").is_ok_and(|v| v == "1");
     for h in ["hub-a.example.net", "hub-b.example.net"] {
         c.linked_hubs.push(dps_gateway::config::HubConfig {
             host_name: h.into(),

@@ -246,6 +246,11 @@ pub struct Limits {
     /// running a thread of the service at each park (false; upstream glommio). tuning.md has
     /// the measurements.
     pub park_with_fences: bool,
+    /// Shards arm glommio's preemption timers on every pass of their event loop (upstream
+    /// behaviour). Off (the default): a shard runs one task queue, so there is nothing to
+    /// preempt for, and each arm and cancel costs a submission and a timer reprogramming
+    /// (tuning.md, "Partial load").
+    pub preempt_timers: bool,
     /// Refused device credentials (401) allowed per source address per minute, service-wide
     /// (each shard holds its share); past it the source is answered 429 before any store read
     /// until its budget refills. 0: no bound. Sources in `source_allow_list` are exempt.
@@ -296,6 +301,7 @@ impl Default for Limits {
             custom_allocation_timeout_secs: 30,
             spin_before_park_us: 0,
             park_with_fences: true,
+            preempt_timers: false,
             attestation_failures_per_source: 120,
             write_timeout_secs: 30,
         }

@@ -175,6 +175,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     }
     // Process-wide and before any executor starts (vendor/glommio/PATCHES.md).
     glommio::use_symmetric_sleep_fences(cfg.limits.park_with_fences);
+    glommio::use_preempt_timers(cfg.limits.preempt_timers);
     let mut shards = Vec::new();
     // The enrollment cache's channel mesh; shards join it once every shard is bound (`go`), so
     // a shard that fails to bind cannot leave the others waiting for it.

@@ -466,6 +466,13 @@ pub use enclose::enclose;
 pub fn use_symmetric_sleep_fences(on: bool) {
     sys::membarrier_use_symmetric_fences(on)
 }
+/// Whether executors arm their preemption timers on every pass of the event loop (upstream:
+/// yes). Off suits executors that run one task queue only: each arm and cancel is an io_uring
+/// submission and, on virtual machines, a timer reprogramming. Call before starting executors.
+/// (Local patch, see PATCHES.md.)
+pub fn use_preempt_timers(on: bool) {
+    sys::use_preempt_timers(on)
+}
 pub use scopeguard::defer;
 use sketches_ddsketch::DDSketch;
 use std::{

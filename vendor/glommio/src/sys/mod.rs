@@ -174,6 +174,10 @@ pub(crate) fn sendmsg_syscall(
 mod dma_buffer;
 mod membarrier;
 
+pub(crate) fn use_preempt_timers(on: bool) {
+    uring::use_preempt_timers(on)
+}
+
 pub(crate) fn membarrier_use_symmetric_fences(on: bool) {
     membarrier::use_symmetric_fences(on)
 }

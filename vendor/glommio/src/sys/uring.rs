@@ -231,6 +231,21 @@ fn check_supported_operations(ops: &[uring_sys::IoRingOp]) -> bool {
     }
 }
 
+/// Local patch (PATCHES.md): with this off, `Reactor::wait` arms neither preemption timer (the
+/// latency timer of `preempt_timer` and the throughput timer counting ring completions); each
+/// arm and its cancellation is a submission on every pass of the loop, and a timer (re)program
+/// on virtual machines. Only an executor with one task queue of its own can do without them:
+/// a queue then runs until it has nothing ready, and I/O is looked at between runs.
+static PREEMPT_TIMERS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+pub(crate) fn use_preempt_timers(on: bool) {
+    PREEMPT_TIMERS.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn preempt_timers() -> bool {
+    PREEMPT_TIMERS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static GLOMMIO_URING_OPS: &[IoRingOp] = &[
     IoRingOp::IORING_OP_NOP,
     IoRingOp::IORING_OP_READV,
@@ -1824,12 +1839,14 @@ impl Reactor {
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        if preempt_timers() {
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1879,7 +1896,7 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
+        if let Some(preempt) = preempt_timer().filter(|_| preempt_timers()) {
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
             flush_rings!(lat_ring, main_ring)?;
