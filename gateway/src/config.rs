@@ -312,7 +312,9 @@ impl Default for Limits {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreKnobs {
     pub readers: usize,
-    /// Point reads on the shard itself instead of a reader thread (tuning.md).
+    /// Point reads on the shard itself instead of a reader thread (tuning.md): on by default
+    /// with fjall (one crossing and two wake-ups fewer per registration); never with etcd,
+    /// whose reads are network round trips.
     pub inline_point_reads: bool,
     pub queue: usize,
     pub max_group: usize,
@@ -341,7 +343,7 @@ impl Default for StoreKnobs {
         let d = dps_storage::StoreServiceConfig::default();
         StoreKnobs {
             readers: d.readers,
-            inline_point_reads: d.inline_point_reads,
+            inline_point_reads: true,
             queue: d.queue,
             max_group: d.max_group,
             linger_us: d.linger_us,

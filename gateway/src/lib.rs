@@ -114,7 +114,8 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     }
     let store_cfg = dps_storage::StoreServiceConfig {
         readers: cfg.store.readers,
-        inline_point_reads: cfg.store.inline_point_reads,
+        // A read from etcd is a network round trip: never on a shard.
+        inline_point_reads: cfg.store.inline_point_reads && prepared.shared.is_none(),
         queue: cfg.store.queue,
         max_group: cfg.store.max_group,
         linger_us: cfg.store.linger_us,
