@@ -112,6 +112,9 @@ impl Route {
     }
 }
 
+/// The api-version our own clients (the CLI, the web console) send: the newest stable one.
+pub const OWN_CLIENTS_API_VERSION: &str = "2021-10-01";
+
 /// The api-versions the official clients send (docs/service-api.md §1.2); any other is refused.
 pub const API_VERSIONS: &[&str] = &[
     "2017-08-31-preview",
@@ -141,6 +144,11 @@ pub fn check_api_version(v: Option<&str>) -> Result<(), ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn our_own_clients_speak_a_version_we_take() {
+        assert!(check_api_version(Some(OWN_CLIENTS_API_VERSION)).is_ok());
+    }
 
     #[test]
     fn routes() {

@@ -251,15 +251,7 @@ fn instance(store: &dyn Store, cfg: &Config, dir: &Path) -> Result<InstanceRecor
                     rights: Rights::ALL.render(),
                 }],
             };
-            let body = serde_json::to_vec(&inst).map_err(|e| e.to_string())?;
-            let op = Op::Put {
-                table: Table::Meta,
-                key: "service".into(),
-                record: Record { etag: crate::service::new_etag(), class: 0, body },
-                expect: Expect::Absent,
-                quota: None,
-            };
-            match store.commit(vec![Txn::one(op)]).map_err(|e| e.to_string())?.remove(0) {
+            match create_meta(store, "service", &inst)? {
                 Ok(_) => {}
                 // Another node of a shared store initialised it first: join that one.
                 Err(TxnError::Conflict) => return instance(store, cfg, dir),
@@ -337,21 +329,22 @@ fn share_dev_ca(store: &dyn Store, dir: &Path, cfg: &Config) -> Result<(), Strin
             std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
         };
         let ca = SharedCa { cert: read(files.ca_cert.as_deref())?, key: read(Some(&certs_dir.join("ca.key")))? };
-        let body = serde_json::to_vec(&ca).map_err(|e| e.to_string())?;
-        let op = Op::Put {
-            table: Table::Meta,
-            key: "dev-ca".into(),
-            record: Record { etag: crate::service::new_etag(), class: 0, body },
-            expect: Expect::Absent,
-            quota: None,
-        };
-        match store.commit(vec![Txn::one(op)]).map_err(|e| e.to_string())?.remove(0) {
+        match create_meta(store, "dev-ca", &ca)? {
             Ok(_) => return Ok(()),
             Err(TxnError::Conflict) => continue, // another node published first: take its CA
             Err(e) => return Err(format!("cannot publish the development CA: {e:?}")),
         }
     }
     Err("the development CA of the shared store could not be settled".into())
+}
+
+/// Creates the `Meta` record `key` unless it exists: the store's answer (a `Conflict` when
+/// another node of a shared store created it first).
+fn create_meta<T: serde::Serialize>(store: &dyn Store, key: &str, value: &T) -> Result<dps_storage::TxnResult, String> {
+    let body = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+    let record = Record { etag: crate::service::new_etag(), class: 0, body };
+    let op = Op::Put { table: Table::Meta, key: key.into(), record, expect: Expect::Absent, quota: None };
+    Ok(store.commit(vec![Txn::one(op)]).map_err(|e| e.to_string())?.remove(0))
 }
 
 #[cfg(test)]

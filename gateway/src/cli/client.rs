@@ -60,8 +60,8 @@ pub struct Service {
     agent: ureq::Agent,
 }
 
-/// The api-version the CLI speaks (the newest the service takes).
-const API: &str = "2021-10-01";
+/// The api-version the CLI speaks.
+const API: &str = dps_core::service_route::OWN_CLIENTS_API_VERSION;
 
 impl Service {
     pub fn connect(o: &ConnectOpts) -> Result<Service, CliError> {

@@ -10,6 +10,7 @@ pub mod stats;
 use crate::clock::{mono_nanos, utc_now};
 use crate::shard::{next_connection, Shard};
 use crate::transport::http::{self, Request, Response};
+use dps_core::service_route::OWN_CLIENTS_API_VERSION;
 use futures::io::AsyncWriteExt;
 use glommio::net::{TcpListener, TcpStream};
 use sessions::Sessions;
@@ -185,8 +186,8 @@ async fn forward(req: &Request, path: &str, session: &sessions::Session, shard: 
     }
     let query = match req.query.contains("api-version=") {
         true => req.query.clone(),
-        false if req.query.is_empty() => "api-version=2021-10-01".to_string(),
-        false => format!("{}&api-version=2021-10-01", req.query),
+        false if req.query.is_empty() => format!("api-version={OWN_CLIENTS_API_VERSION}"),
+        false => format!("{}&api-version={OWN_CLIENTS_API_VERSION}", req.query),
     };
     let inner = Request { method: req.method.clone(), path: path.to_string(), query, headers, body: req.body.clone(), close: false };
     shard.api.handle(&inner, utc_now(), mono_nanos()).await.header("Cache-Control", "no-store")
