@@ -48,13 +48,19 @@ pub fn serve(dir: &Path, shards: usize, handshake_only: bool) -> Result<(), BoxE
 /// CPU time (user + system, all threads) a process has used so far.
 pub fn process_cpu(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command name: state, ppid, … utime (field 14), stime (15); the state letter
-    // does not parse as a number, so utime and stime are the 11th and 12th numbers.
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
     // USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
+    Duration::from_millis(stat_cpu_ticks(&stat).unwrap_or(0) * 10)
+}
+
+/// utime + stime (clock ticks) from a `/proc/PID/stat` line. Fields are counted by position
+/// after the command name (which may hold spaces and parentheses, hence the last `)`): state is
+/// field 3, utime 14 and stime 15. Not by picking the numbers out: `tpgid` (field 8) is -1 for
+/// a process without a terminal, and skipping it once shifted every later field by one, so
+/// the benchmark reported stime + cutime and left out all user time.
+pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some(field(14)? + field(15)?)
 }
 
 pub struct Gateway {
@@ -117,5 +123,31 @@ impl Drop for Gateway {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utime_and_stime_are_read_by_position() {
+        // A daemon's line: no terminal, so tty_nr 0 and tpgid -1; utime 1234, stime 56, cutime 7.
+        let line = "4242 (dps (shard) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 56 7 0 20 0 5 0 100 0 0";
+        assert_eq!(stat_cpu_ticks(line), Some(1234 + 56));
+        assert_eq!(stat_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn a_process_busy_in_user_space_shows_its_user_time() {
+        let before = process_cpu(std::process::id());
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let spent = process_cpu(std::process::id()) - before;
+        // Nearly all of the 300 ms is user time; a parser that reads only stime sees ~0.
+        assert!(spent >= Duration::from_millis(150), "{spent:?} of CPU counted for 300 ms of spinning");
     }
 }
