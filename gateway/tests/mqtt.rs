@@ -493,6 +493,48 @@ fn a_flood_of_requests_is_answered_in_order_and_others_are_served() {
     assert_eq!(other.register("1", b"").0, 200);
 }
 
+/// Sum of a counter's series (every label set) in a metrics scrape; 0 when it has none yet.
+fn counter_sum(s: &TestServer, family: &str) -> f64 {
+    let text = reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", s.ep.ports.admin)).unwrap().text().unwrap();
+    text.lines().filter(|l| l.starts_with(&format!("{family}{{"))).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// With point reads on the shard (fjall's default) an enrollment owned by the other shard is
+/// read from the store, not asked of its owner (two shard wake-ups saved per registration),
+/// and a key rolled through the service API is obeyed at once either way. The same traffic
+/// with point reads on the reader threads does ask the owners, so the count can fail.
+#[test]
+fn enrollment_lookups_read_the_store_instead_of_waking_the_owner() {
+    const OTHER: &str = "b3RoZXIta2V5LW90aGVyLWtleS1vdGhlci1rZXkhIQ==";
+    for inline in [true, false] {
+        let mut cfg = test_config();
+        cfg.limits.service_operations_per_minute = 0;
+        cfg.store.inline_point_reads = inline;
+        cfg.linked_hubs = vec![hub("hub-a.example")];
+        let s = TestServer::start(cfg);
+        // 16 devices, each registering twice: with two shards, some land away from their owner.
+        for i in 0..16 {
+            let id = format!("spread-{i}");
+            enroll(&s, &id, json!({}));
+            for n in 0..2 {
+                assert_eq!(connect(&s, &id, KEY).register(&n.to_string(), b"").0, 200, "{id}");
+            }
+            // The key rolled: the old one is refused and the new one taken on the next
+            // registration, whichever shard it reaches.
+            s.put_enrollment(&id, OTHER, OTHER, json!({}));
+            for n in 2..4 {
+                assert_eq!(connect(&s, &id, KEY).register(&n.to_string(), b"").0, 401, "{id}: old key after the roll");
+                assert_eq!(connect(&s, &id, OTHER).register(&n.to_string(), b"").0, 200, "{id}: new key after the roll");
+            }
+        }
+        let hops = counter_sum(&s, "dps_cross_shard_lookups_total");
+        match inline {
+            true => assert_eq!(hops, 0.0, "no lookup asked another shard"),
+            false => assert!(hops > 0.0, "without point reads on the shard, owners are asked"),
+        }
+    }
+}
+
 #[test]
 fn metrics_are_merged_across_shards() {
     let s = server_with_hubs(&["hub-a.example"]);

@@ -37,6 +37,43 @@ fn handshake_with(port: u16, ca: &std::path::Path, suite: rustls::SupportedCiphe
     cert.public_key().algorithm.algorithm.to_id_string()
 }
 
+/// Handshakes offering `suites` in that order (both TLS versions unless `tls12`); the suite
+/// the server chose.
+fn negotiated(port: u16, ca: &std::path::Path, suites: Vec<rustls::SupportedCipherSuite>, tls12: bool) -> rustls::CipherSuite {
+    let mut p = provider::default_provider();
+    p.cipher_suites = suites;
+    let versions: &[&rustls::SupportedProtocolVersion] =
+        if tls12 { &[&rustls::version::TLS12] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(p))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots(ca))
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    tls.write_all(b"GET /enrollments/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    let _ = tls.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    tls.conn.negotiated_cipher_suite().unwrap().suite()
+}
+
+/// The server picks AES-128-GCM (SHA-256, which has CPU instructions) even from a client that
+/// lists AES-256-GCM-SHA384 first, as OpenSSL and so the official SDKs do; a client that offers
+/// only AES-256 is still served.
+#[test]
+fn the_server_prefers_aes_128_gcm() {
+    let s = TestServer::start(test_config());
+    let ca = s.ep.ca_certificate.clone().unwrap();
+    use provider::cipher_suite::*;
+    use rustls::CipherSuite as C;
+    let tls13 = vec![TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_128_GCM_SHA256];
+    assert_eq!(negotiated(s.ep.ports.https, &ca, tls13, false), C::TLS13_AES_128_GCM_SHA256);
+    let tls12 = vec![TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256];
+    assert_eq!(negotiated(s.ep.ports.https, &ca, tls12, true), C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+    assert_eq!(negotiated(s.ep.ports.https, &ca, vec![TLS13_AES_256_GCM_SHA384], false), C::TLS13_AES_256_GCM_SHA384);
+}
+
 const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
 const RSA_ENCRYPTION: &str = "1.2.840.113549.1.1.1";
 

@@ -181,6 +181,11 @@ impl StoreService {
         rx.await.unwrap_or(Err(ServiceError::Closed))
     }
 
+    /// Whether point reads run on the caller's thread (no thread crossing, no wake-up).
+    pub fn point_reads_inline(&self) -> bool {
+        self.inline_point_reads
+    }
+
     pub async fn get(&self, table: Table, key: &str) -> Result<Option<Record>, ServiceError> {
         if self.inline_point_reads {
             let store = self.store.upgrade().ok_or(ServiceError::Closed)?;

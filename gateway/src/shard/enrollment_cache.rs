@@ -1,6 +1,8 @@
 //! The shard-partitioned cache of individual enrollments: each shard owns the enrollments
 //! whose registration id hashes to it and answers the other shards' lookups over the mesh; a
-//! miss reads the store. Service API writes invalidate the owning partition before they are
+//! miss reads the store. When point reads run on the shard (`store.inline_point_reads`, the
+//! default with fjall), another shard's key is read from the store directly instead: cheaper
+//! than waking the owner. Service API writes invalidate the owning partition before they are
 //! acknowledged, so the very next registration sees them. Absence is cached too (group devices
 //! have no individual enrollment), bounded apart from the records: ids that name nothing are
 //! anyone's to invent, and a flood of them must not push real enrollments out.
@@ -81,6 +83,15 @@ impl EnrollmentCache {
         let owner = owner_of(key, self.mesh.peers(), self.hash_key);
         if owner == self.mesh.me() {
             return self.local_get(key).await;
+        }
+        if self.store.point_reads_inline() {
+            // The store is the truth the owner's partition copies, and a point read on this
+            // thread costs a few microseconds, while asking the owner wakes two sleeping shards
+            // (the owner, then this one with its answer): about 100 µs of CPU each on a VM
+            // (tuning.md). Group devices, which have no individual enrollment, ask on every
+            // registration. So with point reads on the shard only the owner's own lookups use
+            // its partition; a write acknowledged by the service API is in the store already.
+            return self.store.get(Table::Enrollments, key).await;
         }
         self.metrics.inc("dps_cross_shard_lookups_total", &[("shard", &self.mesh.me().to_string())]);
         match self.mesh.call(owner, Request::Lookup(key.to_string())).await {
