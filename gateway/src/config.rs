@@ -319,6 +319,10 @@ pub struct StoreKnobs {
     pub queue: usize,
     pub max_group: usize,
     pub linger_us: u64,
+    /// A commit runs on the shard that asks for it, instead of the writer thread, when nothing
+    /// else is being committed and recent commits took at most this long (µs; 0: never). On by
+    /// default with fjall (tuning.md); never with etcd, whose commits are network round trips.
+    pub inline_commit_max_us: u64,
     /// fjall block cache, MiB.
     pub cache_mb: u64,
     /// `fjall` (embedded, one node: the default) or `etcd` (state shared by several nodes).
@@ -347,6 +351,7 @@ impl Default for StoreKnobs {
             queue: d.queue,
             max_group: d.max_group,
             linger_us: d.linger_us,
+            inline_commit_max_us: 1_000,
             cache_mb: 64,
             kind: "fjall".into(),
             etcd_endpoints: Vec::new(),

@@ -119,6 +119,8 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
         queue: cfg.store.queue,
         max_group: cfg.store.max_group,
         linger_us: cfg.store.linger_us,
+        // A commit to etcd is a network round trip: never on a shard.
+        inline_commit_max_us: if prepared.shared.is_none() { cfg.store.inline_commit_max_us } else { 0 },
     };
     if prepared.shared.is_some() && cfg.limits.enrollment_cache_entries > 0 {
         // Another node's write must be seen by the next registration here: with a shared store

@@ -66,6 +66,11 @@ const CATALOGUE: &[(&str, &str, &str)] = &[
     ("dps_shard_stall_seconds_total", "counter", "Total lateness of those stalls, seconds, by shard."),
     ("dps_store_commit_groups_total", "counter", "Group commits (one fsync each)."),
     ("dps_store_commit_transactions_total", "counter", "Transactions committed."),
+    (
+        "dps_store_inline_commits_total",
+        "counter",
+        "Transactions committed on the shard that asked, not the writer thread (store.inline_commit_max_us).",
+    ),
     ("dps_store_commit_seconds_total", "counter", "Time spent committing, seconds."),
     ("dps_store_commit_latency_seconds", "histogram", "Latency of a group commit (write and fsync)."),
     ("dps_store_write_queue_depth", "gauge", "Writes waiting for the store writer."),
@@ -199,6 +204,7 @@ fn split_series(s: &str) -> (String, Vec<(String, String)>) {
 pub struct StoreView {
     pub groups: u64,
     pub txns: u64,
+    pub inline_txns: u64,
     pub commit_seconds: f64,
     pub queued: usize,
     pub writes_stopped: bool,
@@ -218,6 +224,7 @@ impl StoreView {
         StoreView {
             groups: stats.groups.load(Relaxed),
             txns: stats.txns.load(Relaxed),
+            inline_txns: stats.inline_txns.load(Relaxed),
             commit_seconds: stats.commit_micros.load(Relaxed) as f64 / 1e6,
             queued,
             writes_stopped: stats.writes_stopped.load(Relaxed),
@@ -236,6 +243,7 @@ pub fn render(shards: Vec<Vec<(String, i64)>>, store: Option<StoreView>) -> Stri
         let int = |v: u64| Value::Int(i64::try_from(v).unwrap_or(i64::MAX));
         scrape.add("dps_store_commit_groups_total", int(st.groups));
         scrape.add("dps_store_commit_transactions_total", int(st.txns));
+        scrape.add("dps_store_inline_commits_total", int(st.inline_txns));
         scrape.add("dps_store_commit_seconds_total", Value::Float(st.commit_seconds));
         scrape.add("dps_store_write_queue_depth", int(st.queued as u64));
         // 1 once a full disk or a failed fsync stopped the store's writes (until a restart).

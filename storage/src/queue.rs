@@ -72,6 +72,10 @@ impl<T> Sender<T> {
     pub fn len(&self) -> usize {
         self.0.lock().items.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl<T> Clone for Sender<T> {

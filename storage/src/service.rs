@@ -28,11 +28,16 @@ pub struct StoreServiceConfig {
     /// How long the writer lingers for more writes before committing a group, in microseconds.
     /// 0 (default) commits whatever has queued up while the previous fsync ran.
     pub linger_us: u64,
+    /// A commit runs on the caller's thread when no other commit runs or waits and recent
+    /// commits (fsync included) took at most this long, in microseconds; 0 (default): always
+    /// on the writer thread. At partial load that saves the writer's wake-up and the caller's
+    /// (tuning.md); under load the queue is rarely empty and group commit takes over.
+    pub inline_commit_max_us: u64,
 }
 
 impl Default for StoreServiceConfig {
     fn default() -> Self {
-        StoreServiceConfig { readers: 2, inline_point_reads: false, queue: 65_536, max_group: 4_096, linger_us: 0 }
+        StoreServiceConfig { readers: 2, inline_point_reads: false, queue: 65_536, max_group: 4_096, linger_us: 0, inline_commit_max_us: 0 }
     }
 }
 
@@ -106,6 +111,10 @@ pub struct CommitStats {
     pub buckets: [AtomicU64; COMMIT_BUCKETS_US.len() + 1],
     /// Set once the store stopped taking writes.
     pub writes_stopped: AtomicBool,
+    /// Commits made on the caller's thread (`inline_commit_max_us`), transactions.
+    pub inline_txns: AtomicU64,
+    /// A moving average of recent commit latencies (µs): what an inline commit would block for.
+    recent_micros: AtomicU64,
 }
 
 impl CommitStats {
@@ -113,6 +122,9 @@ impl CommitStats {
         let i = COMMIT_BUCKETS_US.iter().position(|b| micros <= *b).unwrap_or(COMMIT_BUCKETS_US.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.commit_micros.fetch_add(micros, Ordering::Relaxed);
+        // Updated under the commit lock, so load and store do not race.
+        let old = self.recent_micros.load(Ordering::Relaxed);
+        self.recent_micros.store((old * 7 + micros) / 8, Ordering::Relaxed);
     }
 }
 
@@ -125,6 +137,10 @@ pub struct StoreService {
     reads: Sender<Read>,
     writes: Sender<Write>,
     inline_point_reads: bool,
+    inline_commit_max_us: u64,
+    /// Held by whoever commits (the writer thread, or a caller committing inline): a commit
+    /// checks its preconditions and applies them as one step.
+    commit_lock: Arc<std::sync::Mutex<()>>,
     pub stats: Arc<CommitStats>,
 }
 
@@ -158,13 +174,22 @@ impl StoreService {
             let (s, rx, c) = (store.clone(), rrx.clone(), closing.clone());
             handles.push(spawn(format!("store-read-{i}"), move || reader(s, rx, c)));
         }
+        let commit_lock = Arc::new(std::sync::Mutex::new(()));
         {
             let (s, st, max, linger, c) =
                 (store.clone(), stats.clone(), cfg.max_group.max(1), Duration::from_micros(cfg.linger_us), closing.clone());
-            handles.push(spawn("store-write".into(), move || writer(s, wrx, st, max, linger, c)));
+            let lock = commit_lock.clone();
+            handles.push(spawn("store-write".into(), move || writer(s, wrx, st, max, linger, c, &lock)));
         }
-        let service =
-            StoreService { store: Arc::downgrade(&store), reads: rtx, writes: wtx, inline_point_reads: cfg.inline_point_reads, stats };
+        let service = StoreService {
+            store: Arc::downgrade(&store),
+            reads: rtx,
+            writes: wtx,
+            inline_point_reads: cfg.inline_point_reads,
+            inline_commit_max_us: cfg.inline_commit_max_us,
+            commit_lock,
+            stats,
+        };
         (service, StoreThreads { handles, store, closing })
     }
 
@@ -218,8 +243,29 @@ impl StoreService {
 
     /// Commits one transaction; resolves once it is durable (or refused by its preconditions).
     pub async fn commit(&self, txn: Txn) -> Result<TxnResult, ServiceError> {
+        let txn = match self.commit_inline(txn) {
+            Ok(result) => return result,
+            Err(txn) => txn,
+        };
         let rx = Self::send(&self.writes, |reply| Write { txn, reply })?;
         Self::wait(rx).await
+    }
+
+    /// Commits on this thread when that is cheap and fair (`inline_commit_max_us`): nothing
+    /// queued for the writer, no commit running, and recent commits quick. Otherwise gives the
+    /// transaction back for the writer's queue.
+    fn commit_inline(&self, txn: Txn) -> Result<Result<TxnResult, ServiceError>, Txn> {
+        if self.inline_commit_max_us == 0
+            || self.stats.recent_micros.load(Ordering::Relaxed) > self.inline_commit_max_us
+            || !self.writes.is_empty()
+        {
+            return Err(txn);
+        }
+        let Some(store) = self.store.upgrade() else { return Err(txn) };
+        let Ok(_held) = self.commit_lock.try_lock() else { return Err(txn) };
+        self.stats.inline_txns.fetch_add(1, Ordering::Relaxed);
+        let mut results = commit_group(store.as_ref(), vec![txn], &self.stats);
+        Ok(results.pop().unwrap_or(Err(ServiceError::Closed)))
     }
 
     /// Commits several transactions, each independent, and answers for each: its result, or why
@@ -295,6 +341,7 @@ fn writer(
     max_group: usize,
     linger: Duration,
     closing: Arc<AtomicBool>,
+    commit_lock: &std::sync::Mutex<()>,
 ) {
     while let Some(first) = next(&rx, &closing) {
         let mut group = vec![first];
@@ -313,29 +360,36 @@ fn writer(
             }
         }
         let (txns, replies): (Vec<Txn>, Vec<Reply<TxnResult>>) = group.into_iter().map(|w| (w.txn, w.reply)).unzip();
-        let started = Instant::now();
-        let n = txns.len() as u64;
-        match store.commit(txns) {
-            Ok(results) => {
-                stats.groups.fetch_add(1, Ordering::Relaxed);
-                stats.txns.fetch_add(n, Ordering::Relaxed);
-                stats.record(started.elapsed().as_micros() as u64);
-                for (reply, r) in replies.into_iter().zip(results) {
-                    let _ = reply.send(Ok(r));
-                }
-            }
-            Err(StoreError::WritesStopped(why)) => {
-                stats.writes_stopped.store(true, Ordering::Relaxed);
-                for reply in replies {
-                    let _ = reply.send(Err(ServiceError::WritesStopped(why.clone())));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "group commit failed; {n} writes not acknowledged");
-                for reply in replies {
-                    let _ = reply.send(Err(ServiceError::Failed(e.to_string())));
-                }
-            }
+        // A panic under the lock leaves nothing half-done in it (the store's commit is one
+        // step), so a poisoned lock is still usable.
+        let results = {
+            let _held = commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            commit_group(store.as_ref(), txns, &stats)
+        };
+        for (reply, r) in replies.into_iter().zip(results) {
+            let _ = reply.send(r);
+        }
+    }
+}
+
+/// Commits a group (the caller holds the commit lock); each transaction's answer.
+fn commit_group(store: &dyn Store, txns: Vec<Txn>, stats: &CommitStats) -> Vec<Result<TxnResult, ServiceError>> {
+    let started = Instant::now();
+    let n = txns.len();
+    match store.commit(txns) {
+        Ok(results) => {
+            stats.groups.fetch_add(1, Ordering::Relaxed);
+            stats.txns.fetch_add(n as u64, Ordering::Relaxed);
+            stats.record(started.elapsed().as_micros() as u64);
+            results.into_iter().map(Ok).collect()
+        }
+        Err(StoreError::WritesStopped(why)) => {
+            stats.writes_stopped.store(true, Ordering::Relaxed);
+            vec![Err(ServiceError::WritesStopped(why)); n]
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "group commit failed; {n} writes not acknowledged");
+            vec![Err(ServiceError::Failed(e.to_string())); n]
         }
     }
 }

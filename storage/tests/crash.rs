@@ -13,7 +13,9 @@ use std::process::{Command, Stdio};
 fn acknowledged_writes_survive_sigkill() {
     for round in 0..3 {
         let d = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_crash_writer")).arg(d.path()).stdout(Stdio::piped()).spawn().unwrap();
+        // The last round commits on the caller's thread (`inline_commit_max_us`).
+        let mode = if round == 2 { "inline" } else { "group" };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crash_writer")).arg(d.path()).arg(mode).stdout(Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut acked: Option<u64> = None;
         let kill_after = 2_000 + round * 1_500;
@@ -61,29 +63,38 @@ fn acknowledged_writes_survive_sigkill() {
 #[test]
 fn no_write_is_acknowledged_before_its_journal_is_synced() {
     assert!(Command::new("strace").arg("-V").output().is_ok_and(|o| o.status.success()), "strace is needed (scripts/deps.sh)");
-    let d = tempfile::tempdir().unwrap();
-    let trace = d.path().join("trace");
-    let db = d.path().join("db");
-    let mut child = Command::new("strace")
-        .args(["-f", "-y", "-qq", "-e", "trace=write,pwrite64,writev,pwritev,pwritev2,fsync,fdatasync", "-o"])
-        .arg(&trace)
-        .arg(env!("CARGO_BIN_EXE_crash_writer"))
-        .arg(&db)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    for line in BufReader::new(stdout).lines() {
-        let n: u64 = line.unwrap().strip_prefix("ack ").unwrap().parse().unwrap();
-        if n >= 1_500 {
-            break;
+    // Group commits on the writer thread, and commits on the caller's thread.
+    for mode in ["group", "inline"] {
+        let d = tempfile::tempdir().unwrap();
+        let trace = d.path().join("trace");
+        let db = d.path().join("db");
+        let mut child = Command::new("strace")
+            .args(["-f", "-y", "-qq", "-e", "trace=write,pwrite64,writev,pwritev,pwritev2,fsync,fdatasync", "-o"])
+            .arg(&trace)
+            .arg(env!("CARGO_BIN_EXE_crash_writer"))
+            .arg(&db)
+            .arg(mode)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let want = if mode == "group" { 1_500 } else { 300 };
+        for line in BufReader::new(stdout).lines() {
+            let n: u64 = line.unwrap().strip_prefix("ack ").unwrap().parse().unwrap();
+            if n >= want {
+                break;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let text = std::fs::read_to_string(&trace).unwrap();
+        let (acks, syncs) = check_sync_order(&text).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(acks >= want as usize && syncs >= 10, "{mode}: {acks} acknowledgements and {syncs} syncs seen");
+        if mode == "inline" {
+            // One sync per acknowledgement: each commit was its own.
+            assert!(syncs >= acks, "{mode}: {acks} acknowledgements, {syncs} syncs");
         }
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let text = std::fs::read_to_string(&trace).unwrap();
-    let (acks, syncs) = check_sync_order(&text).unwrap_or_else(|e| panic!("{e}"));
-    assert!(acks >= 1_500 && syncs >= 10, "{acks} acknowledgements and {syncs} syncs seen");
 }
 
 /// Returns (acknowledgements checked, journal syncs seen), or the first acknowledgement that
