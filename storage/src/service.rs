@@ -28,10 +28,12 @@ pub struct StoreServiceConfig {
     /// How long the writer lingers for more writes before committing a group, in microseconds.
     /// 0 (default) commits whatever has queued up while the previous fsync ran.
     pub linger_us: u64,
-    /// A commit runs on the caller's thread when no other commit runs or waits and recent
-    /// commits (fsync included) took at most this long, in microseconds; 0 (default): always
-    /// on the writer thread. At partial load that saves the writer's wake-up and the caller's
-    /// (tuning.md); under load the queue is rarely empty and group commit takes over.
+    /// A commit runs on the caller's thread when no other commit runs or waits, recent commits
+    /// (fsync included) took at most this long, in microseconds, and the store has been idle
+    /// most of the time lately (`IDLE_PER_BUSY`); 0 (default): always on the writer thread. At
+    /// partial load that saves the writer's wake-up and the caller's (tuning.md); under load
+    /// the writer's group commit takes over, and the caller never waits for an fsync that
+    /// other commits could have shared.
     pub inline_commit_max_us: u64,
 }
 
@@ -113,18 +115,53 @@ pub struct CommitStats {
     pub writes_stopped: AtomicBool,
     /// Commits made on the caller's thread (`inline_commit_max_us`), transactions.
     pub inline_txns: AtomicU64,
-    /// A moving average of recent commit latencies (µs): what an inline commit would block for.
+    /// Moving averages (µs) of recent commit latencies, what an inline commit would block
+    /// for, and of the idle time before each commit. Updated under the commit lock.
     recent_micros: AtomicU64,
+    recent_idle_micros: AtomicU64,
+    /// When the last commit ended (µs since `epoch`).
+    last_end_micros: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
 }
 
+/// An inline commit needs the store to have been idle at least this many times as long as it
+/// was committing, lately: with one shard under load its commits come back to back, and
+/// committing each inline would make every one wait for its own fsync where the writer's
+/// group commit shares one (measured in tuning.md: 1 shard fell from 2,846 to 1,519
+/// registrations/s before this rule).
+const IDLE_PER_BUSY: u64 = 8;
+
+/// Idle times longer than this count as this long: one quiet minute must not keep commits
+/// inline through the burst that follows.
+const IDLE_CAP_MICROS: u64 = 10_000;
+
 impl CommitStats {
+    fn now_micros(&self) -> u64 {
+        self.epoch.get_or_init(Instant::now).elapsed().as_micros() as u64
+    }
+
+    /// Called as a commit starts (under the commit lock): the idle time since the last.
+    fn starting(&self) {
+        let last_end = self.last_end_micros.load(Ordering::Relaxed);
+        let idle = self.now_micros().saturating_sub(last_end).min(IDLE_CAP_MICROS);
+        // Before the first commit the store was idle all along.
+        let old = if last_end == 0 { IDLE_CAP_MICROS } else { self.recent_idle_micros.load(Ordering::Relaxed) };
+        self.recent_idle_micros.store((old * 7 + idle) / 8, Ordering::Relaxed);
+    }
+
     fn record(&self, micros: u64) {
         let i = COMMIT_BUCKETS_US.iter().position(|b| micros <= *b).unwrap_or(COMMIT_BUCKETS_US.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.commit_micros.fetch_add(micros, Ordering::Relaxed);
-        // Updated under the commit lock, so load and store do not race.
         let old = self.recent_micros.load(Ordering::Relaxed);
         self.recent_micros.store((old * 7 + micros) / 8, Ordering::Relaxed);
+        self.last_end_micros.store(self.now_micros(), Ordering::Relaxed);
+    }
+
+    /// Whether recent commits were quick (at most `max_us`) and the store mostly idle.
+    fn quick_and_idle(&self, max_us: u64) -> bool {
+        let busy = self.recent_micros.load(Ordering::Relaxed);
+        busy <= max_us && self.recent_idle_micros.load(Ordering::Relaxed) >= busy * IDLE_PER_BUSY
     }
 }
 
@@ -255,10 +292,7 @@ impl StoreService {
     /// queued for the writer, no commit running, and recent commits quick. Otherwise gives the
     /// transaction back for the writer's queue.
     fn commit_inline(&self, txn: Txn) -> Result<Result<TxnResult, ServiceError>, Txn> {
-        if self.inline_commit_max_us == 0
-            || self.stats.recent_micros.load(Ordering::Relaxed) > self.inline_commit_max_us
-            || !self.writes.is_empty()
-        {
+        if self.inline_commit_max_us == 0 || !self.stats.quick_and_idle(self.inline_commit_max_us) || !self.writes.is_empty() {
             return Err(txn);
         }
         let Some(store) = self.store.upgrade() else { return Err(txn) };
@@ -374,6 +408,7 @@ fn writer(
 
 /// Commits a group (the caller holds the commit lock); each transaction's answer.
 fn commit_group(store: &dyn Store, txns: Vec<Txn>, stats: &CommitStats) -> Vec<Result<TxnResult, ServiceError>> {
+    stats.starting();
     let started = Instant::now();
     let n = txns.len();
     match store.commit(txns) {

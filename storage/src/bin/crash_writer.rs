@@ -1,6 +1,6 @@
 //! Test helper for the crash-recovery test: commits a stream of writes through the
 //! [`StoreService`] (many in flight at once, so group commit is exercised) and prints
-//! `ack {n}` once write `n` is acknowledged. The test kills it with SIGKILL mid-stream.
+//! `ack {n} {inline commits so far}` once write `n` is acknowledged. The test kills it with SIGKILL mid-stream.
 //! Write `n` is one transaction of two puts (an enrollment and a registration state, whose
 //! group the store also indexes), so a crash must keep or lose all three keys together.
 
@@ -22,12 +22,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     loop {
         let batch = if inline { 1 } else { 64 };
         let results = match inline {
-            true => vec![futures::executor::block_on(svc.commit(write(n)))],
+            true => {
+                // A pause, as a shard's commits at partial load have: back-to-back commits
+                // go to the writer's group commit instead.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                vec![futures::executor::block_on(svc.commit(write(n)))]
+            }
             false => futures::executor::block_on(svc.commit_many((n..n + batch).map(write).collect())),
         };
         for r in results {
             r?.map_err(|e| format!("write {n} refused: {e:?}"))?;
-            writeln!(out, "ack {n}")?;
+            // With the count of inline commits so far, so the test knows the path was taken.
+            writeln!(out, "ack {n} {}", svc.stats.inline_txns.load(std::sync::atomic::Ordering::Relaxed))?;
             n += 1;
         }
         out.flush()?;
