@@ -4,16 +4,13 @@
 //! SDK over `amqp` and `amqpws` in tests/tests/interop_device.rs.)
 
 mod common;
-use common::mqtt_client::{device_token, tls_config};
+use common::mqtt_client::device_token;
 use common::*;
 use dps_core::amqp::{encode_frame, parse_frame, FRAME_SASL};
 use std::io::{Read, Write};
 
-fn open_tls(s: &TestServer) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.amqp)).unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    let conn = rustls::ClientConnection::new(tls_config(s.ep.ca_certificate.as_ref().unwrap()), "localhost".try_into().unwrap()).unwrap();
-    rustls::StreamOwned::new(conn, tcp)
+fn open_amqp(s: &TestServer) -> TlsStream {
+    open_tls(s, s.ep.ports.amqp)
 }
 
 /// Everything the server sends until it closes.
@@ -39,7 +36,7 @@ fn sasl_init(mechanism: &str, response: &[u8]) -> Vec<u8> {
 
 /// The SASL frames after the 8-byte header: (mechanisms offered, outcome code).
 fn sasl_exchange(s: &TestServer, mechanism: &str, response: &[u8]) -> (Vec<u8>, Option<u8>) {
-    let mut tls = open_tls(s);
+    let mut tls = open_amqp(s);
     tls.write_all(&dps_core::amqp::SASL_HEADER).unwrap();
     tls.write_all(&sasl_init(mechanism, response)).unwrap();
     tls.flush().unwrap();
@@ -74,25 +71,25 @@ fn sasl_refusals_and_bad_input() {
     assert_eq!(sasl_exchange(&s, "PLAIN", &bad_pass).1, Some(1));
 
     // Not AMQP at all: the server answers with its header and closes.
-    let mut tls = open_tls(&s);
+    let mut tls = open_amqp(&s);
     tls.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let all = read_all(&mut tls);
     assert_eq!(all, dps_core::amqp::SASL_HEADER);
     // A frame claiming 16 MB: closed without buffering it.
-    let mut tls = open_tls(&s);
+    let mut tls = open_amqp(&s);
     tls.write_all(&dps_core::amqp::SASL_HEADER).unwrap();
     tls.write_all(&[0x01, 0x00, 0x00, 0x00, 2, 1, 0, 0]).unwrap();
     let all = read_all(&mut tls);
     assert!(all.len() < 200, "closed after the mechanisms frame");
     // The plain AMQP header (the X.509 path) without a client certificate: our header, open,
     // and a close with amqp:unauthorized-access.
-    let mut tls = open_tls(&s);
+    let mut tls = open_amqp(&s);
     tls.write_all(&dps_core::amqp::AMQP_HEADER).unwrap();
     let all = read_all(&mut tls);
     assert!(all.starts_with(&dps_core::amqp::AMQP_HEADER));
     assert!(all.windows(24).any(|w| w == b"amqp:unauthorized-access"), "{all:?}");
     // After SASL, a frame over our 64 KiB max-frame-size: a close with framing-error.
-    let mut tls = open_tls(&s);
+    let mut tls = open_amqp(&s);
     tls.write_all(&dps_core::amqp::SASL_HEADER).unwrap();
     tls.write_all(&sasl_init("PLAIN", &good)).unwrap();
     tls.write_all(&dps_core::amqp::AMQP_HEADER).unwrap();
@@ -112,24 +109,12 @@ fn a_client_that_trickles_sasl_bytes_is_closed_at_the_login_deadline() {
     cfg.limits.login_timeout_secs = 2;
     cfg.limits.idle_timeout_secs = 60;
     let s = TestServer::start(cfg);
-    let mut tls = open_tls(&s);
+    let mut tls = open_amqp(&s);
     tls.write_all(&dps_core::amqp::SASL_HEADER).unwrap();
     tls.flush().unwrap();
     // A sasl-init frame, fed a byte every 300 ms.
     let frame = sasl_init("PLAIN", &[b'x'; 200]);
-    let t = std::time::Instant::now();
-    let mut closed = false;
-    for b in frame.iter().cycle().take(40) {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        if tls.write_all(&[*b]).and_then(|_| tls.flush()).is_err() {
-            closed = true;
-            break;
-        }
-    }
-    if !closed {
-        // The server's close may not have failed a write yet: read to the end.
-        let _ = read_all(&mut tls);
-    }
-    assert!(t.elapsed() < std::time::Duration::from_secs(11), "trickled for {:?}", t.elapsed());
-    assert!(closed, "the connection outlived 40 trickled bytes (12 s) past a 2 s login deadline");
+    let closed = trickle_until_closed(&mut tls, frame.into_iter().cycle().take(40));
+    let closed = closed.unwrap_or_else(|| panic!("the connection outlived 40 trickled bytes (12 s) past a 2 s login deadline"));
+    assert!(closed < std::time::Duration::from_secs(11), "trickled for {closed:?}");
 }

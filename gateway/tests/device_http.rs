@@ -67,11 +67,7 @@ fn register_poll_and_lookup_over_https() {
     // A malformed request head: 400.
     {
         use std::io::{Read, Write};
-        let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.https)).unwrap();
-        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-        let conn =
-            rustls::ClientConnection::new(tls_config(s.ep.ca_certificate.as_ref().unwrap()), "localhost".try_into().unwrap()).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut tls = open_tls(&s, s.ep.ports.https);
         tls.write_all(b"PUT /x/registrations/y/register HTTP/1.1\r\nContent-Length: nope\r\n\r\n").unwrap();
         let mut out = Vec::new();
         let _ = tls.read_to_end(&mut out);
@@ -325,13 +321,7 @@ fn a_refused_credential_ends_the_https_connection() {
     let s = server();
     let e = json!({"registrationId": "close-dev", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}});
     assert_eq!(s.send("PUT", "/enrollments/close-dev", Some(e)).status().as_u16(), 200);
-    let open = || {
-        let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.https)).unwrap();
-        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-        let conn =
-            rustls::ClientConnection::new(tls_config(s.ep.ca_certificate.as_ref().unwrap()), "localhost".try_into().unwrap()).unwrap();
-        rustls::StreamOwned::new(conn, tcp)
-    };
+    let open = || open_tls(&s, s.ep.ports.https);
     let request = |token: &str| {
         format!(
             "PUT /{}/registrations/close-dev/register?api-version=2019-03-31 HTTP/1.1\r\nHost: localhost\r\nAuthorization: {token}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}",
@@ -372,20 +362,9 @@ fn a_request_head_trickled_byte_by_byte_is_closed_at_the_idle_deadline() {
     let mut cfg = test_config();
     cfg.limits.idle_timeout_secs = 2;
     let s = TestServer::start(cfg);
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.https)).unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    let conn = rustls::ClientConnection::new(tls_config(s.ep.ca_certificate.as_ref().unwrap()), "localhost".try_into().unwrap()).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut tls = open_tls(&s, s.ep.ports.https);
     let head = format!("GET /{} HTTP/1.1\r\nHost: localhost\r\n", "a".repeat(200));
-    let t = std::time::Instant::now();
-    let mut closed = false;
-    for b in head.bytes().take(40) {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        if tls.write_all(&[b]).and_then(|_| tls.flush()).is_err() {
-            closed = true;
-            break;
-        }
-    }
-    assert!(closed, "the connection outlived 40 trickled bytes (12 s) past a 2 s deadline");
-    assert!(t.elapsed() < std::time::Duration::from_secs(11), "trickled for {:?}", t.elapsed());
+    let closed = trickle_until_closed(&mut tls, head.bytes().take(40));
+    let closed = closed.unwrap_or_else(|| panic!("the connection outlived 40 trickled bytes (12 s) past a 2 s deadline"));
+    assert!(closed < std::time::Duration::from_secs(11), "trickled for {closed:?}");
 }

@@ -232,14 +232,7 @@ fn mqtt_over_websocket_on_the_https_port() {
     use std::io::{Read, Write};
     let s = server_with_hubs(&["hub-a.example"]);
     enroll(&s, "ws-dev", json!({}));
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.https)).unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    let conn = rustls::ClientConnection::new(
-        common::mqtt_client::tls_config(s.ep.ca_certificate.as_ref().unwrap()),
-        "localhost".try_into().unwrap(),
-    )
-    .unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut tls = open_tls(&s, s.ep.ports.https);
     // The C SDK offers the subprotocol in upper case; it must be echoed as offered.
     let key = base64::engine::general_purpose::STANDARD.encode([7u8; 16]);
     let req = format!(
@@ -670,7 +663,6 @@ fn a_pipelined_registration_is_answered_in_one_tls_record() {
 
 #[test]
 fn a_client_that_trickles_bytes_is_closed_at_the_login_deadline() {
-    use std::io::Write;
     // Regression: each byte reset the read deadline, so a client sending one byte now and then
     // held its connection (and a slot) forever without ever sending a whole CONNECT.
     let mut cfg = test_config();
@@ -680,17 +672,9 @@ fn a_client_that_trickles_bytes_is_closed_at_the_login_deadline() {
     let mut c = MqttClient::open(s.ep.ports.mqtt, s.ep.ca_certificate.as_ref().unwrap());
     // A CONNECT announcing 100 bytes, fed a byte every 300 ms.
     c.write_raw(&[0x10, 100]);
-    let t = std::time::Instant::now();
-    let mut closed = false;
-    while t.elapsed() < std::time::Duration::from_secs(8) {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        if c.tls.write_all(&[0]).and_then(|_| c.tls.flush()).is_err() {
-            closed = true;
-            break;
-        }
-    }
-    assert!(closed || c.closed(), "still open after 8 s of trickling");
-    assert!(t.elapsed() < std::time::Duration::from_secs(6), "closed at the 2 s login deadline, not later: {:?}", t.elapsed());
+    let closed = trickle_until_closed(&mut c.tls, std::iter::repeat_n(0, 26));
+    let closed = closed.unwrap_or_else(|| panic!("still open after 8 s of trickling"));
+    assert!(closed < std::time::Duration::from_secs(6), "closed at the 2 s login deadline, not later: {closed:?}");
 }
 
 /// Runs `program args` with `input` on its stdin; its output.

@@ -3,13 +3,13 @@
 //! `dps_core::amqp_connection`, writes what it answers, and carries out its requests.
 
 use crate::provisioning::{Provisioning, Via};
-use crate::transport::stream::{ByteStream, End};
+use crate::transport::stream::{ByteStream, End, ReadDeadlines};
 use dps_core::amqp_connection::{Connection, Event, Failure, Settings};
 use dps_core::registration::tpm::verify_sasl_answer;
 use dps_core::request::{Credential, TpmCredential};
 use dps_core::tpm::book::Issued;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Largest frame either side may send.
 pub const MAX_FRAME: u32 = 64 * 1024;
@@ -37,14 +37,11 @@ pub async fn serve_amqp<S: ByteStream>(
         Err(e) => return End::Malformed(e),
     };
     let idle = Duration::from_secs(limits.idle_timeout_secs);
-    // An absolute deadline for SASL and open: the per-read deadline alone lets a client that
-    // sends a byte now and then hold the connection forever without ever logging in.
-    let login_deadline = Instant::now() + Duration::from_secs(limits.login_timeout_secs);
+    // SASL and open must end by the login deadline.
+    let mut deadlines = ReadDeadlines::new(Duration::from_secs(limits.login_timeout_secs));
     let mut chunk = vec![0u8; 16 * 1024];
     // The TPM mechanism's keys and the challenge sent for them, until the device answers.
     let mut tpm: Option<(Vec<u8>, Vec<u8>, Issued)> = None;
-    // Set once the device's credential is refused: the connection ends then at the latest.
-    let mut refused_deadline: Option<Instant> = None;
     loop {
         let event = conn.poll();
         let out = conn.take_output();
@@ -57,14 +54,7 @@ pub async fn serve_amqp<S: ByteStream>(
             Err(Failure::Refused(r)) => return End::Refused(r),
         };
         match event {
-            None => match crate::transport::stream::read_before(
-                s,
-                &mut chunk,
-                read_deadline(conn.logged_in(), idle, login_deadline, refused_deadline),
-                stop,
-            )
-            .await
-            {
+            None => match crate::transport::stream::read_before(s, &mut chunk, deadlines.next(idle, conn.logged_in()), stop).await {
                 Ok(0) => return End::Closed,
                 Ok(n) => conn.receive(&chunk[..n]),
                 Err(i) => return End::from(i),
@@ -110,26 +100,10 @@ pub async fn serve_amqp<S: ByteStream>(
             Some(Event::Request { delivery_id, correlation_id, request }) => {
                 let reply = prov.handle(request, via, source).await;
                 let _ = conn.answer(delivery_id, correlation_id, reply.status, &reply.body, reply.retry_after);
-                // The connection's credential (SASL or its certificate) was refused: it can
-                // only be refused again here, so the connection ends shortly after the answer
-                // (not at once: as on MQTT, the SDK must first read why).
-                if reply.credential_refused && refused_deadline.is_none() {
-                    refused_deadline = Some(Instant::now() + Duration::from_secs(limits.refused_close_secs));
+                if reply.credential_refused {
+                    deadlines.refused(Duration::from_secs(limits.refused_close_secs));
                 }
             }
         }
     }
-}
-
-/// When the next read gives up: the idle time, cut by the login deadline until the device is
-/// logged in and by the close that follows a refused credential.
-fn read_deadline(logged_in: bool, idle: Duration, login: Instant, refused: Option<Instant>) -> Instant {
-    let mut deadline = Instant::now() + idle;
-    if !logged_in {
-        deadline = deadline.min(login);
-    }
-    if let Some(r) = refused {
-        deadline = deadline.min(r);
-    }
-    deadline
 }

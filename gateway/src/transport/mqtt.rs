@@ -3,10 +3,10 @@
 //! answers, and hands its requests to the registration driver.
 
 use crate::provisioning::{Provisioning, Via};
-use crate::transport::stream::{read_before, ByteStream, End};
+use crate::transport::stream::{read_before, ByteStream, End, ReadDeadlines};
 use dps_core::mqtt_session::{Ended, Event, Session, Settings};
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 impl From<Ended> for End {
     fn from(e: Ended) -> End {
@@ -37,12 +37,9 @@ pub async fn serve_mqtt<S: ByteStream>(
         id_scope: prov.id_scope().to_string(),
         max_keep_alive_secs: limits.max_keep_alive_secs,
     };
-    // An absolute deadline for CONNECT: the per-read deadline alone lets a client that sends a
-    // byte now and then hold the connection forever without ever logging in.
-    let login_deadline = Instant::now() + Duration::from_secs(limits.login_timeout_secs);
+    // CONNECT must come by the login deadline.
+    let mut deadlines = ReadDeadlines::new(Duration::from_secs(limits.login_timeout_secs));
     let mut session = Session::new(settings);
-    // Set once the device's credential is refused: the connection ends then at the latest.
-    let mut refused_deadline: Option<Instant> = None;
     let mut chunk = [0u8; 4096];
     loop {
         match session.poll() {
@@ -51,12 +48,8 @@ pub async fn serve_mqtt<S: ByteStream>(
                 if let Err(e) = session.answer(&rid, reply.status, &reply.body, reply.retry_after) {
                     return e.into();
                 }
-                // The credential travels in CONNECT, so a refused device can only be refused
-                // again on this connection: it is closed shortly after the answer. Not at once:
-                // closing right behind the 401 leaves the official Node SDK's register callback
-                // never called (its promise stays pending), so it would never learn why.
-                if reply.credential_refused && refused_deadline.is_none() {
-                    refused_deadline = Some(Instant::now() + Duration::from_secs(limits.refused_close_secs));
+                if reply.credential_refused {
+                    deadlines.refused(Duration::from_secs(limits.refused_close_secs));
                 }
             }
             // Everything queued goes out in one write just before the next wait for input (or
@@ -75,13 +68,7 @@ pub async fn serve_mqtt<S: ByteStream>(
                 if !out.is_empty() && s.send(&out).await.is_err() {
                     return End::Closed;
                 }
-                let mut deadline = Instant::now() + Duration::from_secs(session.read_timeout_secs());
-                if !session.connected() {
-                    deadline = deadline.min(login_deadline);
-                }
-                if let Some(refused) = refused_deadline {
-                    deadline = deadline.min(refused);
-                }
+                let deadline = deadlines.next(Duration::from_secs(session.read_timeout_secs()), session.connected());
                 match read_before(s, &mut chunk, deadline, stop).await {
                     Ok(0) => return End::Closed,
                     Ok(n) => session.receive(&chunk[..n]),

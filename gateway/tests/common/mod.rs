@@ -166,3 +166,30 @@ pub fn https_poll(s: &TestServer, id: &str, key: &str, op: &str, patience: std::
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A client TLS stream over TCP, as the raw-protocol tests use it.
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// A TLS connection (trusting the server's CA, naming `localhost`) to one of its ports, with
+/// a 10 s read timeout so a test never hangs on a server that stays silent.
+pub fn open_tls(s: &TestServer, port: u16) -> TlsStream {
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let conn =
+        rustls::ClientConnection::new(mqtt_client::tls_config(s.ep.ca_certificate.as_ref().unwrap()), "localhost".try_into().unwrap())
+            .unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Writes `bytes` one at a time, 300 ms apart, until a write fails (the server closed):
+/// how long that took, or None if every byte went out.
+pub fn trickle_until_closed(w: &mut impl std::io::Write, bytes: impl Iterator<Item = u8>) -> Option<std::time::Duration> {
+    let t = std::time::Instant::now();
+    for b in bytes {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        if w.write_all(&[b]).and_then(|_| w.flush()).is_err() {
+            return Some(t.elapsed());
+        }
+    }
+    None
+}
