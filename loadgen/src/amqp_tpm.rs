@@ -20,9 +20,9 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Frames<'_, Io> {
     async fn read_exact_bytes(&mut self, n: usize) -> Result<Vec<u8>, Failure> {
         while self.buf.len() < n {
             let mut chunk = [0u8; 4096];
-            let got = self.io.read(&mut chunk).await.map_err(|_| Failure::Protocol)?;
+            let got = self.io.read(&mut chunk).await.map_err(|_| Failure::Closed)?;
             if got == 0 {
-                return Err(Failure::Protocol);
+                return Err(Failure::Closed);
             }
             self.buf.extend_from_slice(&chunk[..got]);
         }
@@ -40,9 +40,9 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Frames<'_, Io> {
                 return Ok(f.body.to_vec());
             }
             let mut chunk = [0u8; 4096];
-            let got = self.io.read(&mut chunk).await.map_err(|_| Failure::Protocol)?;
+            let got = self.io.read(&mut chunk).await.map_err(|_| Failure::Closed)?;
             if got == 0 {
-                return Err(Failure::Protocol);
+                return Err(Failure::Closed);
             }
             self.buf.extend_from_slice(&chunk[..got]);
         }
@@ -115,4 +115,27 @@ pub async fn sasl_tpm<Io: AsyncRead + AsyncWrite + Unpin>(
         f.send(&SaslResponse { response: Binary::from(vec![0u8]) }).await?;
     }
     Err(Failure::Protocol)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frames;
+    use crate::device::Failure;
+
+    #[tokio::test]
+    async fn a_server_that_hangs_up_mid_sasl_is_told_apart_from_a_protocol_error() {
+        // Half a SASL frame, then the end of the stream.
+        let mut io = tokio_test_io(&[0, 0, 0, 20, 2, 1]);
+        let mut f = Frames { io: &mut io, buf: Vec::new() };
+        assert!(matches!(f.next().await, Err(Failure::Closed)));
+        // A frame of another type: a protocol error.
+        let mut io = tokio_test_io(&[0, 0, 0, 8, 2, 0, 0, 0]);
+        let mut f = Frames { io: &mut io, buf: Vec::new() };
+        assert!(matches!(f.next().await, Err(Failure::Protocol)));
+    }
+
+    /// A stream that yields `bytes` and then ends (writes are accepted and dropped).
+    fn tokio_test_io(bytes: &[u8]) -> tokio::io::Join<std::io::Cursor<Vec<u8>>, tokio::io::Sink> {
+        tokio::io::join(std::io::Cursor::new(bytes.to_vec()), tokio::io::sink())
+    }
 }

@@ -65,6 +65,8 @@ pub enum Failure {
     WebSocket,
     ConnAck,
     Protocol,
+    /// The server closed the connection (or it failed) before the exchange was over.
+    Closed,
     /// An error status, with the DPS error code of the body when it had one.
     Status(u16, Option<u32>),
     /// A final answer other than `assigned`: `disabled`, `failed`, `unassigned` (or other).

@@ -57,7 +57,20 @@ impl Cluster {
         dps_storage::EtcdConfig { endpoints: self.clients.clone(), root: root.into(), tls: self.tls.clone(), ..Default::default() }
     }
 
+    /// Starts a cluster; a start that does not come up (a port picked for it was taken by
+    /// another test between `free_port` and etcd's bind) is dropped and tried again on new ports.
     fn start_with(n: usize, tls: bool) -> Cluster {
+        let mut logs = String::new();
+        for _ in 0..3 {
+            match Cluster::try_start(n, tls) {
+                Ok(c) => return c,
+                Err(why) => logs.push_str(&why),
+            }
+        }
+        panic!("the etcd cluster did not come up in three tries:\n{logs}");
+    }
+
+    fn try_start(n: usize, tls: bool) -> Result<Cluster, String> {
         let dir = tempfile::tempdir().unwrap();
         let tls = tls.then(|| tls_files(dir.path()));
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -80,7 +93,8 @@ impl Cluster {
                         .args(["--listen-client-urls", &clients[i], "--advertise-client-urls", &clients[i]])
                         .args(["--listen-peer-urls", &peers[i], "--initial-advertise-peer-urls", &peers[i]])
                         .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
-                        .args(["--initial-cluster-token", "dps-test"])
+                        // Unique per cluster: a member of another test's cluster must never join.
+                        .args(["--initial-cluster-token", &dir.path().display().to_string()])
                         .stdout(Stdio::null())
                         .stderr(log)
                         .spawn()
@@ -89,13 +103,22 @@ impl Cluster {
             })
             .collect();
         let c = Cluster { members, clients, dir, tls };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let cfg = c.config("/probe");
         while dps_storage::EtcdStore::connect(&cfg, dps_storage::DataKey::new(&[0; 32])).is_err() {
-            assert!(Instant::now() < deadline, "the etcd cluster did not come up");
+            if Instant::now() >= deadline {
+                let logs: Vec<String> = (0..n)
+                    .map(|i| {
+                        let log = std::fs::read_to_string(c.dir.path().join(format!("m{i}.log"))).unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                        format!("m{i}: {}", tail.into_iter().rev().collect::<Vec<_>>().join("\n    "))
+                    })
+                    .collect();
+                return Err(logs.join("\n") + "\n");
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
-        c
+        Ok(c)
     }
 
     pub fn kill(&mut self, i: usize) {
