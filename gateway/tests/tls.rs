@@ -17,33 +17,16 @@ fn roots(ca: &std::path::Path) -> rustls::RootCertStore {
     roots
 }
 
-/// Handshakes with only the given TLS 1.2 suite and returns the server's leaf key algorithm.
-fn handshake_with(port: u16, ca: &std::path::Path, suite: rustls::SupportedCipherSuite) -> String {
-    let mut p = provider::default_provider();
-    p.cipher_suites = vec![suite];
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(p))
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots(ca))
-        .with_no_client_auth();
-    let conn = rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
-    tls.write_all(b"GET /enrollments/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    let _ = tls.read_to_string(&mut resp);
-    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
-    let leaf = tls.conn.peer_certificates().unwrap()[0].clone();
-    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
-    cert.public_key().algorithm.algorithm.to_id_string()
-}
-
-/// Handshakes offering `suites` in that order (both TLS versions unless `tls12`); the suite
-/// the server chose.
-fn negotiated(port: u16, ca: &std::path::Path, suites: Vec<rustls::SupportedCipherSuite>, tls12: bool) -> rustls::CipherSuite {
+/// Handshakes offering `suites` in that order over `versions`, checks the server answered an
+/// HTTP request (401: no token), and returns the finished connection.
+fn handshake(
+    port: u16,
+    ca: &std::path::Path,
+    suites: Vec<rustls::SupportedCipherSuite>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConnection {
     let mut p = provider::default_provider();
     p.cipher_suites = suites;
-    let versions: &[&rustls::SupportedProtocolVersion] =
-        if tls12 { &[&rustls::version::TLS12] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(p))
         .with_protocol_versions(versions)
         .unwrap()
@@ -55,7 +38,23 @@ fn negotiated(port: u16, ca: &std::path::Path, suites: Vec<rustls::SupportedCiph
     let mut resp = String::new();
     let _ = tls.read_to_string(&mut resp);
     assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
-    tls.conn.negotiated_cipher_suite().unwrap().suite()
+    tls.conn
+}
+
+/// Handshakes with only the given TLS 1.2 suite and returns the server's leaf key algorithm.
+fn handshake_with(port: u16, ca: &std::path::Path, suite: rustls::SupportedCipherSuite) -> String {
+    let conn = handshake(port, ca, vec![suite], &[&rustls::version::TLS12]);
+    let leaf = conn.peer_certificates().unwrap()[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    cert.public_key().algorithm.algorithm.to_id_string()
+}
+
+/// Handshakes offering `suites` in that order (both TLS versions unless `tls12`); the suite
+/// the server chose.
+fn negotiated(port: u16, ca: &std::path::Path, suites: Vec<rustls::SupportedCipherSuite>, tls12: bool) -> rustls::CipherSuite {
+    let versions: &[&'static rustls::SupportedProtocolVersion] =
+        if tls12 { &[&rustls::version::TLS12] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
+    handshake(port, ca, suites, versions).negotiated_cipher_suite().unwrap().suite()
 }
 
 /// The server picks AES-128-GCM (SHA-256, which has CPU instructions) even from a client that

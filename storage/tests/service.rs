@@ -17,15 +17,22 @@ fn put(key: &str, body: &str, etag: &str, expect: Expect) -> Txn {
     Txn::one(Op::Put { table: Table::Registrations, key: key.into(), record, expect, quota: None })
 }
 
+/// Commits puts `k0`…`k{n-1}`, each after `pause`; then (transactions, of them inline).
+fn commit_keys(svc: &StoreService, n: usize, pause: std::time::Duration) -> (u64, u64) {
+    for i in 0..n {
+        std::thread::sleep(pause);
+        block_on(svc.commit(put(&format!("k{i}"), "v", &format!("e{i}"), Expect::Any))).unwrap().unwrap();
+    }
+    (svc.stats.txns.load(Relaxed), svc.stats.inline_txns.load(Relaxed))
+}
+
 #[test]
 fn commits_run_inline_only_when_enabled_and_quick() {
+    use std::time::Duration;
     // Off: every commit goes through the writer thread.
     let d = tempfile::tempdir().unwrap();
     let (svc, threads) = service(d.path(), 0);
-    for i in 0..5 {
-        block_on(svc.commit(put(&format!("k{i}"), "v", &format!("e{i}"), Expect::Any))).unwrap().unwrap();
-    }
-    assert_eq!((svc.stats.txns.load(Relaxed), svc.stats.inline_txns.load(Relaxed)), (5, 0));
+    assert_eq!(commit_keys(&svc, 5, Duration::ZERO), (5, 0));
     drop(svc);
     threads.join().unwrap();
 
@@ -33,10 +40,7 @@ fn commits_run_inline_only_when_enabled_and_quick() {
     // after a reopen).
     let d = tempfile::tempdir().unwrap();
     let (svc, threads) = service(d.path(), 10_000_000);
-    for i in 0..5 {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-        block_on(svc.commit(put(&format!("k{i}"), "v", &format!("e{i}"), Expect::Any))).unwrap().unwrap();
-    }
+    assert_eq!(commit_keys(&svc, 5, Duration::from_millis(10)), (5, 5));
     // Preconditions hold on this path too.
     let stale = block_on(svc.commit(put("k0", "w", "x", Expect::Etag("nope".into())))).unwrap();
     assert_eq!(stale, Err(dps_storage::TxnError::PreconditionFailed));
@@ -55,10 +59,7 @@ fn commits_run_inline_only_when_enabled_and_quick() {
     // an fsync between shards, once the idle average has caught up with the load.
     let d = tempfile::tempdir().unwrap();
     let (svc, threads) = service(d.path(), 10_000_000);
-    for i in 0..200 {
-        block_on(svc.commit(put(&format!("k{i}"), "v", &format!("e{i}"), Expect::Any))).unwrap().unwrap();
-    }
-    let inline = svc.stats.inline_txns.load(Relaxed);
+    let (_, inline) = commit_keys(&svc, 200, Duration::ZERO);
     assert!(inline > 0 && inline < 60, "{inline} of 200 back-to-back commits inline");
     drop(svc);
     threads.join().unwrap();
@@ -67,10 +68,7 @@ fn commits_run_inline_only_when_enabled_and_quick() {
     // whose latency is not known yet, they go back to the writer thread.
     let d = tempfile::tempdir().unwrap();
     let (svc, threads) = service(d.path(), 1);
-    for i in 0..5 {
-        block_on(svc.commit(put(&format!("k{i}"), "v", &format!("e{i}"), Expect::Any))).unwrap().unwrap();
-    }
-    assert_eq!((svc.stats.txns.load(Relaxed), svc.stats.inline_txns.load(Relaxed)), (5, 1));
+    assert_eq!(commit_keys(&svc, 5, Duration::ZERO), (5, 1));
     drop(svc);
     threads.join().unwrap();
 }
