@@ -61,6 +61,11 @@ impl Entropy for SystemEntropy {
     }
 }
 
+/// At most this many open connections on a shard, its registration commits count as coming
+/// from a lightly loaded caller ([`dps_storage::StoreService::commit_from_light_caller`]): the
+/// others wait at most one fsync (tuning.md, "Inline commits at moderate load").
+const LIGHT_LOAD_CONNECTIONS: usize = 4;
+
 /// Seconds a device waits when the TPM challenge book is full.
 const CHALLENGES_FULL_RETRY_SECS: u64 = 5;
 
@@ -78,10 +83,20 @@ pub struct Provisioning {
     /// The shared store's config stamp the snapshot was read at (0 with a store of our own).
     snapshot_stamp: std::cell::Cell<u64>,
     shard: usize,
+    /// The shard's open device connections: while they are few, its registrations commit on
+    /// the shard itself when the store allows (`store.inline_commit_max_us`).
+    open_connections: Rc<std::cell::Cell<usize>>,
 }
 
 impl Provisioning {
-    pub fn new(svc: Arc<Service>, enrollments: Rc<EnrollmentCache>, metrics: Rc<Metrics>, tracking: Rc<TrackingIds>, shard: usize) -> Self {
+    pub fn new(
+        svc: Arc<Service>,
+        enrollments: Rc<EnrollmentCache>,
+        metrics: Rc<Metrics>,
+        tracking: Rc<TrackingIds>,
+        shard: usize,
+        open_connections: Rc<std::cell::Cell<usize>>,
+    ) -> Self {
         let l = &svc.limits;
         // Each shard enforces its share of the service-wide rate; connections spread evenly
         // over SO_REUSEPORT listeners, so the sum is the configured rate.
@@ -104,6 +119,7 @@ impl Provisioning {
             snapshot: RefCell::new(None),
             snapshot_stamp: Default::default(),
             shard,
+            open_connections,
         }
     }
 
@@ -277,7 +293,16 @@ impl Provisioning {
             serde_json::to_vec(&w.state).map_err(|e| ServiceError::new(ErrorKind::Internal, "internal error").because(e.to_string()))?;
         let record = Record { etag: w.etag, class: 0, body };
         let op = Op::Put { table: Table::Registrations, key: w.key, record, expect: Expect::Any, quota: Some(w.quota) };
-        match self.svc.store.commit(Txn::one(op)).await? {
+        // A shard with a few connections open has little to do while an fsync blocks it, so it
+        // may commit itself even when the store is busy with other shards' commits; with more
+        // open, only when the store is mostly idle (the writer's group commit shares fsyncs).
+        let txn = Txn::one(op);
+        let committed = if self.open_connections.get() <= LIGHT_LOAD_CONNECTIONS {
+            self.svc.store.commit_from_light_caller(txn).await?
+        } else {
+            self.svc.store.commit(txn).await?
+        };
+        match committed {
             Ok(_) => Ok(()),
             Err(TxnError::QuotaExceeded) => Err(quota_exhausted()),
             Err(e) => Err(ServiceError::new(ErrorKind::Internal, "internal error").because(format!("registration write: {e:?}"))),

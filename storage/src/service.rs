@@ -29,11 +29,12 @@ pub struct StoreServiceConfig {
     /// 0 (default) commits whatever has queued up while the previous fsync ran.
     pub linger_us: u64,
     /// A commit runs on the caller's thread when no other commit runs or waits, recent commits
-    /// (fsync included) took at most this long, in microseconds, and the store has been idle
-    /// most of the time lately (`IDLE_PER_BUSY`); 0 (default): always on the writer thread. At
-    /// partial load that saves the writer's wake-up and the caller's (tuning.md); under load
-    /// the writer's group commit takes over, and the caller never waits for an fsync that
-    /// other commits could have shared.
+    /// (fsync included) took at most this long, in microseconds, and either the store has been
+    /// idle most of the time lately (`IDLE_PER_BUSY`) or the caller says its thread has little
+    /// else to do ([`StoreService::commit_from_light_caller`]); 0 (default): always on the
+    /// writer thread. At partial load that saves the writer's wake-up and the caller's
+    /// (tuning.md); under load the writer's group commit takes over, and the caller never
+    /// waits for an fsync that other commits could have shared.
     pub inline_commit_max_us: u64,
 }
 
@@ -158,10 +159,14 @@ impl CommitStats {
         self.last_end_micros.store(self.now_micros(), Ordering::Relaxed);
     }
 
-    /// Whether recent commits were quick (at most `max_us`) and the store mostly idle.
-    fn quick_and_idle(&self, max_us: u64) -> bool {
-        let busy = self.recent_micros.load(Ordering::Relaxed);
-        busy <= max_us && self.recent_idle_micros.load(Ordering::Relaxed) >= busy * IDLE_PER_BUSY
+    /// Whether recent commits were quick (at most `max_us`).
+    fn quick(&self, max_us: u64) -> bool {
+        self.recent_micros.load(Ordering::Relaxed) <= max_us
+    }
+
+    /// Whether the store was mostly idle lately.
+    fn idle(&self) -> bool {
+        self.recent_idle_micros.load(Ordering::Relaxed) >= self.recent_micros.load(Ordering::Relaxed) * IDLE_PER_BUSY
     }
 }
 
@@ -280,7 +285,20 @@ impl StoreService {
 
     /// Commits one transaction; resolves once it is durable (or refused by its preconditions).
     pub async fn commit(&self, txn: Txn) -> Result<TxnResult, ServiceError> {
-        let txn = match self.commit_inline(txn) {
+        self.commit_as(txn, false).await
+    }
+
+    /// [`commit`](Self::commit) for a caller whose thread has little else to do now (the
+    /// gateway: a shard with a few connections open). Blocking it for one quick commit delays
+    /// nobody much, so the commit may run on it even while the store is busy with other
+    /// callers' commits; a caller under load must use `commit`, or its commits would each wait
+    /// for an fsync of their own where the writer's group commit shares one.
+    pub async fn commit_from_light_caller(&self, txn: Txn) -> Result<TxnResult, ServiceError> {
+        self.commit_as(txn, true).await
+    }
+
+    async fn commit_as(&self, txn: Txn, light_caller: bool) -> Result<TxnResult, ServiceError> {
+        let txn = match self.commit_inline(txn, light_caller) {
             Ok(result) => return result,
             Err(txn) => txn,
         };
@@ -289,10 +307,12 @@ impl StoreService {
     }
 
     /// Commits on this thread when that is cheap and fair (`inline_commit_max_us`): nothing
-    /// queued for the writer, no commit running, and recent commits quick. Otherwise gives the
-    /// transaction back for the writer's queue.
-    fn commit_inline(&self, txn: Txn) -> Result<Result<TxnResult, ServiceError>, Txn> {
-        if self.inline_commit_max_us == 0 || !self.stats.quick_and_idle(self.inline_commit_max_us) || !self.writes.is_empty() {
+    /// queued for the writer, no commit running, recent commits quick, and the store mostly
+    /// idle or the caller lightly loaded. Otherwise gives the transaction back for the
+    /// writer's queue.
+    fn commit_inline(&self, txn: Txn, light_caller: bool) -> Result<Result<TxnResult, ServiceError>, Txn> {
+        let fair = light_caller || self.stats.idle();
+        if self.inline_commit_max_us == 0 || !self.stats.quick(self.inline_commit_max_us) || !fair || !self.writes.is_empty() {
             return Err(txn);
         }
         let Some(store) = self.store.upgrade() else { return Err(txn) };

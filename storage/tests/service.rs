@@ -73,6 +73,36 @@ fn commits_run_inline_only_when_enabled_and_quick() {
     threads.join().unwrap();
 }
 
+/// A caller that says its thread has little else to do commits on it even when commits come
+/// back to back (the store busy): the same 200 commits that mostly went to the writer above
+/// all run inline. Still never while recent commits were slow, nor with inline commits off.
+#[test]
+fn a_lightly_loaded_caller_commits_inline_while_the_store_is_busy() {
+    let light = |svc: &StoreService, n: usize| {
+        for i in 0..n {
+            block_on(svc.commit_from_light_caller(put(&format!("k{i}"), "v", &format!("e{i}"), Expect::Any))).unwrap().unwrap();
+        }
+        (svc.stats.txns.load(Relaxed), svc.stats.inline_txns.load(Relaxed))
+    };
+    let d = tempfile::tempdir().unwrap();
+    let (svc, threads) = service(d.path(), 10_000_000);
+    assert_eq!(light(&svc, 200), (200, 200));
+    drop(svc);
+    threads.join().unwrap();
+
+    let d = tempfile::tempdir().unwrap();
+    let (svc, threads) = service(d.path(), 1);
+    assert_eq!(light(&svc, 5), (5, 1), "after the first, commits are known to take over 1 µs");
+    drop(svc);
+    threads.join().unwrap();
+
+    let d = tempfile::tempdir().unwrap();
+    let (svc, threads) = service(d.path(), 0);
+    assert_eq!(light(&svc, 5), (5, 0));
+    drop(svc);
+    threads.join().unwrap();
+}
+
 /// Callers on several threads, some committing inline and some through the writer: a
 /// compare-and-swap counter counts every increment it acknowledged exactly once.
 #[test]

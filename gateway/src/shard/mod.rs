@@ -106,7 +106,8 @@ pub(crate) struct Shard {
     /// One tracking-id sequence for every answer this shard gives (device, service API, framing
     /// errors).
     pub tracking: Rc<TrackingIds>,
-    conns: Cell<usize>,
+    /// Open connections (shared with `prov`, which commits inline while they are few).
+    conns: Rc<Cell<usize>>,
     /// Open connections in the service API's reserve (`limits.service_api_connections_per_shard`).
     api_conns: Cell<usize>,
     /// Open connections by source address (only addresses under the per-source limit).
@@ -273,10 +274,11 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
         EnrollmentCache::new(mesh, spec.svc.shard_hash_key, store, entries, challenges, spec.svc.shared_store, metrics.clone())
     });
     let tracking = Rc::new(TrackingIds::new(spec.svc.boot, spec.id));
+    let conns = Rc::new(Cell::new(0));
     let shard = Rc::new(Shard {
         id: spec.id,
         api: ServiceApi::new(spec.svc.clone(), cache.clone(), metrics.clone(), tracking.clone(), mono_nanos()),
-        prov: Provisioning::new(spec.svc.clone(), cache.clone(), metrics.clone(), tracking.clone(), spec.id),
+        prov: Provisioning::new(spec.svc.clone(), cache.clone(), metrics.clone(), tracking.clone(), spec.id, conns.clone()),
         tracking,
         cache,
         metrics,
@@ -285,7 +287,7 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
         handshake_only: spec.handshake_only,
         stop: spec.stop.clone(),
         limits: spec.svc.limits.clone(),
-        conns: Cell::new(0),
+        conns,
         api_conns: Cell::new(0),
         by_source: Default::default(),
     });
