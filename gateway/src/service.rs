@@ -6,7 +6,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use dps_core::rights::Rights;
 use dps_storage::StoreService;
-use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 /// A shared access policy as stored (keys base64, as in connection strings).
@@ -96,12 +95,24 @@ impl Service {
     }
 }
 
-/// Random bytes from the system source; its failure is unrecoverable.
+/// Random bytes from the thread's CSPRNG (`rand`'s ChaCha12, seeded and periodically reseeded
+/// from the system source): the same quality as a `getrandom` call each time, without a
+/// syscall per draw (a registration draws a few; tuning.md).
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
-    #[allow(clippy::expect_used)]
-    SystemRandom::new().fill(&mut b).expect("system random source");
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
     b
+}
+
+/// rustls's random source (server randoms, session ids, ticket values): [`random_bytes`]'s.
+/// The key exchange and signature nonces stay with ring's own system source.
+#[derive(Debug)]
+pub struct ThreadRandom;
+
+impl rustls::crypto::SecureRandom for ThreadRandom {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFailed> {
+        rand::RngCore::try_fill_bytes(&mut rand::thread_rng(), buf).map_err(|_| rustls::crypto::GetRandomFailed)
+    }
 }
 
 /// A new base64 symmetric key of the length DPS generates.

@@ -19,7 +19,6 @@
 use crate::record::{Record, Table};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::hkdf;
-use ring::rand::{SecureRandom, SystemRandom};
 
 const FORMAT_1: u8 = 1;
 const FORMAT_2: u8 = 2;
@@ -60,7 +59,6 @@ impl Key {
 /// rotation re-seals the store).
 pub struct DataKey {
     keys: Vec<Key>,
-    rng: SystemRandom,
 }
 
 /// Shows the key ids only, never key material.
@@ -82,7 +80,7 @@ impl DataKey {
         if keys.is_empty() {
             keys.push(Key::new(&[0; 32]));
         }
-        DataKey { keys, rng: SystemRandom::new() }
+        DataKey { keys }
     }
 
     /// The id of the key that seals.
@@ -107,9 +105,9 @@ impl DataKey {
         out.extend_from_slice(etag);
         let aad = Self::aad(&out, table, key);
         let mut salt = [0u8; SALT_LEN];
-        // The system RNG failing is unrecoverable for a process that makes keys.
-        #[allow(clippy::expect_used)]
-        self.rng.fill(&mut salt).expect("system random source");
+        // The thread's CSPRNG (ChaCha12, seeded and reseeded from the system source): a
+        // 192-bit salt as unpredictable as a getrandom call's, without the syscall per commit.
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut salt);
         let mut sealed = r.body.clone();
         // A fresh key per value: the all-zero nonce is used once under it. Sealing a buffer
         // far below AES-GCM's length limit cannot fail.

@@ -237,6 +237,7 @@ pub fn server_provider() -> CryptoProvider {
         (s.version().version == rustls::ProtocolVersion::TLSv1_2, !name.contains("AES_128_GCM"))
     };
     p.cipher_suites.sort_by_key(rank);
+    p.secure_random = &crate::service::ThreadRandom;
     p
 }
 
