@@ -162,6 +162,20 @@ fn offered_rates(peak: f64, smoke: bool) -> Vec<f64> {
     r
 }
 
+/// The index of the offered rate nearest `target`, if one is within 5 % of it (of `target`
+/// / 0.25, the peak it was computed from): the 25 % row of the open-loop table. The nearest,
+/// not the first close enough: a fixed rate (500/s) can lie within the tolerance below the
+/// 25 % rate (570/s at a peak of 2,281/s).
+fn nearest_rate(offered: &[f64], target: f64) -> Option<usize> {
+    let tolerance = 0.05 * target / 0.25;
+    offered
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| (*r - target).abs() < tolerance)
+        .min_by(|(_, a), (_, b)| (*a - target).abs().total_cmp(&(*b - target).abs()))
+        .map(|(i, _)| i)
+}
+
 fn fleet(ep: &Endpoint, ids: Identities, broker: Option<BrokerLogin>) -> Result<Arc<Fleet>, BoxError> {
     Ok(Arc::new(Fleet { broker, ..Fleet::new(ep.clone(), ids)? }))
 }
@@ -524,9 +538,8 @@ fn main() -> Result<(), BoxError> {
             d.cpu_us / m.cpu_us.max(1e-9)
         );
     }
-    if let (Some(low), Some(high)) =
-        (gateway_at.iter().find(|r| (r.offered - 0.25 * dps2.per_second()).abs() < 0.05 * dps2.per_second()), gateway_at.last())
-    {
+    let offered: Vec<f64> = gateway_at.iter().map(|r| r.offered).collect();
+    if let (Some(low), Some(high)) = (nearest_rate(&offered, 0.25 * dps2.per_second()).map(|i| &gateway_at[i]), gateway_at.last()) {
         println!(
             "| CPU per registration at 25 % of peak ÷ at {:.0}/s (target ≤ 1.3) | {:.2} |",
             high.offered,
@@ -542,4 +555,19 @@ fn main() -> Result<(), BoxError> {
     let at_1000 = gateway_at.iter().find(|r| r.offered == 1000.0).map_or(f64::NAN, |r| r.cpu_us);
     println!("limit-ratio={:.2} mosquitto-ratio={:.2} cpu-us-at-1000={at_1000:.0}", ratio(&dps2, &limit), ratio(&dps2, &mosq));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_25_percent_row_is_the_nearest_rate_not_the_first_close_one() {
+        // The rates of a run whose peak was 2,280/s: 500/s is within the tolerance of the
+        // 25 % rate (570/s) and comes first.
+        let rates = offered_rates(2280.0, false);
+        assert_eq!(rates, vec![228.0, 250.0, 500.0, 570.0, 1000.0, 1140.0, 1710.0]);
+        assert_eq!(nearest_rate(&rates, 0.25 * 2280.0), Some(3));
+        assert_eq!(nearest_rate(&[250.0, 1000.0], 0.25 * 2280.0), None);
+    }
 }
