@@ -3,11 +3,11 @@
 //! Hubs that cannot be reached have no measurement and rank after every measured one.
 
 use crate::service::Service;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use dps_core::model::LinkedHub;
 use dps_storage::Table;
 use std::collections::HashMap;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,31 +19,34 @@ pub fn measure(host: &str, port: u16, timeout: Duration) -> Option<u64> {
     Some(t.elapsed().as_micros() as u64)
 }
 
-/// Measures every linked hub every `every` until `stop`; publishes the results in the service
-/// and bumps its config generation so shards pick them up.
-pub fn spawn(svc: Arc<Service>, port: u16, every: Duration, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// Measures every linked hub every `every` until `stop`'s sender is dropped (between rounds the
+/// thread sleeps on it); publishes the results in the service and bumps its config generation
+/// so shards pick them up.
+pub fn spawn(svc: Arc<Service>, port: u16, every: Duration, stop: Receiver<()>) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("hub-latency".into()).spawn(move || {
         let mut next = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
-            if Instant::now() >= next {
-                next = Instant::now() + every;
-                let hubs: Vec<LinkedHub> = match futures::executor::block_on(svc.store.scan(Table::Hubs, "", None, usize::MAX)) {
-                    Ok(rows) => rows.iter().filter_map(|(_, r)| serde_json::from_slice(&r.body).ok()).collect(),
-                    Err(_) => continue,
-                };
-                let measured: HashMap<String, u64> = hubs
-                    .iter()
-                    .filter_map(|h| measure(&h.name, port, Duration::from_secs(2)).map(|rtt| (h.name.to_ascii_lowercase(), rtt)))
-                    .collect();
-                let changed = svc.hub_latency.read().map(|m| *m != measured).unwrap_or(true);
-                if changed {
-                    if let Ok(mut m) = svc.hub_latency.write() {
-                        *m = measured;
-                    }
-                    svc.bump_generation();
-                }
+        loop {
+            match stop.recv_deadline(next) {
+                Err(RecvTimeoutError::Timeout) => {}
+                // Dropped (or, never sent, a message): stop.
+                _ => return,
             }
-            std::thread::sleep(Duration::from_millis(100));
+            next = Instant::now() + every;
+            let hubs: Vec<LinkedHub> = match futures::executor::block_on(svc.store.scan(Table::Hubs, "", None, usize::MAX)) {
+                Ok(rows) => rows.iter().filter_map(|(_, r)| serde_json::from_slice(&r.body).ok()).collect(),
+                Err(_) => continue,
+            };
+            let measured: HashMap<String, u64> = hubs
+                .iter()
+                .filter_map(|h| measure(&h.name, port, Duration::from_secs(2)).map(|rtt| (h.name.to_ascii_lowercase(), rtt)))
+                .collect();
+            let changed = svc.hub_latency.read().map(|m| *m != measured).unwrap_or(true);
+            if changed {
+                if let Ok(mut m) = svc.hub_latency.write() {
+                    *m = measured;
+                }
+                svc.bump_generation();
+            }
         }
     })
 }

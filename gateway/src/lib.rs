@@ -62,6 +62,9 @@ pub struct Ports {
 pub struct Running {
     pub endpoint: Endpoint,
     stop: Arc<AtomicBool>,
+    /// The plain threads' stop (hub workers, the latency probe): dropped to stop them. They
+    /// sleep on it beside their work, so an idle one never wakes to look at `stop`.
+    stop_threads: crossbeam_channel::Sender<()>,
     shards: Vec<glommio::ExecutorJoinHandle<()>>,
     latency: Option<std::thread::JoinHandle<()>>,
     hub_workers: Vec<std::thread::JoinHandle<()>>,
@@ -75,12 +78,13 @@ impl Running {
         for s in self.shards {
             let _ = s.join();
         }
-        // The latency thread sees `stop` within 100 ms (or when a probe in flight ends); it
-        // holds the store, which must be closed before this returns.
+        drop(self.stop_threads);
+        // The latency thread stops at once (or when a probe in flight ends); it holds the
+        // store, which must be closed before this returns.
         if let Some(l) = self.latency {
             let _ = l.join();
         }
-        // Hub workers see `stop` within 200 ms, or when the step in hand ends (10 s at most).
+        // Hub workers stop at once, or when the step in hand ends (10 s at most).
         for w in self.hub_workers {
             let _ = w.join();
         }
@@ -131,6 +135,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     }
     let (store, threads) = dps_storage::StoreService::start(prepared.store.clone(), &store_cfg);
     let stop = Arc::new(AtomicBool::new(false));
+    let (stop_threads, threads_stop) = crossbeam_channel::bounded::<()>(0);
     let boot = u32::from_be_bytes(service::random_bytes::<4>());
     let knobs = hubs::workers::Knobs {
         threads: cfg.limits.hub_workers,
@@ -140,7 +145,7 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
         webhook_timeout: std::time::Duration::from_secs(cfg.limits.custom_allocation_timeout_secs.max(1)),
     };
     let (hub_workers, hub_threads) =
-        hubs::workers::HubWorkers::start(knobs, stop.clone()).map_err(|e| format!("cannot start the hub workers: {e}"))?;
+        hubs::workers::HubWorkers::start(knobs, threads_stop.clone()).map_err(|e| format!("cannot start the hub workers: {e}"))?;
     let svc = Arc::new(Service {
         config_generation: std::sync::atomic::AtomicU64::new(0),
         hub_latency: Default::default(),
@@ -253,9 +258,9 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
     let latency = match cfg.limits.hub_latency_refresh_secs {
         0 => None,
         secs => Some(
-            latency::spawn(svc.clone(), cfg.limits.hub_latency_port, std::time::Duration::from_secs(secs), stop.clone())
+            latency::spawn(svc.clone(), cfg.limits.hub_latency_port, std::time::Duration::from_secs(secs), threads_stop)
                 .map_err(|e| format!("cannot start the hub latency thread: {e}"))?,
         ),
     };
-    Ok(Running { endpoint, stop, shards, latency, hub_workers: hub_threads, threads })
+    Ok(Running { endpoint, stop, stop_threads, shards, latency, hub_workers: hub_threads, threads })
 }

@@ -19,6 +19,18 @@ fn wait_for_endpoint(dir: &std::path::Path) -> serde_json::Value {
     }
 }
 
+/// `dps serve` on `dir`, one shard, every port ephemeral on loopback.
+fn serve_on_ephemeral_ports(dir: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dps"));
+    c.args(["serve", "--data-dir"])
+        .arg(dir)
+        .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0", "--shards", "1"])
+        .env("DPS_PORTS__BIND", "127.0.0.1")
+        .env("DPS_PORTS__ADMIN", "0")
+        .env("DPS_PORTS__CONSOLE", "0");
+    c
+}
+
 #[test]
 fn serves_then_exits_zero_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -171,18 +183,8 @@ fn rustls_client(s: &TestServer) -> std::sync::Arc<rustls::ClientConfig> {
 fn operation_logs_are_json_lines_without_secrets() {
     use base64::Engine;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dps"))
-        .args(["serve", "--data-dir"])
-        .arg(dir.path())
-        .args(["--https-port", "0", "--mqtt-port", "0", "--amqp-port", "0", "--shards", "1"])
-        .env("DPS_PORTS__BIND", "127.0.0.1")
-        .env("DPS_PORTS__ADMIN", "0")
-        .env("DPS_PORTS__CONSOLE", "0")
-        .env("DPS_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        serve_on_ephemeral_ports(dir.path()).env("DPS_LOG_FORMAT", "json").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let ep = wait_for_endpoint(dir.path());
     let ca = std::fs::read(ep["caCertificate"].as_str().unwrap()).unwrap();
     let http = reqwest::blocking::Client::builder()
@@ -395,4 +397,45 @@ fn a_data_dir_keeps_its_id_scope() {
     assert!(err.contains("0ne0000ABCD"), "{err}");
     cfg.id_scope = Some("0ne123".into());
     assert!(dps_gateway::start(cfg, tempfile::tempdir().unwrap().path()).err().unwrap().contains("8 hex digits"));
+}
+
+/// Times each thread of `pid` has been scheduled in, by thread name (`/proc/PID/task/*/schedstat`,
+/// third field).
+fn runs_by_thread(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let (Ok(name), Ok(stat)) =
+            (std::fs::read_to_string(task.path().join("comm")), std::fs::read_to_string(task.path().join("schedstat")))
+        else {
+            continue;
+        };
+        let runs = stat.split_whitespace().nth(2).unwrap().parse().unwrap();
+        out.push((name.trim().to_string(), runs));
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn an_idle_service_keeps_its_plain_threads_asleep() {
+    // Regression: the store threads woke every 50 ms and the hub workers every 200 ms to look
+    // at a stop flag (and the latency probe every 100 ms): an idle gateway spent ~7 ms of CPU
+    // a second on them, and each registration at partial load paid its share. They now sleep
+    // on their queues until work or the stop comes.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = serve_on_ephemeral_ports(dir.path()).stdout(Stdio::null()).spawn().unwrap();
+    wait_for_endpoint(dir.path());
+    std::thread::sleep(Duration::from_millis(500));
+    let before = runs_by_thread(child.id());
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = runs_by_thread(child.id());
+    let plain = |n: &str| n.starts_with("store-") || n.starts_with("hub-");
+    let watched: Vec<_> = before.iter().filter(|(n, _)| plain(n)).collect();
+    assert!(watched.len() >= 4, "the store and hub threads are there: {before:?}");
+    for (name, runs) in watched {
+        let later = after.iter().find(|(n, _)| n == name).map_or(*runs, |(_, r)| *r);
+        assert!(later <= runs + 1, "{name} woke {} times in 1.5 s of idleness", later - runs);
+    }
+    send_signal(child.id(), "-TERM");
+    assert!(child.wait().unwrap().success(), "a clean exit with the threads stopped by the close");
 }

@@ -3,15 +3,19 @@
 //! spins and then calls `sched_yield` several times before it parks: at partial load a store
 //! thread goes idle after nearly every request, so those yields cost more CPU than the reads
 //! (tuning.md, "The park path"). Producers (the shards) never block: a full queue is refused.
+//! An idle consumer sleeps until an item comes or the queue is closed ([`Closer`]): it never
+//! wakes just to look at a flag.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 struct State<T> {
     items: VecDeque<T>,
     senders: usize,
     receivers: usize,
+    /// Closed by a [`Closer`]: nothing more is taken, and receivers end once it is empty.
+    closed: bool,
 }
 
 struct Shared<T> {
@@ -30,24 +34,26 @@ impl<T> Shared<T> {
 
 pub struct Sender<T>(Arc<Shared<T>>);
 pub struct Receiver<T>(Arc<Shared<T>>);
+/// Closes the queue without being one of its senders (holding it keeps nothing open).
+pub struct Closer<T>(Arc<Shared<T>>);
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum TrySendError {
     Full,
-    /// Every receiver is gone.
+    /// Every receiver is gone, or the queue was closed.
     Disconnected,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum RecvError {
     Timeout,
-    /// Empty and every sender is gone.
+    /// Empty, and every sender is gone or the queue was closed.
     Disconnected,
 }
 
 pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State { items: VecDeque::new(), senders: 1, receivers: 1 }),
+        state: Mutex::new(State { items: VecDeque::new(), senders: 1, receivers: 1, closed: false }),
         ready: Condvar::new(),
         capacity: capacity.max(1),
     });
@@ -57,7 +63,7 @@ pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
 impl<T> Sender<T> {
     pub fn try_send(&self, item: T) -> Result<(), TrySendError> {
         let mut s = self.0.lock();
-        if s.receivers == 0 {
+        if s.receivers == 0 || s.closed {
             return Err(TrySendError::Disconnected);
         }
         if s.items.len() >= self.0.capacity {
@@ -75,6 +81,19 @@ impl<T> Sender<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    pub fn closer(&self) -> Closer<T> {
+        Closer(self.0.clone())
+    }
+}
+
+impl<T> Closer<T> {
+    /// Refuses new items from now on and wakes every receiver: each takes what is queued,
+    /// then gets `Disconnected`.
+    pub fn close(&self) {
+        self.0.lock().closed = true;
+        self.0.ready.notify_all();
     }
 }
 
@@ -97,25 +116,35 @@ impl<T> Drop for Sender<T> {
 }
 
 impl<T> Receiver<T> {
+    /// The next item, waiting for it as long as the queue is open.
+    pub fn recv(&self) -> Result<T, RecvError> {
+        self.wait_for_item(None)
+    }
+
     /// The next item, waiting until `deadline` at most.
     pub fn recv_deadline(&self, deadline: Instant) -> Result<T, RecvError> {
+        self.wait_for_item(Some(deadline))
+    }
+
+    fn wait_for_item(&self, deadline: Option<Instant>) -> Result<T, RecvError> {
         let mut s = self.0.lock();
         loop {
             if let Some(item) = s.items.pop_front() {
                 return Ok(item);
             }
-            if s.senders == 0 {
+            if s.senders == 0 || s.closed {
                 return Err(RecvError::Disconnected);
             }
-            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
-                return Err(RecvError::Timeout);
+            s = match deadline {
+                None => self.0.ready.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                        return Err(RecvError::Timeout);
+                    };
+                    self.0.ready.wait_timeout(s, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0)
+                }
             };
-            s = self.0.ready.wait_timeout(s, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
         }
-    }
-
-    pub fn recv_timeout(&self, timeout: Duration) -> Result<T, RecvError> {
-        self.recv_deadline(Instant::now() + timeout)
     }
 
     /// Moves up to `max` waiting items into `out` without waiting; how many.
@@ -143,6 +172,7 @@ impl<T> Drop for Receiver<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn bounded_ordered_and_disconnects() {
@@ -151,23 +181,45 @@ mod tests {
         assert_eq!(tx.try_send(2), Ok(()));
         assert_eq!(tx.try_send(3), Err(TrySendError::Full));
         assert_eq!(tx.len(), 2);
-        assert_eq!(rx.recv_timeout(Duration::ZERO), Ok(1));
+        assert_eq!(rx.recv_deadline(Instant::now() + Duration::ZERO), Ok(1));
         let mut out = Vec::new();
         assert_eq!(rx.drain_into(&mut out, 10), 1);
         assert_eq!(out, [2]);
-        assert_eq!(rx.recv_timeout(Duration::from_millis(10)), Err(RecvError::Timeout));
+        assert_eq!(rx.recv_deadline(Instant::now() + Duration::from_millis(10)), Err(RecvError::Timeout));
         // A waiting receiver is woken by a send from another thread.
         let tx2 = tx.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             tx2.try_send(7).unwrap();
         });
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(7));
+        assert_eq!(rx.recv_deadline(Instant::now() + Duration::from_secs(5)), Ok(7));
         t.join().unwrap();
         drop(tx);
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Err(RecvError::Disconnected));
+        assert_eq!(rx.recv_deadline(Instant::now() + Duration::from_secs(5)), Err(RecvError::Disconnected));
         let (tx, rx) = bounded::<u8>(1);
         drop(rx);
         assert_eq!(tx.try_send(1), Err(TrySendError::Disconnected));
+    }
+
+    #[test]
+    fn closing_wakes_a_waiting_receiver_after_what_is_queued() {
+        let (tx, rx) = bounded(4);
+        let closer = tx.closer();
+        tx.try_send(1).unwrap();
+        let t = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            // Blocks with no deadline: only the close can end it.
+            while let Ok(v) = rx.recv() {
+                got.push(v);
+            }
+            got
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        tx.try_send(2).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        closer.close();
+        assert_eq!(t.join().unwrap(), [1, 2]);
+        // A closed queue takes nothing more, though a sender is still held.
+        assert_eq!(tx.try_send(3), Err(TrySendError::Disconnected));
     }
 }

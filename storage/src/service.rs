@@ -3,7 +3,7 @@
 //! writes) and answers each caller only once the commit is durable. Queues are bounded; a full
 //! queue is reported at once so the caller can answer 503 instead of waiting.
 
-use crate::queue::{bounded, Receiver, RecvError, Sender, TrySendError};
+use crate::queue::{bounded, Closer, Receiver, Sender, TrySendError};
 use crate::record::{Table, Txn, TxnResult};
 use crate::{Record, Store, StoreError};
 use futures::channel::oneshot;
@@ -189,7 +189,10 @@ pub struct StoreService {
 pub struct StoreThreads {
     handles: Vec<JoinHandle<()>>,
     store: Arc<dyn Store>,
-    closing: Arc<AtomicBool>,
+    /// The threads sleep on their queues until a request comes or these close them (no
+    /// periodic wake-up to look at a flag: each cost an idle gateway a wake-up per thread
+    /// every 50 ms).
+    closing: (Closer<Read>, Closer<Write>),
 }
 
 impl StoreThreads {
@@ -197,7 +200,8 @@ impl StoreThreads {
     /// acknowledged), waits for them, flushes and closes the store. Handles still held then get
     /// `Closed`.
     pub fn join(self) -> Result<(), StoreError> {
-        self.closing.store(true, Ordering::Relaxed);
+        self.closing.0.close();
+        self.closing.1.close();
         for h in self.handles {
             let _ = h.join();
         }
@@ -210,18 +214,17 @@ impl StoreService {
         let (rtx, rrx) = bounded::<Read>(cfg.queue);
         let (wtx, wrx) = bounded::<Write>(cfg.queue);
         let stats = Arc::new(CommitStats::default());
-        let closing = Arc::new(AtomicBool::new(false));
+        let closing = (rtx.closer(), wtx.closer());
         let mut handles = Vec::new();
         for i in 0..cfg.readers.max(1) {
-            let (s, rx, c) = (store.clone(), rrx.clone(), closing.clone());
-            handles.push(spawn(format!("store-read-{i}"), move || reader(s, rx, c)));
+            let (s, rx) = (store.clone(), rrx.clone());
+            handles.push(spawn(format!("store-read-{i}"), move || reader(s, rx)));
         }
         let commit_lock = Arc::new(std::sync::Mutex::new(()));
         {
-            let (s, st, max, linger, c) =
-                (store.clone(), stats.clone(), cfg.max_group.max(1), Duration::from_micros(cfg.linger_us), closing.clone());
+            let (s, st, max, linger) = (store.clone(), stats.clone(), cfg.max_group.max(1), Duration::from_micros(cfg.linger_us));
             let lock = commit_lock.clone();
-            handles.push(spawn("store-write".into(), move || writer(s, wrx, st, max, linger, c, &lock)));
+            handles.push(spawn("store-write".into(), move || writer(s, wrx, st, max, linger, &lock)));
         }
         let service = StoreService {
             store: Arc::downgrade(&store),
@@ -355,21 +358,10 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     std::thread::Builder::new().name(name).spawn(f).expect("spawn store thread")
 }
 
-/// The next request, or None once closing with an empty queue (or every sender is gone).
-fn next<T>(rx: &Receiver<T>, closing: &AtomicBool) -> Option<T> {
-    loop {
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(m) => return Some(m),
-            Err(RecvError::Disconnected) => return None,
-            Err(RecvError::Timeout) if closing.load(Ordering::Relaxed) => return None,
-            Err(RecvError::Timeout) => {}
-        }
-    }
-}
-
-fn reader(store: Arc<dyn Store>, rx: Receiver<Read>, closing: Arc<AtomicBool>) {
+fn reader(store: Arc<dyn Store>, rx: Receiver<Read>) {
     let fail = |e: StoreError| ServiceError::Failed(e.to_string());
-    while let Some(req) = next(&rx, &closing) {
+    // Until the queue is closed and empty, or every sender is gone.
+    while let Ok(req) = rx.recv() {
         match req {
             Read::Get(t, k, reply) => {
                 let _ = reply.send(store.get(t, &k).map_err(fail));
@@ -394,10 +386,9 @@ fn writer(
     stats: Arc<CommitStats>,
     max_group: usize,
     linger: Duration,
-    closing: Arc<AtomicBool>,
     commit_lock: &std::sync::Mutex<()>,
 ) {
-    while let Some(first) = next(&rx, &closing) {
+    while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         let deadline = Instant::now() + linger;
         while group.len() < max_group {

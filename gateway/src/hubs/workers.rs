@@ -7,8 +7,6 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use dps_core::hub::{HubConnector, HubError, HubTask};
 use dps_core::model::{HubKind, LinkedHub};
 use futures::channel::oneshot;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// One step of hub work.
@@ -62,8 +60,9 @@ impl Drop for Slot<'_> {
 
 impl HubWorkers {
     /// `knobs.threads` workers (each step mostly waits on its hub, so more than cores),
-    /// `knobs.queue` steps waiting at most; they end once `stop` is set.
-    pub fn start(knobs: Knobs, stop: Arc<AtomicBool>) -> std::io::Result<(HubWorkers, Vec<std::thread::JoinHandle<()>>)> {
+    /// `knobs.queue` steps waiting at most; they end once `stop`'s sender is dropped (an idle
+    /// worker sleeps on its queue and on `stop` together: it never wakes just to look).
+    pub fn start(knobs: Knobs, stop: Receiver<()>) -> std::io::Result<(HubWorkers, Vec<std::thread::JoinHandle<()>>)> {
         let (tx, rx) = bounded::<Job>(knobs.queue.max(1));
         let mut handles = Vec::new();
         for i in 0..knobs.threads.max(1) {
@@ -117,9 +116,17 @@ impl HubWorkers {
     }
 }
 
-fn work(rx: &Receiver<Job>, stop: &AtomicBool, knobs: Knobs) {
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(job) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
+fn work(rx: &Receiver<Job>, stop: &Receiver<()>, knobs: Knobs) {
+    loop {
+        // Stop first: steps still queued then are answered as transient failures (their
+        // replies dropped), not worked through while the service shuts down.
+        let job = crossbeam_channel::select_biased! {
+            recv(stop) -> _ => return,
+            recv(rx) -> job => match job {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+        };
         let result = match (&job.step, &job.hub) {
             (Step::Allocate { url, body }, _) => {
                 super::http::post_json(url, body, knobs.webhook_timeout, dps_core::hub::custom::MAX_RESPONSE_BYTES).map(Some)
@@ -189,9 +196,9 @@ mod tests {
 
     #[test]
     fn one_hub_cannot_take_more_than_its_share_of_workers() {
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let knobs = Knobs { threads: 4, queue: 16, per_hub: 1, instance: 1, webhook_timeout: Duration::from_secs(5) };
-        let (w, threads) = HubWorkers::start(knobs, stop.clone()).unwrap();
+        let (w, threads) = HubWorkers::start(knobs, stopped).unwrap();
         let step = |url: &str| Step::Allocate { url: url.to_string(), body: serde_json::json!({}) };
         let (slow, other) = (slow_webhook(Duration::from_millis(300)), slow_webhook(Duration::ZERO));
         let (a, b, c) = futures::executor::block_on(futures::future::join3(
@@ -204,7 +211,7 @@ mod tests {
         assert_eq!(c.unwrap().map(|(s, _)| s), Some(200), "another hub is not held up");
         // The slot is given back: the hub takes a step again.
         assert!(futures::executor::block_on(w.run(None, step(&slow))).is_ok());
-        stop.store(true, Ordering::Relaxed);
+        drop(stop);
         threads.into_iter().for_each(|t| t.join().unwrap());
     }
 }

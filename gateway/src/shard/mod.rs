@@ -118,10 +118,8 @@ impl Shard {
     /// Admits a connection from its source address under `limits.max_connections_per_source`
     /// (this shard's share of it; SO_REUSEPORT spreads one source's connections over the
     /// shards), and returns the address to release; None: refused.
-    fn admit_source(&self, stream: &TcpStream) -> Option<Option<std::net::IpAddr>> {
+    fn admit_source(&self, ip: std::net::IpAddr) -> Option<Option<std::net::IpAddr>> {
         let limit = self.limits.max_connections_per_source;
-        let Ok(peer) = stream.peer_addr() else { return Some(None) };
-        let ip = peer.ip();
         if limit == 0 || self.limits.source_allow_list.contains(&ip) {
             return Some(None);
         }
@@ -384,7 +382,9 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
             drop(stream);
             continue;
         }
-        let Some(source) = shard.admit_source(&stream) else {
+        // Read once (a system call): the per-source limits here and in the connection use it.
+        let Ok(peer) = stream.peer_addr().map(|a| a.ip()) else { continue };
+        let Some(source) = shard.admit_source(peer) else {
             shard.metrics.inc("dps_connections_refused_total", &[("shard", &shard.id.to_string()), ("reason", "per_source_limit")]);
             drop(stream);
             continue;
@@ -401,7 +401,7 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
         shard.metrics.add("dps_connections_open", &[("shard", &sid)], 1);
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            serve_tls(stream, kind, api_only, &shard).await;
+            serve_tls(stream, peer, kind, api_only, &shard).await;
             shard.release_source(source);
             let pool = shard.pool(api_only);
             pool.set(pool.get() - 1);

@@ -24,10 +24,9 @@ use std::time::{Duration, Instant};
 
 /// Serves one accepted connection. `api_only`: it holds a slot of the service API's reserve
 /// (HTTPS only), so it is served the service API and nothing else.
-pub(crate) async fn serve_tls(stream: TcpStream, kind: Listener, api_only: bool, shard: &Shard) {
+/// `source`: the peer's address (failed attestations are bounded per source).
+pub(crate) async fn serve_tls(stream: TcpStream, source: std::net::IpAddr, kind: Listener, api_only: bool, shard: &Shard) {
     let _ = stream.set_nodelay(true);
-    // The peer's address: failed attestations are bounded per source.
-    let Ok(source) = stream.peer_addr().map(|a| a.ip()) else { return };
     // Every write of the connection, whatever the protocol, gives up when the peer stops reading.
     let stream = write_deadline::WriteDeadline::new(stream, Duration::from_secs(shard.limits.write_timeout_secs.max(1)));
     let handshake = Duration::from_secs(shard.limits.handshake_timeout_secs);
