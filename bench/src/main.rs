@@ -162,16 +162,15 @@ fn offered_rates(peak: f64, smoke: bool) -> Vec<f64> {
     r
 }
 
-/// The index of the offered rate nearest `target`, if one is within 5 % of it (of `target`
-/// / 0.25, the peak it was computed from): the 25 % row of the open-loop table. The nearest,
-/// not the first close enough: a fixed rate (500/s) can lie within the tolerance below the
-/// 25 % rate (570/s at a peak of 2,281/s).
-fn nearest_rate(offered: &[f64], target: f64) -> Option<usize> {
-    let tolerance = 0.05 * target / 0.25;
+/// The index of the open-loop table's 25 % row: the offered rate nearest a quarter of `peak`,
+/// if one is within 5 % of the peak of it. The nearest, not the first close enough: a fixed
+/// rate (500/s) can lie within the tolerance below the 25 % rate (570/s at a peak of 2,280/s).
+fn quarter_peak_row(offered: &[f64], peak: f64) -> Option<usize> {
+    let target = 0.25 * peak;
     offered
         .iter()
         .enumerate()
-        .filter(|(_, r)| (*r - target).abs() < tolerance)
+        .filter(|(_, r)| (*r - target).abs() < 0.05 * peak)
         .min_by(|(_, a), (_, b)| (*a - target).abs().total_cmp(&(*b - target).abs()))
         .map(|(i, _)| i)
 }
@@ -539,7 +538,7 @@ fn main() -> Result<(), BoxError> {
         );
     }
     let offered: Vec<f64> = gateway_at.iter().map(|r| r.offered).collect();
-    if let (Some(low), Some(high)) = (nearest_rate(&offered, 0.25 * dps2.per_second()).map(|i| &gateway_at[i]), gateway_at.last()) {
+    if let (Some(low), Some(high)) = (quarter_peak_row(&offered, dps2.per_second()).map(|i| &gateway_at[i]), gateway_at.last()) {
         println!(
             "| CPU per registration at 25 % of peak ÷ at {:.0}/s (target ≤ 1.3) | {:.2} |",
             high.offered,
@@ -567,7 +566,7 @@ mod tests {
         // 25 % rate (570/s) and comes first.
         let rates = offered_rates(2280.0, false);
         assert_eq!(rates, vec![228.0, 250.0, 500.0, 570.0, 1000.0, 1140.0, 1710.0]);
-        assert_eq!(nearest_rate(&rates, 0.25 * 2280.0), Some(3));
-        assert_eq!(nearest_rate(&[250.0, 1000.0], 0.25 * 2280.0), None);
+        assert_eq!(quarter_peak_row(&rates, 2280.0), Some(3));
+        assert_eq!(quarter_peak_row(&[250.0, 1000.0], 2280.0), None);
     }
 }

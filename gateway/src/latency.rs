@@ -28,7 +28,7 @@ pub fn spawn(svc: Arc<Service>, port: u16, every: Duration, stop: Receiver<()>) 
         loop {
             match stop.recv_deadline(next) {
                 Err(RecvTimeoutError::Timeout) => {}
-                // Dropped (or, never sent, a message): stop.
+                // The sender dropped (nothing is ever sent on it): stop.
                 _ => return,
             }
             next = Instant::now() + every;

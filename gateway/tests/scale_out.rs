@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::etcd::Cluster;
+use common::etcd::{wait_for_progress, Cluster};
 use common::*;
 use serde_json::json;
 use std::time::Duration;
@@ -204,20 +204,11 @@ fn an_etcd_member_and_a_node_lost_under_load_lose_nothing() {
             })
         })
         .collect();
-    // Progress is awaited, not a fixed time: on a loaded machine (CI) the election and the
-    // clients' failover can take longer than a fixed wait allowed (the same test on the store
-    // alone failed so once); the bounds are far past etcd's election timeout.
-    let progress_past = |n: usize| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while acked.lock().unwrap().len() <= n && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        acked.lock().unwrap().len()
-    };
-    let before = progress_past(10);
+    let provisioned = || acked.lock().unwrap().len();
+    let before = wait_for_progress(provisioned, 10);
     etcd.kill(0);
     a.kill();
-    progress_past(before + 10);
+    wait_for_progress(provisioned, before + 10);
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().unwrap();

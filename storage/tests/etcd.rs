@@ -8,7 +8,7 @@ mod etcd_cluster;
 mod semantics;
 
 use dps_storage::{by_group_key, DataKey, EtcdConfig, EtcdStore, Expect, Op, Record, Store, Table, Txn, TxnError};
-use etcd_cluster::Cluster;
+use etcd_cluster::{wait_for_progress, Cluster};
 use semantics::{put, rec};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -123,14 +123,8 @@ fn a_member_lost_under_load_loses_nothing_acknowledged() {
     std::thread::sleep(Duration::from_millis(700));
     let before = acked.lock().unwrap().len();
     c.kill(0);
-    // Writes must go on with two members of three. How soon depends on the election and the
-    // client's failover, which on a loaded machine (CI runs the other tests' clusters beside
-    // this one) took longer than a fixed 2.5 s wait allowed: wait for the progress instead,
-    // within a bound far past etcd's election timeout.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while acked.lock().unwrap().len() <= before + 20 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Writes must go on with two members of three.
+    wait_for_progress(|| acked.lock().unwrap().len(), before + 20);
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.join().unwrap();

@@ -37,6 +37,18 @@ fn tls_files(dir: &std::path::Path) -> dps_storage::EtcdTls {
     dps_storage::EtcdTls { ca_pem: ca_cert.pem().into_bytes(), client: Some((client.into_bytes(), client_key.into_bytes())) }
 }
 
+/// Waits until `count()` exceeds `past`, 30 s at most; the count then. For the failover tests:
+/// how soon work resumes after a member is lost depends on the election and the clients'
+/// failover, which on a loaded machine (CI runs other tests' clusters beside them) outlasted a
+/// fixed 2.5 s wait once; the bound is far past etcd's election timeout.
+pub fn wait_for_progress(count: impl Fn() -> usize, past: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count() <= past && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    count()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
