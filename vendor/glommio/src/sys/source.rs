@@ -224,6 +224,12 @@ impl Source {
         })
     }
 
+    /// Whether the request is still the kernel's: submitted (or queued) and its completion not
+    /// yet consumed.
+    pub(crate) fn is_in_kernel(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     pub(crate) fn result(&self) -> Option<io::Result<usize>> {
         let mut inner = self.inner.borrow_mut();
         let ret = inner

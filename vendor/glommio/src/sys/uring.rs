@@ -1059,12 +1059,25 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
+    /// Sleeps until the ring has an event. With `link`, first submits a poll on the latency
+    /// ring's fd (the link) together with the wait, in one system call; returns whether that
+    /// link is now in the kernel. Without, the link is armed already and only the wait is made.
+    fn sleep(&mut self, link: Option<&Source>) -> io::Result<bool> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
             "sleeping with pending SQEs"
         );
+        let Some(link) = link else {
+            return self
+                .ring
+                .cq()
+                .wait(1)
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok)
+                .map(|_| false);
+        };
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
             let op = UringDescriptor {
@@ -1084,31 +1097,22 @@ impl SleepableRing {
                 &mut self.source_map.borrow_mut(),
             );
 
-            // We have now prepared the SQE that links the two rings. We now need to submit
-            // it successfully to be able to safely sleep.
-
-            if self
-                .submit_sqes()
+            // The kernel waits only when every submission was accepted, so a link that could
+            // not be submitted never leaves us waiting without it.
+            let submitted = self
+                .ring
+                .submit_sqes_and_wait(1)
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
+                .or_else(Reactor::intr_ok)? as usize;
+            self.in_kernel += submitted;
+            if submitted != 1 {
                 // We failed to submit the `SQE` that links the rings. Just can't sleep.
-                // Waiting here is unsafe because we could end up waiting much longer than
-                // needed.
                 // We make the SQE a no-op and return
                 unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                Ok(true)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1118,6 +1122,7 @@ impl SleepableRing {
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
                 .or_else(Reactor::intr_ok)
+                .map(|_| false)
         }
     }
 }
@@ -1237,6 +1242,10 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// The deadline of the user timer in `latency_preemption_timeout_src`, when kept armed.
+    latency_timer_deadline: Cell<Option<Instant>>,
+    /// The poll that links the latency ring into the main ring, while it is armed.
+    link_src: RefCell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1368,6 +1377,8 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_timer_deadline: Cell::new(None),
+            link_src: RefCell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1733,6 +1744,14 @@ impl Reactor {
         }
     }
 
+    /// Whether the user timer is still armed in the kernel.
+    fn timer_armed(&self) -> bool {
+        let src = self.latency_preemption_timeout_src.take();
+        let armed = src.as_ref().is_some_and(|s| s.is_in_kernel());
+        self.latency_preemption_timeout_src.set(src);
+        armed
+    }
+
     /// We want to go to sleep, but we can only go to sleep in one of the rings,
     /// as we only have one thread. There are more than one sleepable rings, so
     /// what we do is we take advantage of the fact that the ring's `ring_fd` is
@@ -1741,6 +1760,13 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        // The poll on the latency ring stays armed until that ring has an event; one armed poll
+        // is enough, so it is added only when the last one completed (local patch, PATCHES.md).
+        let mut link = self.link_src.borrow_mut();
+        if link.as_ref().is_some_and(|l| l.is_in_kernel()) {
+            return ring.sleep(None).map(|_| {});
+        }
+        *link = None;
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1748,7 +1774,14 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        match ring.sleep(Some(&link_rings)) {
+            Ok(true) => {
+                *link = Some(link_rings);
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Self::busy_ok(e),
+        }
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1812,7 +1845,7 @@ impl Reactor {
     pub(crate) fn wait<Preempt, F>(
         &self,
         preempt_timer: Preempt,
-        user_timer: Option<Duration>,
+        user_timer: Option<Instant>,
         mut woke: usize,
         process_remote_channels: F,
     ) -> io::Result<bool>
@@ -1835,7 +1868,17 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // With preemption timers off the slot holds only the user timer: keep it armed while the
+        // next deadline stays the same (local patch, PATCHES.md) instead of a cancel and a new
+        // timeout on every pass.
+        let keep_timer = !preempt_timers()
+            && user_timer.is_some()
+            && self.latency_timer_deadline.get() == user_timer
+            && self.timer_armed();
+        if !keep_timer {
+            drop(self.latency_preemption_timeout_src.take());
+            self.latency_timer_deadline.set(None);
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
@@ -1867,10 +1910,14 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
+            if let Some(deadline) = user_timer.filter(|_| !keep_timer) {
+                let dur = deadline.saturating_duration_since(Instant::now());
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
                 assert!(flush_rings!(lat_ring)? > 0);
+                if !preempt_timers() {
+                    self.latency_timer_deadline.set(Some(deadline));
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
