@@ -119,7 +119,7 @@ impl Timers {
         self.timers.insert((when, id), waker);
     }
 
-    /// Return the duration until next event and the number of
+    /// Return the deadline of the next event and the number of
     /// ready and woke timers.
     fn process_timers(&mut self) -> (Option<Instant>, usize) {
         let now = Instant::now();
@@ -812,7 +812,7 @@ impl Reactor {
 
     /// Processes ready timers and extends the list of wakers to wake.
     ///
-    /// Returns the duration until the next timer
+    /// Returns the deadline of the next timer
     fn process_timers(&self) -> (Option<Instant>, usize) {
         let mut timers = self.timers.borrow_mut();
         timers.process_timers()

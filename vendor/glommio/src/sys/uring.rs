@@ -1862,15 +1862,11 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        // With preemption timers off the slot holds only the user timer: keep it armed while the
-        // next deadline stays the same (local patch, PATCHES.md) instead of a cancel and a new
-        // timeout on every pass.
+        // Cancel the old timer whether or not we can sleep: if we won't sleep, we will
+        // register the new timer with its new value; if we will, a stale timer would wake us
+        // when it expires. Except with preemption timers off, where the slot holds only the user
+        // timer: it is kept armed while the next deadline stays the same (local patch,
+        // PATCHES.md) instead of a cancel and a new timeout on every pass.
         let keep_timer = !preempt_timers()
             && user_timer.is_some()
             && self.latency_timer_deadline.get() == user_timer
