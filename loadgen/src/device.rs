@@ -1,7 +1,7 @@
 //! One simulated device's session, per transport: from the TCP connect to its final answer.
 
 use crate::endpoint::Endpoint;
-use crate::wire::{Plain, Wire, Ws};
+use crate::wire::{open_tls, Plain, Wire, Ws};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::BytesMut;
@@ -131,13 +131,15 @@ impl Session<'_> {
     pub async fn run(&self, transport: Transport) -> Result<(), Failure> {
         match transport {
             Transport::Mqtt => {
-                let s = self.tls_connect(self.ep.mqtt_port).await?;
-                self.mqtt(Plain(s)).await
+                let opening = self.dps_opening()?;
+                let s = self.tls_connect_with(self.ep.mqtt_port, &opening).await?;
+                self.mqtt(Plain(s), None).await
             }
             Transport::MqttWs => {
+                let opening = self.dps_opening()?;
                 let s = self.tls_connect(self.ep.https_port).await?;
                 let ws = Ws::connect(s, &self.ep.host, "/$iothub/websocket", "mqtt", self.seq).await.map_err(|_| Failure::WebSocket)?;
-                self.mqtt(ws).await
+                self.mqtt(ws, Some(opening)).await
             }
             Transport::Https => self.https().await,
             Transport::Amqp => {
@@ -156,10 +158,15 @@ impl Session<'_> {
     }
 
     async fn tls_connect(&self, port: u16) -> Result<Tls, Failure> {
+        self.tls_connect_with(port, &[]).await
+    }
+
+    /// A new TLS session with `first` sent behind the client's Finished (see [`open_tls`]).
+    async fn tls_connect_with(&self, port: u16, first: &[u8]) -> Result<Tls, Failure> {
         let tcp = tokio::net::TcpStream::connect((self.ep.connect.as_str(), port)).await.map_err(|_| Failure::Connect)?;
         let _ = tcp.set_nodelay(true);
         let name = rustls::pki_types::ServerName::try_from(self.ep.host.clone()).map_err(|_| Failure::Tls)?;
-        tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|_| Failure::Tls)
+        open_tls(self.tls.clone(), name, tcp, first).await.map_err(|_| Failure::Tls)
     }
 
     fn token(&self) -> Result<String, Failure> {
@@ -214,12 +221,14 @@ impl Session<'_> {
         Ok(out)
     }
 
+    /// The same flights as a DPS registration: the opening behind the handshake, the PUBACK,
+    /// DISCONNECT and close_notify together at the end.
     async fn broker_session(&self) -> Result<(), Failure> {
         let login = self.broker.ok_or(Failure::Protocol)?;
-        let mut w = Plain(self.tls_connect(self.ep.mqtt_port).await?);
         let topic = format!("loadgen/{}", self.registration_id);
         let login = Login::new(login.username.clone(), login.password.clone());
-        w.send(&self.opening(login, &topic, &topic)?).await.map_err(|_| Failure::Protocol)?;
+        let opening = self.opening(login, &topic, &topic)?;
+        let mut w = Plain(self.tls_connect_with(self.ep.mqtt_port, &opening).await?);
         let mut buf = BytesMut::with_capacity(4096);
         loop {
             match read_packet(&mut w, &mut buf).await? {
@@ -228,8 +237,7 @@ impl Session<'_> {
                     let mut o = BytesMut::new();
                     PubAck::new(p.pkid).write(&mut o).map_err(|_| Failure::Protocol)?;
                     v4::Disconnect.write(&mut o).map_err(|_| Failure::Protocol)?;
-                    let _ = w.send(&o).await;
-                    w.close().await;
+                    w.finish(&o).await;
                     return Ok(());
                 }
                 _ => {}
@@ -255,15 +263,24 @@ impl Session<'_> {
         dev.provision(stream).await
     }
 
-    /// CONNECT, SUBSCRIBE and the register request pipelined (as the SDKs' transports allow),
-    /// then the answers; polls while `assigning`.
-    async fn mqtt<W: Wire>(&self, mut w: W) -> Result<(), Failure> {
+    /// The DPS opening: CONNECT with the registration's login, SUBSCRIBE to the responses, the
+    /// register request.
+    fn dps_opening(&self) -> Result<BytesMut, Failure> {
         let id = self.registration_id;
         let password = if self.x509 { String::new() } else { self.token()? };
         let login =
             Login::new(format!("{}/registrations/{id}/api-version=2019-03-31&ClientVersion=dps-loadgen", self.ep.id_scope), password);
-        let opening = self.opening(login, "$dps/registrations/res/#", "$dps/registrations/PUT/iotdps-register/?$rid=1")?;
-        w.send(&opening).await.map_err(|_| Failure::Protocol)?;
+        self.opening(login, "$dps/registrations/res/#", "$dps/registrations/PUT/iotdps-register/?$rid=1")
+    }
+
+    /// CONNECT, SUBSCRIBE and the register request pipelined (as the SDKs' transports allow;
+    /// `opening` if they are still to be sent, else they went with the handshake), then the
+    /// answers; polls while `assigning`. The PUBACK of the final answer, the DISCONNECT and
+    /// the close leave together, as in the broker session.
+    async fn mqtt<W: Wire>(&self, mut w: W, opening: Option<BytesMut>) -> Result<(), Failure> {
+        if let Some(opening) = opening {
+            w.send(&opening).await.map_err(|_| Failure::Protocol)?;
+        }
         let mut buf = BytesMut::with_capacity(4096);
         let mut rid = 2u16;
         loop {
@@ -272,17 +289,15 @@ impl Session<'_> {
                 Packet::Publish(p) => {
                     let mut ack = BytesMut::new();
                     PubAck::new(p.pkid).write(&mut ack).map_err(|_| Failure::Protocol)?;
-                    w.send(&ack).await.map_err(|_| Failure::Protocol)?;
                     let status: u16 = p.topic.split('/').nth(3).and_then(|x| x.parse().ok()).ok_or(Failure::Protocol)?;
                     let body: serde_json::Value = serde_json::from_slice(&p.payload).map_err(|_| Failure::Protocol)?;
+                    if (status, body["status"].as_str()) == (200, Some("assigned")) {
+                        v4::Disconnect.write(&mut ack).map_err(|_| Failure::Protocol)?;
+                        w.finish(&ack).await;
+                        return Ok(());
+                    }
+                    w.send(&ack).await.map_err(|_| Failure::Protocol)?;
                     match (status, body["status"].as_str()) {
-                        (200, Some("assigned")) => {
-                            let mut d = BytesMut::new();
-                            v4::Disconnect.write(&mut d).map_err(|_| Failure::Protocol)?;
-                            let _ = w.send(&d).await;
-                            w.close().await;
-                            return Ok(());
-                        }
                         (200, st) => return Err(not_assigned(st)),
                         (202, _) => {
                             let retry = p.topic.split("retry-after=").nth(1).and_then(|x| x.parse().ok()).unwrap_or(2u64);

@@ -4,19 +4,48 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::BytesMut;
-use std::io;
+use std::io::{self, Write};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::client::TlsStream;
 
 pub trait Wire {
     async fn send(&mut self, b: &[u8]) -> io::Result<()>;
     /// Appends what arrives to `buf`; 0 means the peer closed.
     async fn recv(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
     async fn close(&mut self);
+    /// Sends `last` and closes, in as few writes as the wire allows.
+    async fn finish(&mut self, last: &[u8]) {
+        let _ = self.send(last).await;
+        self.close().await;
+    }
 }
 
-pub struct Plain<S>(pub S);
+/// A device's TLS session over `io`, with `first` queued before the handshake: rustls keeps
+/// what is written before the handshake ends and sends it right behind the client's Finished,
+/// in the same write, so the server reads the handshake's end and the first request at once
+/// (a client that pipelines; the official SDKs wait for the handshake, then send).
+pub async fn open_tls<IO: AsyncRead + AsyncWrite + Unpin>(
+    cfg: Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+    io: IO,
+    first: &[u8],
+) -> io::Result<TlsStream<IO>> {
+    let mut queued = Ok(());
+    let s = tokio_rustls::TlsConnector::from(cfg)
+        .connect_with(name, io, |conn| {
+            if !first.is_empty() {
+                queued = conn.writer().write_all(first);
+            }
+        })
+        .await?;
+    queued.map(|_| s)
+}
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Wire for Plain<S> {
+/// A TLS stream as is.
+pub struct Plain<IO>(pub TlsStream<IO>);
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Wire for Plain<IO> {
     async fn send(&mut self, b: &[u8]) -> io::Result<()> {
         self.0.write_all(b).await
     }
@@ -27,6 +56,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for Plain<S> {
         Ok(n)
     }
     async fn close(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+    /// `last` is only encrypted into the session's send queue; the shutdown then writes it
+    /// together with the close_notify (one gathered write, one TCP segment), so the server
+    /// reads the end of the session at once instead of waking for each part.
+    async fn finish(&mut self, last: &[u8]) {
+        if self.0.get_mut().1.writer().write_all(last).is_err() {
+            return;
+        }
         let _ = self.0.shutdown().await;
     }
 }
@@ -176,4 +214,105 @@ pub fn into_stream<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(mut ws: W
         ws.close().await;
     });
     ours
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    /// A client transport that notes the size of every write: one write here is one `writev`,
+    /// so one TCP segment, on a socket.
+    struct Counted<S> {
+        inner: S,
+        writes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = r {
+                self.writes.lock().unwrap().push(n);
+            }
+            r
+        }
+        // Gathered, as a socket's writev: all the slices in one write.
+        fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &all)
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// The client's flights of a pipelining session: ClientHello; Finished with the opening;
+    /// the last bytes with the close_notify. Three writes, where connecting first and sending
+    /// after (Finished, opening) and sending the last bytes before closing (last bytes,
+    /// close_notify) took five; the server reads each part whole and sees a clean close.
+    #[tokio::test]
+    async fn a_session_leaves_in_three_flights() {
+        tokio::time::timeout(std::time::Duration::from_secs(10), three_flights()).await.expect("the session did not finish");
+    }
+
+    async fn three_flights() {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = ck.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let serve = tokio::spawn(async move {
+            let mut s = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(theirs).await.unwrap();
+            let mut got = vec![0u8; 7];
+            s.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, b"opening");
+            s.write_all(b"answer").await.unwrap();
+            // To the close_notify: a close without one is an error here.
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let io = Counted { inner: ours, writes: writes.clone() };
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = open_tls(Arc::new(client), name, io, b"opening").await.unwrap();
+        let mut w = Plain(tls);
+        let mut buf = BytesMut::new();
+        while buf.len() < 6 {
+            assert!(w.recv(&mut buf).await.unwrap() > 0);
+        }
+        assert_eq!(&buf[..], b"answer");
+        w.finish(b"last").await;
+        assert_eq!(serve.await.unwrap(), b"last");
+        let writes = writes.lock().unwrap().clone();
+        assert_eq!(writes.len(), 3, "the client's writes: {writes:?}");
+    }
 }
