@@ -133,13 +133,13 @@ impl Session<'_> {
             Transport::Mqtt => {
                 let opening = self.dps_opening()?;
                 let s = self.tls_connect_with(self.ep.mqtt_port, &opening).await?;
-                self.mqtt(Plain(s), None).await
+                self.mqtt(&mut Plain(s), None).await
             }
             Transport::MqttWs => {
                 let opening = self.dps_opening()?;
                 let s = self.tls_connect(self.ep.https_port).await?;
-                let ws = Ws::connect(s, &self.ep.host, "/$iothub/websocket", "mqtt", self.seq).await.map_err(|_| Failure::WebSocket)?;
-                self.mqtt(ws, Some(opening)).await
+                let mut ws = Ws::connect(s, &self.ep.host, "/$iothub/websocket", "mqtt", self.seq).await.map_err(|_| Failure::WebSocket)?;
+                self.mqtt(&mut ws, Some(opening)).await
             }
             Transport::Https => self.https().await,
             Transport::Amqp => {
@@ -277,14 +277,14 @@ impl Session<'_> {
     /// `opening` if they are still to be sent, else they went with the handshake), then the
     /// answers; polls while `assigning`. The PUBACK of the final answer, the DISCONNECT and
     /// the close leave together, as in the broker session.
-    async fn mqtt<W: Wire>(&self, mut w: W, opening: Option<BytesMut>) -> Result<(), Failure> {
+    async fn mqtt<W: Wire>(&self, w: &mut W, opening: Option<BytesMut>) -> Result<(), Failure> {
         if let Some(opening) = opening {
             w.send(&opening).await.map_err(|_| Failure::Protocol)?;
         }
         let mut buf = BytesMut::with_capacity(4096);
         let mut rid = 2u16;
         loop {
-            match read_packet(&mut w, &mut buf).await? {
+            match read_packet(w, &mut buf).await? {
                 Packet::ConnAck(a) if a.code != v4::ConnectReturnCode::Success => return Err(Failure::ConnAck),
                 Packet::Publish(p) => {
                     let mut ack = BytesMut::new();
@@ -418,5 +418,89 @@ async fn read_packet<W: Wire>(w: &mut W, buf: &mut BytesMut) -> Result<Packet, F
         if w.recv(buf).await.map_err(|_| Failure::Protocol)? == 0 {
             return Err(Failure::Protocol);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    /// A wire that plays the server's packets back and notes what the device writes.
+    struct Scripted {
+        incoming: BytesMut,
+        sends: Vec<Vec<u8>>,
+        finished: Option<Vec<u8>>,
+        closes: usize,
+    }
+
+    impl Wire for Scripted {
+        async fn send(&mut self, b: &[u8]) -> io::Result<()> {
+            self.sends.push(b.to_vec());
+            Ok(())
+        }
+        async fn recv(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+            let n = self.incoming.len();
+            buf.extend_from_slice(&self.incoming.split());
+            Ok(n)
+        }
+        async fn close(&mut self) {
+            self.closes += 1;
+        }
+        async fn finish(&mut self, last: &[u8]) {
+            self.finished = Some(last.to_vec());
+        }
+    }
+
+    /// The final answer's PUBACK and the DISCONNECT are the device's last bytes, handed over
+    /// in one piece to go out with the close (they were two sends and a close).
+    #[tokio::test]
+    async fn the_assigned_answer_is_acknowledged_and_left_in_one_piece() {
+        let mut incoming = BytesMut::new();
+        v4::ConnAck::new(v4::ConnectReturnCode::Success, false).write(&mut incoming).unwrap();
+        let mut answer = Publish::new(
+            "$dps/registrations/res/200/?$rid=1",
+            QoS::AtLeastOnce,
+            r#"{"operationId":"op","status":"assigned","registrationState":{"assignedHub":"h","deviceId":"d"}}"#,
+        );
+        answer.pkid = 7;
+        answer.write(&mut incoming).unwrap();
+        let ep = Endpoint {
+            id_scope: "0ne00000001".into(),
+            host: "localhost".into(),
+            connect: "127.0.0.1".into(),
+            mqtt_port: 0,
+            amqp_port: 0,
+            https_port: 0,
+            ca: "unused".into(),
+            service_cs: String::new(),
+        };
+        let roots = rustls::RootCertStore::empty();
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let session = Session {
+            ep: &ep,
+            tls,
+            registration_id: "dev-1",
+            key: b"key",
+            x509: false,
+            broker: None,
+            seq: 0,
+            amqp_max_frame: 0,
+            tpm: None,
+        };
+        let mut w = Scripted { incoming, sends: Vec::new(), finished: None, closes: 0 };
+        session.mqtt(&mut w, None).await.unwrap();
+        let mut expected = BytesMut::new();
+        PubAck::new(7).write(&mut expected).unwrap();
+        v4::Disconnect.write(&mut expected).unwrap();
+        assert!(w.sends.is_empty(), "sent apart: {:?}", w.sends);
+        assert_eq!(w.closes, 0);
+        assert_eq!(w.finished.as_deref(), Some(&expected[..]));
     }
 }
