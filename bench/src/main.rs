@@ -8,8 +8,12 @@
 //! 2. the peer: Mosquitto with the same certificate, loadgen doing CONNECT (username and
 //!    password), SUBSCRIBE, PUBLISH, receive; and the full DPS registration over MQTT;
 //! 3. scaling: the registration with 1 shard and with 2;
+//!
+//! (the four servers of 1-3 run side by side and their rows are measured in four turns each,
+//! so the ratios between them come from the same stretches of the machine's time)
 //! 4. open loop: registrations and Mosquitto sessions offered at 10, 25, 50 and 75 % of the
-//!    measured peak and at 250, 500 and 1,000/s, with the server CPU per session at each.
+//!    measured peak and at 250, 500 and 1,000/s, with the server CPU per session at each (each
+//!    rate for the gateway, then for Mosquitto).
 //!
 //! Then (not with `--quick`) a row per device transport, a million devices end to end, the
 //! hot-path microbenchmarks and the service API import/read/restart benchmark.
@@ -116,6 +120,57 @@ impl Bench {
         eprintln!("{label}: {:.0}/s, server CPU {cpu_us:.0} µs per session", r.per_second());
         self.rows.push(format!("{} {cpu_us:.0} |", r.row(label)));
         Ok((r, cpu_us))
+    }
+}
+
+/// Makes a run's devices from a registration id prefix.
+type MakeFleet<'a> = Box<dyn Fn(&str) -> Result<Arc<Fleet>, BoxError> + 'a>;
+
+/// A closed-loop row measured in turns with others: its server, its devices, its transport.
+struct Row<'a> {
+    key: &'a str,
+    label: String,
+    server: u32,
+    fleet: MakeFleet<'a>,
+    t: Transport,
+}
+
+impl Bench {
+    /// The rows' warm-ups, then `n` devices of each measured in `rounds` turns (row 1, row 2,
+    /// …, row 1, …): every row sees the same stretches of the machine's time, so a drift in its
+    /// speed (a shared VM's neighbours) moves all of them alike instead of the ratio between
+    /// rows measured one after the other. Each row's server CPU counts its own turns only.
+    fn measure_in_turns(&mut self, rows: &[Row], n: usize, rounds: usize) -> Result<Vec<(Report, f64)>, BoxError> {
+        for r in rows {
+            self.load((r.fleet)(&format!("warm-{}", r.key))?, r.t, self.warmup, self.concurrency)?;
+        }
+        let rounds = rounds.clamp(1, n.max(1));
+        let mut done: Vec<Option<(Report, f64)>> = rows.iter().map(|_| None).collect();
+        for round in 0..rounds {
+            // The devices split over the turns, the first ones taking what does not divide.
+            let share = n / rounds + usize::from(round < n % rounds);
+            for (r, acc) in rows.iter().zip(done.iter_mut()) {
+                let cpu = gateway_proc::process_cpu(r.server);
+                let rep = self.load((r.fleet)(&format!("dev-{}-{round}", r.key))?, r.t, share, self.concurrency)?;
+                let spent = (gateway_proc::process_cpu(r.server) - cpu).as_secs_f64();
+                match acc {
+                    None => *acc = Some((rep, spent)),
+                    Some((total, cpu_total)) => {
+                        total.absorb(&rep).map_err(|e| format!("merging the latencies of {}: {e}", r.key))?;
+                        *cpu_total += spent;
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (r, acc) in rows.iter().zip(done) {
+            let (rep, spent) = acc.ok_or("no turn ran")?;
+            let cpu_us = spent * 1e6 / rep.assigned.max(1) as f64;
+            eprintln!("{}: {:.0}/s, server CPU {cpu_us:.0} µs per session", r.label, rep.per_second());
+            self.rows.push(format!("{} {cpu_us:.0} |", rep.row(&r.label)));
+            out.push((rep, cpu_us));
+        }
+        Ok(out)
     }
 }
 
@@ -226,34 +281,67 @@ fn main() -> Result<(), BoxError> {
     let work = tempfile::tempdir()?;
     let dummy = || Identities::Group { prefix: String::new(), key: Vec::new() };
 
-    // 1. The limit.
+    // 1-3. The limit, the registration with 2 shards, the peer and the registration with 1
+    // shard: the four servers run side by side (idle but for their own turns) and their
+    // closed-loop rows are measured in turns, so the ratios between them come from the same
+    // stretches of the machine's time.
     let limit_dir = work.path().join("limit");
     std::fs::create_dir_all(&limit_dir)?;
-    let g = Gateway::start(&limit_dir, 2, true)?;
-    let ep = Endpoint::read(&g.endpoint, "127.0.0.1")?;
-    let (limit, limit_cpu) = b.measure(
-        "limit",
-        "TLS handshake only, 2 shards (the limit)",
-        g.pid(),
-        |_| fleet(&ep, dummy(), None),
-        Transport::TlsHandshake,
-        devices,
-    )?;
-    g.stop()?;
-
-    // 2. DPS over MQTT with 2 shards, and the peer.
+    let gl = Gateway::start(&limit_dir, 2, true)?;
+    let lep = Endpoint::read(&gl.endpoint, "127.0.0.1")?;
     let (g, ep, key) = start_dps(&work.path().join("dps2"), 2, &b.rt)?;
     let group = |key: &[u8]| {
         let key = key.to_vec();
         move |prefix: &str| Identities::Group { prefix: prefix.to_string(), key: key.clone() }
     };
     let ids = group(&key);
-    let (dps2, dps2_cpu) =
-        b.measure("mqtt2", "DPS registration over MQTT, 2 shards", g.pid(), |p| fleet(&ep, ids(p), None), Transport::Mqtt, devices)?;
-    // Open loop: the same registrations offered at fixed rates below the peak.
+    let m = mosquitto::Mosquitto::start(&work.path().join("dps2/certs"), work.path())?;
+    let mut mep = ep.clone();
+    mep.mqtt_port = m.port;
+    let login = BrokerLogin { username: mosquitto::USER.into(), password: mosquitto::PASSWORD.into() };
+    let (g1, ep1, key1) = start_dps(&work.path().join("dps1"), 1, &b.rt)?;
+    let ids1 = group(&key1);
+    let rows = [
+        Row {
+            key: "limit",
+            label: "TLS handshake only, 2 shards (the limit)".into(),
+            server: gl.pid(),
+            fleet: Box::new(|_| fleet(&lep, dummy(), None)),
+            t: Transport::TlsHandshake,
+        },
+        Row {
+            key: "mqtt2",
+            label: "DPS registration over MQTT, 2 shards".into(),
+            server: g.pid(),
+            fleet: Box::new(|p| fleet(&ep, ids(p), None)),
+            t: Transport::Mqtt,
+        },
+        Row {
+            key: "mosquitto",
+            label: format!("{} session: CONNECT, SUBSCRIBE, PUBLISH, receive", mosquitto::Mosquitto::version()),
+            server: m.pid(),
+            fleet: Box::new(|_| fleet(&mep, dummy(), Some(login.clone()))),
+            t: Transport::BrokerSession,
+        },
+        Row {
+            key: "mqtt1",
+            label: "DPS registration over MQTT, 1 shard".into(),
+            server: g1.pid(),
+            fleet: Box::new(|p| fleet(&ep1, ids1(p), None)),
+            t: Transport::Mqtt,
+        },
+    ];
+    let mut measured = b.measure_in_turns(&rows, devices, if a.smoke { 2 } else { 4 })?.into_iter();
+    let mut next = || measured.next().ok_or("a row of items 1-3 is missing");
+    let ((limit, limit_cpu), (dps2, dps2_cpu), (mosq, mosq_cpu), (dps1, _)) = (next()?, next()?, next()?, next()?);
+    drop(rows);
+    gl.stop()?;
+    g1.stop()?;
+    // Open loop: the same registrations and broker sessions offered at fixed rates below the
+    // peak, each rate for the gateway and then for Mosquitto.
     let rates = offered_rates(dps2.per_second(), a.smoke);
     let seconds = if a.smoke { 1.0 } else { 8.0 };
-    let mut gateway_at = Vec::new();
+    let (mut gateway_at, mut mosquitto_at) = (Vec::new(), Vec::new());
     for (i, rate) in rates.iter().enumerate() {
         let r = b.at_rate(g.pid(), fleet(&ep, ids(&format!("open-{i}")), None)?, Transport::Mqtt, *rate, seconds)?;
         eprintln!(
@@ -263,7 +351,16 @@ fn main() -> Result<(), BoxError> {
             r.cores
         );
         gateway_at.push(r);
+        let r = b.at_rate(m.pid(), fleet(&mep, dummy(), Some(login.clone()))?, Transport::BrokerSession, *rate, seconds)?;
+        eprintln!(
+            "Mosquitto at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per session, {:.2} cores",
+            r.report.per_second(),
+            r.cpu_us,
+            r.cores
+        );
+        mosquitto_at.push(r);
     }
+    drop(m);
     let mut transports = Vec::new();
     if !a.quick {
         let n = devices / 2;
@@ -400,33 +497,6 @@ fn main() -> Result<(), BoxError> {
         (b.warmup, b.concurrency) = (saved_warmup, saved_concurrency);
         drop(broker);
     }
-    g.stop()?;
-
-    let m = mosquitto::Mosquitto::start(&work.path().join("dps2/certs"), work.path())?;
-    let mut mep = ep.clone();
-    mep.mqtt_port = m.port;
-    let login = BrokerLogin { username: mosquitto::USER.into(), password: mosquitto::PASSWORD.into() };
-    let label = format!("{} session: CONNECT, SUBSCRIBE, PUBLISH, receive", mosquitto::Mosquitto::version());
-    let (mosq, mosq_cpu) =
-        b.measure("mosquitto", &label, m.pid(), |_| fleet(&mep, dummy(), Some(login.clone())), Transport::BrokerSession, devices)?;
-    let mut mosquitto_at = Vec::new();
-    for rate in &rates {
-        let r = b.at_rate(m.pid(), fleet(&mep, dummy(), Some(login.clone()))?, Transport::BrokerSession, *rate, seconds)?;
-        eprintln!(
-            "Mosquitto at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per session, {:.2} cores",
-            r.report.per_second(),
-            r.cpu_us,
-            r.cores
-        );
-        mosquitto_at.push(r);
-    }
-    drop(m);
-
-    // 3. Scaling: one shard.
-    let (g, ep1, key1) = start_dps(&work.path().join("dps1"), 1, &b.rt)?;
-    let ids1 = group(&key1);
-    let (dps1, _) =
-        b.measure("mqtt1", "DPS registration over MQTT, 1 shard", g.pid(), |p| fleet(&ep1, ids1(p), None), Transport::Mqtt, devices)?;
     g.stop()?;
 
     let mut extra = Vec::new();

@@ -20,6 +20,19 @@ impl Report {
         Report { plan: plan.clone(), seconds: elapsed.as_secs_f64(), assigned: hist.len(), hist, errors }
     }
 
+    /// Adds a later run of the same kind (its devices, time, latencies and errors), as if the
+    /// two had run back to back.
+    pub fn absorb(&mut self, other: &Report) -> Result<(), hdrhistogram::AdditionError> {
+        self.hist.add(&other.hist)?;
+        self.plan.devices += other.plan.devices;
+        self.seconds += other.seconds;
+        self.assigned += other.assigned;
+        for (k, v) in &other.errors {
+            *self.errors.entry(k.clone()).or_default() += v;
+        }
+        Ok(())
+    }
+
     /// Successful sessions per second over the whole run.
     pub fn per_second(&self) -> f64 {
         self.assigned as f64 / self.seconds.max(1e-9)
@@ -105,4 +118,42 @@ pub fn machine() -> serde_json::Value {
         "memory_gib": (mem_kib as f64 / (1u64 << 20) as f64 * 10.0).round() / 10.0,
         "kernel": read("/proc/sys/kernel/osrelease").trim(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Transport;
+
+    fn part(devices: usize, secs: u64, latencies_us: &[u64], errors: &[(&str, usize)]) -> Report {
+        let plan = Plan {
+            transport: Transport::Mqtt,
+            devices,
+            concurrency: 8,
+            rate: None,
+            resume: false,
+            timeout: Duration::from_secs(60),
+            progress: None,
+        };
+        let mut hist = Histogram::new(3).unwrap();
+        for l in latencies_us {
+            hist.record(*l).unwrap();
+        }
+        Report::new(&plan, Duration::from_secs(secs), hist, errors.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+    }
+
+    /// Two parts of a run measured in turns add up as if they had run back to back: the rate
+    /// is all sessions over all the time, not the mean of the parts' rates.
+    #[test]
+    fn parts_absorbed_count_as_one_run() {
+        let mut total = part(3, 1, &[1_000, 2_000, 3_000], &[("Tls", 1)]);
+        total.absorb(&part(5, 3, &[10_000, 20_000], &[("Tls", 2), ("Timeout", 1)])).unwrap();
+        assert_eq!(total.assigned, 5);
+        assert_eq!(total.plan.devices, 8);
+        assert!((total.per_second() - 5.0 / 4.0).abs() < 1e-9);
+        assert_eq!(total.errors.get("Tls"), Some(&3));
+        assert_eq!(total.errors.get("Timeout"), Some(&1));
+        assert_eq!(total.error_count(), 4);
+        assert!(total.ms(1.0) >= 19.9, "the slowest part's latencies are in: {}", total.ms(1.0));
+    }
 }
