@@ -23,6 +23,10 @@ pub fn config(shards: usize, handshake_only: bool) -> dps_gateway::config::Confi
     c.limits.park_with_fences = std::env::var("DPS_BENCH_FENCES").map_or(true, |v| v != "0");
     // DPS_BENCH_PREEMPT_TIMERS=1: glommio's preemption timers armed on every pass, as upstream.
     c.limits.preempt_timers = std::env::var("DPS_BENCH_PREEMPT_TIMERS").is_ok_and(|v| v == "1");
+    // DPS_BENCH_LINGER_US=300: the store writer waits that long for more writes per group.
+    if let Some(us) = std::env::var("DPS_BENCH_LINGER_US").ok().and_then(|v| v.parse().ok()) {
+        c.store.linger_us = us;
+    }
     for h in ["hub-a.example.net", "hub-b.example.net"] {
         c.linked_hubs.push(dps_gateway::config::HubConfig {
             host_name: h.into(),
