@@ -114,12 +114,24 @@ impl Bench {
         n: usize,
     ) -> Result<(Report, f64), BoxError> {
         self.load(fleet(&format!("warm-{key}"))?, t, self.warmup, self.concurrency)?;
+        let (r, spent) = self.part(server, fleet(&format!("dev-{key}"))?, t, n)?;
+        let cpu_us = self.keep_row(label, &r, spent);
+        Ok((r, cpu_us))
+    }
+
+    /// One measured closed-loop run of `n` devices, with the CPU seconds `server` spent on it.
+    fn part(&self, server: u32, fleet: Arc<Fleet>, t: Transport, n: usize) -> Result<(Report, f64), BoxError> {
         let cpu = gateway_proc::process_cpu(server);
-        let r = self.load(fleet(&format!("dev-{key}"))?, t, n, self.concurrency)?;
-        let cpu_us = (gateway_proc::process_cpu(server) - cpu).as_secs_f64() * 1e6 / r.assigned.max(1) as f64;
+        let r = self.load(fleet, t, n, self.concurrency)?;
+        Ok((r, (gateway_proc::process_cpu(server) - cpu).as_secs_f64()))
+    }
+
+    /// Prints a measured row and keeps it for the table; returns its server CPU µs per session.
+    fn keep_row(&mut self, label: &str, r: &Report, spent: f64) -> f64 {
+        let cpu_us = spent * 1e6 / r.assigned.max(1) as f64;
         eprintln!("{label}: {:.0}/s, server CPU {cpu_us:.0} µs per session", r.per_second());
         self.rows.push(format!("{} {cpu_us:.0} |", r.row(label)));
-        Ok((r, cpu_us))
+        cpu_us
     }
 }
 
@@ -140,7 +152,7 @@ impl Bench {
     /// …, row 1, …): every row sees the same stretches of the machine's time, so a drift in its
     /// speed (a shared VM's neighbours) moves all of them alike instead of the ratio between
     /// rows measured one after the other. Each row's server CPU counts its own turns only.
-    fn measure_in_turns(&mut self, rows: &[Row], n: usize, rounds: usize) -> Result<Vec<(Report, f64)>, BoxError> {
+    fn measure_in_turns<const N: usize>(&mut self, rows: &[Row; N], n: usize, rounds: usize) -> Result<[(Report, f64); N], BoxError> {
         for r in rows {
             self.load((r.fleet)(&format!("warm-{}", r.key))?, r.t, self.warmup, self.concurrency)?;
         }
@@ -150,9 +162,7 @@ impl Bench {
             // The devices split over the turns, the first ones taking what does not divide.
             let share = n / rounds + usize::from(round < n % rounds);
             for (r, acc) in rows.iter().zip(done.iter_mut()) {
-                let cpu = gateway_proc::process_cpu(r.server);
-                let rep = self.load((r.fleet)(&format!("dev-{}-{round}", r.key))?, r.t, share, self.concurrency)?;
-                let spent = (gateway_proc::process_cpu(r.server) - cpu).as_secs_f64();
+                let (rep, spent) = self.part(r.server, (r.fleet)(&format!("dev-{}-{round}", r.key))?, r.t, share)?;
                 match acc {
                     None => *acc = Some((rep, spent)),
                     Some((total, cpu_total)) => {
@@ -165,12 +175,10 @@ impl Bench {
         let mut out = Vec::new();
         for (r, acc) in rows.iter().zip(done) {
             let (rep, spent) = acc.ok_or("no turn ran")?;
-            let cpu_us = spent * 1e6 / rep.assigned.max(1) as f64;
-            eprintln!("{}: {:.0}/s, server CPU {cpu_us:.0} µs per session", r.label, rep.per_second());
-            self.rows.push(format!("{} {cpu_us:.0} |", rep.row(&r.label)));
+            let cpu_us = self.keep_row(&r.label, &rep, spent);
             out.push((rep, cpu_us));
         }
-        Ok(out)
+        out.try_into().map_err(|_| "a row was not measured".into())
     }
 }
 
@@ -331,10 +339,8 @@ fn main() -> Result<(), BoxError> {
             t: Transport::Mqtt,
         },
     ];
-    let mut measured = b.measure_in_turns(&rows, devices, if a.smoke { 2 } else { 4 })?.into_iter();
-    let mut next = || measured.next().ok_or("a row of items 1-3 is missing");
-    let ((limit, limit_cpu), (dps2, dps2_cpu), (mosq, mosq_cpu), (dps1, _)) = (next()?, next()?, next()?, next()?);
-    drop(rows);
+    let [(limit, limit_cpu), (dps2, dps2_cpu), (mosq, mosq_cpu), (dps1, _)] =
+        b.measure_in_turns(&rows, devices, if a.smoke { 2 } else { 4 })?;
     gl.stop()?;
     g1.stop()?;
     // Open loop: the same registrations and broker sessions offered at fixed rates below the

@@ -291,13 +291,14 @@ impl Session<'_> {
                     PubAck::new(p.pkid).write(&mut ack).map_err(|_| Failure::Protocol)?;
                     let status: u16 = p.topic.split('/').nth(3).and_then(|x| x.parse().ok()).ok_or(Failure::Protocol)?;
                     let body: serde_json::Value = serde_json::from_slice(&p.payload).map_err(|_| Failure::Protocol)?;
-                    if (status, body["status"].as_str()) == (200, Some("assigned")) {
+                    let answer = (status, body["status"].as_str());
+                    if answer == (200, Some("assigned")) {
                         v4::Disconnect.write(&mut ack).map_err(|_| Failure::Protocol)?;
                         w.finish(&ack).await;
                         return Ok(());
                     }
                     w.send(&ack).await.map_err(|_| Failure::Protocol)?;
-                    match (status, body["status"].as_str()) {
+                    match answer {
                         (200, st) => return Err(not_assigned(st)),
                         (202, _) => {
                             let retry = p.topic.split("retry-after=").nth(1).and_then(|x| x.parse().ok()).unwrap_or(2u64);
