@@ -131,8 +131,9 @@ pub struct OperationStatus {
 /// Operation ids: `{version}.{nonce}.{hex registration id}`; only `[0-9a-z.]`, so they travel
 /// unescaped in topics and paths, and any node can find the registration they belong to.
 pub fn operation_id(nonce: u64, registration_key: &str) -> String {
-    let hex: String = registration_key.bytes().map(|b| format!("{b:02x}")).collect();
-    format!("1.{nonce:016x}.{hex}")
+    let mut op = format!("1.{nonce:016x}.");
+    crate::ids::push_hex(&mut op, registration_key.as_bytes());
+    op
 }
 
 /// The registration key an operation id names, if it is one of ours.

@@ -42,8 +42,34 @@ pub fn id_scope_from(random: [u8; 4]) -> String {
 
 /// An opaque etag shaped like the ones DPS emits (a quoted Cosmos-style value), from 16 random bytes.
 pub fn etag_from(r: [u8; 16]) -> String {
-    let h = |s: &[u8]| s.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    format!("\"{}-{}-{}-{}-{}\"", h(&r[0..4]), h(&r[4..6]), h(&r[6..8]), h(&r[8..10]), h(&r[10..16]))
+    let mut s = String::with_capacity(38);
+    s.push('"');
+    for (i, part) in [&r[0..4], &r[4..6], &r[6..8], &r[8..10], &r[10..16]].into_iter().enumerate() {
+        if i > 0 {
+            s.push('-');
+        }
+        push_hex(&mut s, part);
+    }
+    s.push('"');
+    s
+}
+
+/// Appends `bytes` in lower-case hex, two digits each (no allocation per byte: ids are
+/// written on every registration).
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+}
+
+/// `bytes` in lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut s = String::new();
+    push_hex(&mut s, bytes);
+    s
 }
 
 /// Etag comparison for If-Match: an optional `W/` prefix and surrounding quotes are ignored on
@@ -77,6 +103,14 @@ mod tests {
         assert!(validate_id("id", "dev/1").is_err());
         assert!(validate_id("id", &"a".repeat(129)).is_err());
         assert!(validate_id("id", &"a".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn hex_digits() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex(&[]), "");
+        let e = etag_from([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]);
+        assert_eq!(e, "\"12345678-9abc-def0-0123-456789abcdef\"");
     }
 
     #[test]

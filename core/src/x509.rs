@@ -24,7 +24,7 @@ pub fn decode_certificate(text: &str) -> Result<Vec<u8>, String> {
 }
 
 fn hex_upper(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02X}")).collect()
+    crate::ids::hex(b).to_ascii_uppercase()
 }
 
 /// Parses the certificate and computes the info DPS reports.

@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
 
 struct State<T> {
     items: VecDeque<T>,
@@ -16,6 +15,9 @@ struct State<T> {
     receivers: usize,
     /// Closed by a [`Closer`]: nothing more is taken, and receivers end once it is empty.
     closed: bool,
+    /// Receivers asleep on `ready`: a send wakes one only if there is one (a wake-up is a
+    /// system call, and the store writer mostly drains its queue without sleeping on it).
+    sleeping: usize,
 }
 
 struct Shared<T> {
@@ -44,16 +46,13 @@ pub enum TrySendError {
     Disconnected,
 }
 
+/// Empty, and every sender is gone or the queue was closed.
 #[derive(Debug, PartialEq, Eq)]
-pub enum RecvError {
-    Timeout,
-    /// Empty, and every sender is gone or the queue was closed.
-    Disconnected,
-}
+pub struct RecvError;
 
 pub fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State { items: VecDeque::new(), senders: 1, receivers: 1, closed: false }),
+        state: Mutex::new(State { items: VecDeque::new(), senders: 1, receivers: 1, closed: false, sleeping: 0 }),
         ready: Condvar::new(),
         capacity: capacity.max(1),
     });
@@ -70,8 +69,11 @@ impl<T> Sender<T> {
             return Err(TrySendError::Full);
         }
         s.items.push_back(item);
+        let wake = s.sleeping > 0;
         drop(s);
-        self.0.ready.notify_one();
+        if wake {
+            self.0.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -118,32 +120,17 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     /// The next item, waiting for it as long as the queue is open.
     pub fn recv(&self) -> Result<T, RecvError> {
-        self.wait_for_item(None)
-    }
-
-    /// The next item, waiting until `deadline` at most.
-    pub fn recv_deadline(&self, deadline: Instant) -> Result<T, RecvError> {
-        self.wait_for_item(Some(deadline))
-    }
-
-    fn wait_for_item(&self, deadline: Option<Instant>) -> Result<T, RecvError> {
         let mut s = self.0.lock();
         loop {
             if let Some(item) = s.items.pop_front() {
                 return Ok(item);
             }
             if s.senders == 0 || s.closed {
-                return Err(RecvError::Disconnected);
+                return Err(RecvError);
             }
-            s = match deadline {
-                None => self.0.ready.wait(s).unwrap_or_else(|p| p.into_inner()),
-                Some(deadline) => {
-                    let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
-                        return Err(RecvError::Timeout);
-                    };
-                    self.0.ready.wait_timeout(s, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0)
-                }
-            };
+            s.sleeping += 1;
+            s = self.0.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+            s.sleeping -= 1;
         }
     }
 
@@ -181,24 +168,52 @@ mod tests {
         assert_eq!(tx.try_send(2), Ok(()));
         assert_eq!(tx.try_send(3), Err(TrySendError::Full));
         assert_eq!(tx.len(), 2);
-        assert_eq!(rx.recv_deadline(Instant::now() + Duration::ZERO), Ok(1));
+        assert_eq!(rx.recv(), Ok(1));
         let mut out = Vec::new();
         assert_eq!(rx.drain_into(&mut out, 10), 1);
         assert_eq!(out, [2]);
-        assert_eq!(rx.recv_deadline(Instant::now() + Duration::from_millis(10)), Err(RecvError::Timeout));
+        assert_eq!(rx.drain_into(&mut out, 10), 0);
         // A waiting receiver is woken by a send from another thread.
         let tx2 = tx.clone();
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             tx2.try_send(7).unwrap();
         });
-        assert_eq!(rx.recv_deadline(Instant::now() + Duration::from_secs(5)), Ok(7));
+        assert_eq!(rx.recv(), Ok(7));
         t.join().unwrap();
         drop(tx);
-        assert_eq!(rx.recv_deadline(Instant::now() + Duration::from_secs(5)), Err(RecvError::Disconnected));
+        assert_eq!(rx.recv(), Err(RecvError));
         let (tx, rx) = bounded::<u8>(1);
         drop(rx);
         assert_eq!(tx.try_send(1), Err(TrySendError::Disconnected));
+    }
+
+    /// A send wakes a receiver only when one sleeps: with two asleep (the reader pool), two
+    /// sends wake both, and a send while none sleeps is still taken.
+    #[test]
+    fn sends_wake_each_sleeping_receiver() {
+        let (tx, rx) = bounded(8);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let receivers: Vec<_> = (0..2)
+            .map(|_| {
+                let (rx, done) = (rx.clone(), done_tx.clone());
+                std::thread::spawn(move || done.send(rx.recv()).unwrap())
+            })
+            .collect();
+        while rx.0.lock().sleeping < 2 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tx.try_send(1).unwrap();
+        tx.try_send(2).unwrap();
+        let mut got = [done_rx.recv_timeout(Duration::from_secs(5)), done_rx.recv_timeout(Duration::from_secs(5))];
+        got.sort_by_key(|r| format!("{r:?}"));
+        assert_eq!(got, [Ok(Ok(1)), Ok(Ok(2))]);
+        for r in receivers {
+            r.join().unwrap();
+        }
+        assert_eq!(rx.0.lock().sleeping, 0);
+        tx.try_send(3).unwrap();
+        assert_eq!(rx.recv(), Ok(3));
     }
 
     #[test]

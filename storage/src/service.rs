@@ -25,8 +25,10 @@ pub struct StoreServiceConfig {
     pub queue: usize,
     /// Most transactions in one group commit. Default 4,096.
     pub max_group: usize,
-    /// How long the writer lingers for more writes before committing a group, in microseconds.
-    /// 0 (default) commits whatever has queued up while the previous fsync ran.
+    /// Under load (the writer's last group held more than one write), how long the writer
+    /// sleeps before taking its next group, in microseconds: the writes that arrive meanwhile
+    /// share one fsync, and the writer is not woken for each. 0 (default) takes whatever has
+    /// queued up while the previous fsync ran.
     pub linger_us: u64,
     /// A commit runs on the caller's thread when no other commit runs or waits, recent commits
     /// (fsync included) took at most this long, in microseconds, and either the store has been
@@ -388,22 +390,17 @@ fn writer(
     linger: Duration,
     commit_lock: &std::sync::Mutex<()>,
 ) {
+    let mut last_group = 0;
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
-        let deadline = Instant::now() + linger;
-        while group.len() < max_group {
-            let room = max_group - group.len();
-            if rx.drain_into(&mut group, room) > 0 {
-                continue;
-            }
-            if linger.is_zero() || Instant::now() >= deadline {
-                break;
-            }
-            match rx.recv_deadline(deadline) {
-                Ok(w) => group.push(w),
-                Err(_) => break,
-            }
+        // Lingering only after a group with company keeps a lone write (light load) from
+        // waiting for nothing. The writer sleeps, not waits on its queue: a wait would be
+        // woken by every write that arrives (tuning.md, "Group commits under load").
+        if !linger.is_zero() && last_group > 1 {
+            std::thread::sleep(linger);
         }
+        rx.drain_into(&mut group, max_group - 1);
+        last_group = group.len();
         let (txns, replies): (Vec<Txn>, Vec<Reply<TxnResult>>) = group.into_iter().map(|w| (w.txn, w.reply)).unzip();
         // A panic under the lock leaves nothing half-done in it (the store's commit is one
         // step), so a poisoned lock is still usable.
@@ -437,5 +434,70 @@ fn commit_group(store: &dyn Store, txns: Vec<Txn>, stats: &CommitStats) -> Vec<R
             tracing::error!(error = %e, "group commit failed; {n} writes not acknowledged");
             vec![Err(ServiceError::Failed(e.to_string())); n]
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::{DataKey, Expect, FjallStore, Op};
+    use std::time::Duration;
+
+    fn put(key: &str) -> (Write, oneshot::Receiver<Result<TxnResult, ServiceError>>) {
+        let record = Record { etag: format!("e-{key}"), class: 0, body: b"v".to_vec() };
+        let txn = Txn::one(Op::Put { table: Table::Registrations, key: key.into(), record, expect: Expect::Any, quota: None });
+        let (reply, rx) = oneshot::channel();
+        (Write { txn, reply }, rx)
+    }
+
+    fn committed(done: oneshot::Receiver<Result<TxnResult, ServiceError>>) {
+        futures::executor::block_on(done).unwrap().unwrap().unwrap();
+    }
+
+    /// After a group with company the writer lingers, and a write arriving meanwhile shares
+    /// the next group's commit; after a lone write it does not, and the next write is committed
+    /// at once, alone (the one arriving 50 ms behind it gets a group of its own).
+    #[test]
+    fn the_writer_lingers_only_under_load() {
+        let d = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(FjallStore::open(d.path(), DataKey::new(&[5; 32]), 8 << 20).unwrap());
+        let (tx, rx) = bounded::<Write>(64);
+        let stats = Arc::new(CommitStats::default());
+        let send = |key: &str| {
+            let (w, done) = put(key);
+            tx.try_send(w).map_err(|_| "full").unwrap();
+            done
+        };
+        let groups = || stats.groups.load(Ordering::Relaxed);
+        // Three writes queued before the writer starts: one group of three.
+        let first: Vec<_> = ["a", "b", "c"].into_iter().map(send).collect();
+        let writer_thread = {
+            let (store, stats) = (store.clone(), stats.clone());
+            std::thread::spawn(move || writer(store, rx, stats, 64, Duration::from_millis(300), &std::sync::Mutex::new(())))
+        };
+        for done in first {
+            committed(done);
+        }
+        assert_eq!(groups(), 1);
+        // Under load: the writer lingers 300 ms, so `e`, 50 ms behind `d`, shares its group.
+        let d1 = send("d");
+        std::thread::sleep(Duration::from_millis(50));
+        let e1 = send("e");
+        committed(d1);
+        committed(e1);
+        assert_eq!(groups(), 2, "a write arriving during the linger shares the group");
+        // A lone write (still after a group of two: lingers, then commits alone)…
+        committed(send("f"));
+        assert_eq!(groups(), 3);
+        // …after which the writer does not linger: `g` is committed before `h` arrives.
+        let g1 = send("g");
+        std::thread::sleep(Duration::from_millis(50));
+        let h1 = send("h");
+        committed(g1);
+        committed(h1);
+        assert_eq!((groups(), stats.txns.load(Ordering::Relaxed)), (5, 8), "no linger after a lone write");
+        drop(tx);
+        writer_thread.join().unwrap();
     }
 }

@@ -157,7 +157,7 @@ fn login(req: &Request, shard: &Shard, console: &Console, now: u64) -> Response 
     };
     match shard.api.check_policy_key(&l.policy, &l.key, utc_now()) {
         Ok(key) => {
-            let id = hex(&crate::service::random_bytes::<32>());
+            let id = dps_core::ids::hex(&crate::service::random_bytes::<32>());
             console.sessions.borrow_mut().open(id.clone(), &l.policy, key, now);
             tracing::info!(policy = %l.policy, "console login");
             json(200, &serde_json::json!({ "policy": l.policy })).header("Set-Cookie", sessions::set_cookie(&id))
@@ -167,10 +167,6 @@ fn login(req: &Request, shard: &Shard, console: &Console, now: u64) -> Response 
             json(401, &serde_json::json!({ "message": "unknown policy or wrong key" }))
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Hands `/api/{path}` to the service API as the session's policy (a fresh SAS token, the

@@ -94,6 +94,8 @@ pub fn spawn_shard(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) -> Re
 /// Everything a shard's connection tasks share.
 pub(crate) struct Shard {
     pub id: usize,
+    /// `id` as the `shard` label of this shard's metrics (written once, not per connection).
+    pub id_label: String,
     pub api: ServiceApi,
     pub prov: Provisioning,
     pub cache: Rc<EnrollmentCache>,
@@ -275,6 +277,7 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     let conns = Rc::new(Cell::new(0));
     let shard = Rc::new(Shard {
         id: spec.id,
+        id_label: spec.id.to_string(),
         api: ServiceApi::new(spec.svc.clone(), cache.clone(), metrics.clone(), tracking.clone(), mono_nanos()),
         prov: Provisioning::new(spec.svc.clone(), cache.clone(), metrics.clone(), tracking.clone(), spec.id, conns.clone()),
         tracking,
@@ -378,34 +381,33 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
         // reserve, where it is served the service API only.
         let api_only = shard.conns.get() >= shard.limits.max_connections_per_shard;
         if api_only && !(matches!(kind, Listener::Https) && shard.api_conns.get() < shard.limits.service_api_connections_per_shard) {
-            shard.metrics.inc("dps_connections_refused_total", &[("shard", &shard.id.to_string()), ("reason", "shard_full")]);
+            shard.metrics.inc("dps_connections_refused_total", &[("shard", &shard.id_label), ("reason", "shard_full")]);
             drop(stream);
             continue;
         }
         // Read once (a system call): the per-source limits here and in the connection use it.
         let Ok(peer) = stream.peer_addr().map(|a| a.ip()) else { continue };
         let Some(source) = shard.admit_source(peer) else {
-            shard.metrics.inc("dps_connections_refused_total", &[("shard", &shard.id.to_string()), ("reason", "per_source_limit")]);
+            shard.metrics.inc("dps_connections_refused_total", &[("shard", &shard.id_label), ("reason", "per_source_limit")]);
             drop(stream);
             continue;
         };
         let pool = shard.pool(api_only);
         pool.set(pool.get() + 1);
-        let sid = shard.id.to_string();
         let listener = match kind {
             Listener::Https => "https",
             Listener::Mqtt => "mqtt",
             Listener::Amqp => "amqp",
         };
-        shard.metrics.inc("dps_connections_accepted_total", &[("shard", &sid), ("listener", listener)]);
-        shard.metrics.add("dps_connections_open", &[("shard", &sid)], 1);
+        shard.metrics.inc("dps_connections_accepted_total", &[("shard", &shard.id_label), ("listener", listener)]);
+        shard.metrics.add("dps_connections_open", &[("shard", &shard.id_label)], 1);
         let shard = shard.clone();
         glommio::spawn_local(async move {
             serve_tls(stream, peer, kind, api_only, &shard).await;
             shard.release_source(source);
             let pool = shard.pool(api_only);
             pool.set(pool.get() - 1);
-            shard.metrics.add("dps_connections_open", &[("shard", &sid)], -1);
+            shard.metrics.add("dps_connections_open", &[("shard", &shard.id_label)], -1);
         })
         .detach();
     }

@@ -30,7 +30,7 @@ pub(crate) async fn serve_tls(stream: TcpStream, source: std::net::IpAddr, kind:
     // Every write of the connection, whatever the protocol, gives up when the peer stops reading.
     let stream = write_deadline::WriteDeadline::new(stream, Duration::from_secs(shard.limits.write_timeout_secs.max(1)));
     let handshake = Duration::from_secs(shard.limits.handshake_timeout_secs);
-    let sid = shard.id.to_string();
+    let sid = &shard.id_label;
     let accept = async {
         Some(match (kind, &shard.tls.service_api) {
             // The HTTPS port picks its configuration by the host the client names (SNI): the
@@ -56,12 +56,12 @@ pub(crate) async fn serve_tls(stream: TcpStream, source: std::net::IpAddr, kind:
         Ok(None) => return,
         Ok(Some(Ok(s))) => s,
         Ok(Some(Err(e))) => {
-            shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", "failed")]);
+            shard.metrics.inc("dps_tls_handshakes_total", &[("shard", sid), ("result", "failed")]);
             tracing::debug!(error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", "timeout")]);
+            shard.metrics.inc("dps_tls_handshakes_total", &[("shard", sid), ("result", "timeout")]);
             return;
         }
     };
@@ -69,7 +69,7 @@ pub(crate) async fn serve_tls(stream: TcpStream, source: std::net::IpAddr, kind:
         Some(rustls::HandshakeKind::Resumed) => "resumed",
         _ => "ok",
     };
-    shard.metrics.inc("dps_tls_handshakes_total", &[("shard", &sid), ("result", result)]);
+    shard.metrics.inc("dps_tls_handshakes_total", &[("shard", sid), ("result", result)]);
     // The chain the client presented (the handshake proved it holds the leaf's key): an X.509
     // device's credential, judged against the enrollment list when it registers.
     let chain: Option<CertChain> =
