@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 pub(crate) async fn serve_tls(stream: TcpStream, source: std::net::IpAddr, kind: Listener, api_only: bool, shard: &Shard) {
     let _ = stream.set_nodelay(true);
     // Every write of the connection, whatever the protocol, gives up when the peer stops reading.
-    let stream = write_deadline::WriteDeadline::new(stream, Duration::from_secs(shard.limits.write_timeout_secs.max(1)));
+    // The handshake's writes are held until the server waits for the client, so the session
+    // ticket that ends a TLS 1.3 handshake leaves with the first answer (released below).
+    let stream = write_deadline::WriteDeadline::new(stream, Duration::from_secs(shard.limits.write_timeout_secs.max(1))).holding();
     let handshake = Duration::from_secs(shard.limits.handshake_timeout_secs);
     let sid = &shard.id_label;
     let accept = async {
@@ -65,6 +67,7 @@ pub(crate) async fn serve_tls(stream: TcpStream, source: std::net::IpAddr, kind:
             return;
         }
     };
+    s.get_mut().0.release();
     let result = match s.get_ref().1.handshake_kind() {
         Some(rustls::HandshakeKind::Resumed) => "resumed",
         _ => "ok",
