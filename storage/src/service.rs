@@ -469,6 +469,14 @@ mod tests {
             tx.try_send(w).map_err(|_| "full").unwrap();
             done
         };
+        // Two writes, the second 50 ms behind the first; both committed.
+        let apart = |a: &str, b: &str| {
+            let first = send(a);
+            std::thread::sleep(Duration::from_millis(50));
+            let second = send(b);
+            committed(first);
+            committed(second);
+        };
         let groups = || stats.groups.load(Ordering::Relaxed);
         // Three writes queued before the writer starts: one group of three.
         let first: Vec<_> = ["a", "b", "c"].into_iter().map(send).collect();
@@ -481,21 +489,13 @@ mod tests {
         }
         assert_eq!(groups(), 1);
         // Under load: the writer lingers 300 ms, so `e`, 50 ms behind `d`, shares its group.
-        let d1 = send("d");
-        std::thread::sleep(Duration::from_millis(50));
-        let e1 = send("e");
-        committed(d1);
-        committed(e1);
+        apart("d", "e");
         assert_eq!(groups(), 2, "a write arriving during the linger shares the group");
         // A lone write (still after a group of two: lingers, then commits alone)…
         committed(send("f"));
         assert_eq!(groups(), 3);
         // …after which the writer does not linger: `g` is committed before `h` arrives.
-        let g1 = send("g");
-        std::thread::sleep(Duration::from_millis(50));
-        let h1 = send("h");
-        committed(g1);
-        committed(h1);
+        apart("g", "h");
         assert_eq!((groups(), stats.txns.load(Ordering::Relaxed)), (5, 8), "no linger after a lone write");
         drop(tx);
         writer_thread.join().unwrap();

@@ -85,9 +85,7 @@ impl<S: AsyncWrite + Unpin> WriteDeadline<S> {
         }
     }
 
-    /// Sends what is held and then as much of `bufs` as one send takes (up to `GATHER_MAX`
-    /// in all); how many bytes of `bufs` were sent (held ones were counted when taken).
-    /// While holding, takes `bufs` into `held` instead, as long as they fit.
+    /// While holding, takes `bufs` into `held`, as long as they fit; else sends them.
     fn write_bufs(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         if self.holding && self.held.len() + total <= GATHER_MAX {
@@ -96,6 +94,13 @@ impl<S: AsyncWrite + Unpin> WriteDeadline<S> {
             }
             return Poll::Ready(Ok(total));
         }
+        self.send(cx, bufs)
+    }
+
+    /// Sends what is held and then as much of `bufs` as one send takes (up to `GATHER_MAX`
+    /// in all); how many bytes of `bufs` were sent (held ones were counted when taken).
+    fn send(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
         loop {
             let held = self.held.len();
             let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
@@ -132,14 +137,11 @@ impl<S: AsyncWrite + Unpin> WriteDeadline<S> {
 
     /// Sends everything held.
     fn send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let holding = std::mem::replace(&mut self.holding, false);
-        let r = match self.write_bufs(cx, &[]) {
+        match self.send(cx, &[]) {
             Poll::Ready(Ok(_)) if !self.held.is_empty() => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Poll::Ready(r) => Poll::Ready(r.map(|_| ())),
             Poll::Pending => Poll::Pending,
-        };
-        self.holding = holding;
-        r
+        }
     }
 }
 
