@@ -214,15 +214,19 @@ impl Provisioning {
         let pending = self.registrar.borrow().begin(req, now)?;
         let (needs, key) = (pending.needs, pending.key.clone());
         let store = &self.svc.store;
+        // The records are KiB each: boxed as they are parsed, the joined futures and this
+        // function's state hold pointers, not copies moved at every step (tuning.md, "Copies").
         let enrollment = async {
             match needs.enrollment {
-                true => self.enrollments.get(&key).await?.map(|r| r.parse::<IndividualEnrollment>()).transpose(),
+                true => self.enrollments.get(&key).await?.map(|r| r.parse::<IndividualEnrollment>().map(Box::new)).transpose(),
                 false => Ok(None),
             }
         };
         let registration = async {
             match needs.registration {
-                true => store.get(Table::Registrations, &key).await?.map(|r| r.parse::<DeviceRegistrationState>()).transpose(),
+                true => {
+                    store.get(Table::Registrations, &key).await?.map(|r| r.parse::<DeviceRegistrationState>().map(Box::new)).transpose()
+                }
                 false => Ok(None),
             }
         };
@@ -239,11 +243,11 @@ impl Provisioning {
             }
         };
         let (enrollment, registration, snapshot, challenge) = futures::join!(enrollment, registration, snapshot, challenge);
-        let (enrollment, registration, snapshot): (Option<IndividualEnrollment>, Option<DeviceRegistrationState>, _) =
+        let (enrollment, registration, snapshot): (Option<Box<IndividualEnrollment>>, Option<Box<DeviceRegistrationState>>, _) =
             (enrollment?, registration?, snapshot?);
         let facts = Facts {
-            enrollment: enrollment.as_ref(),
-            registration: registration.as_ref(),
+            enrollment: enrollment.as_deref(),
+            registration: registration.as_deref(),
             config: &snapshot,
             challenge: challenge.as_ref(),
         };

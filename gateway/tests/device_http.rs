@@ -89,11 +89,11 @@ fn one_source_address_cannot_take_every_slot() {
     let s = TestServer::start(cfg);
     let e = json!({"registrationId": "other-host", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}});
     assert_eq!(s.send("PUT", "/enrollments/other-host", Some(e)).status().as_u16(), 200);
-    // 2,000 idle TCP connections from 127.0.0.1 on the MQTT and HTTPS ports.
+    // 2,000 stalled connections (a handshake begun, then nothing) from 127.0.0.1 on the MQTT and HTTPS ports.
     let idle: Vec<std::net::TcpStream> = (0..2000)
         .map(|i| {
             let port = if i % 2 == 0 { s.ep.ports.mqtt } else { s.ep.ports.https };
-            std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()
+            stalled_connection(port)
         })
         .collect();
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -101,9 +101,13 @@ fn one_source_address_cannot_take_every_slot() {
         .iter()
         .filter(|c| {
             use std::io::Read;
-            // Closed by the server: end of stream; admitted and idle: the read times out.
+            // Closed by the server: end of stream, or a reset (it closed with the client's
+            // first byte unread); admitted and stalled: the read times out.
             c.set_read_timeout(Some(std::time::Duration::from_millis(20))).unwrap();
-            matches!((&**c).read(&mut [0u8; 1]), Ok(0))
+            match (&**c).read(&mut [0u8; 1]) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
         })
         .count();
     assert!(closed >= 1_700, "only {closed} of 2,000 connections from one source were refused");
@@ -153,8 +157,8 @@ fn the_service_api_keeps_connections_of_its_own() {
     let s = TestServer::start(cfg);
     let e = json!({"registrationId": "full-dev", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}});
     assert_eq!(s.send("PUT", "/enrollments/full-dev", Some(e)).status().as_u16(), 200);
-    // Idle connections take every device slot (the admin's client above has closed its own).
-    let idle: Vec<std::net::TcpStream> = (0..20).map(|_| std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.mqtt)).unwrap()).collect();
+    // Stalled connections take every device slot (the admin's client above has closed its own).
+    let idle: Vec<std::net::TcpStream> = (0..20).map(|_| stalled_connection(s.ep.ports.mqtt)).collect();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let operator = client_from(&s, "127.0.0.3");
     let url = format!("https://localhost:{}/enrollments/full-dev?{API}", s.ep.ports.https);
@@ -185,7 +189,7 @@ fn shutdown_lets_a_service_api_request_in_the_reserve_finish() {
     cfg.limits.service_api_connections_per_shard = 2;
     cfg.limits.max_connections_per_source = 0;
     let mut s = TestServer::start(cfg);
-    let idle: Vec<std::net::TcpStream> = (0..8).map(|_| std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.mqtt)).unwrap()).collect();
+    let idle: Vec<std::net::TcpStream> = (0..8).map(|_| stalled_connection(s.ep.ports.mqtt)).collect();
     std::thread::sleep(std::time::Duration::from_millis(300));
     // An operator's request on a reserve connection, its body half sent.
     let ca = std::fs::read_to_string(s.ep.ca_certificate.as_ref().unwrap()).unwrap();

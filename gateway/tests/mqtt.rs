@@ -452,6 +452,25 @@ fn silent_mqtt_connections_are_closed() {
     assert!(t.elapsed() < std::time::Duration::from_secs(5));
 }
 
+/// The listeners defer the accept until the client's first bytes arrive (TCP_DEFER_ACCEPT),
+/// so the shard wakes once for the connection and its ClientHello: a connection that has
+/// sent nothing is not handed to the gateway yet; its first bytes hand it over.
+#[test]
+fn a_connection_is_accepted_with_its_first_bytes() {
+    let s = TestServer::start(test_config());
+    let accepted = || counter_sum(&s, "dps_connections_accepted_total");
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.mqtt)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(accepted(), 0.0, "a silent connection waits in the kernel");
+    use std::io::Write;
+    raw.write_all(b"\x16\x03\x01\x00\x05hello").unwrap();
+    let t = std::time::Instant::now();
+    while accepted() < 1.0 {
+        assert!(t.elapsed() < std::time::Duration::from_millis(500), "accepted as its first bytes came");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn a_flood_of_requests_is_answered_in_order_and_others_are_served() {
     let s = server_with_hubs(&["hub-a.example"]);

@@ -217,6 +217,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sk.set_reuse_address(true)?;
     sk.set_reuse_port(true)?;
     sk.bind(&addr.into())?;
+    defer_accept(&sk, DEFER_ACCEPT_SECS)?;
     // The kernel caps the backlog at net.core.somaxconn (tuning.md).
     sk.listen(4096)?;
     let fd = sk.into_raw_fd();
@@ -224,6 +225,38 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // released it from `sk`, and the listener takes ownership of it here.
     #[allow(unsafe_code)]
     Ok(unsafe { TcpListener::from_raw_fd(fd) })
+}
+
+/// How long the kernel holds a connection whose client has sent nothing before handing it to
+/// an accept anyway (about; it counts SYN-ACK retransmissions). Every listener serves
+/// protocols where the client speaks first (TLS, HTTP), so a connection is accepted with its
+/// first bytes already there: the shard wakes once for the accept and the client's first
+/// flight together instead of once for each (tuning.md, "One wake-up for the accept and the
+/// ClientHello"). A silent connection waits in the kernel meanwhile, not in a connection slot;
+/// once handed over, the handshake timeout applies as before. Short, so silent connections
+/// do not pile up in the kernel's queue of half-open ones.
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
+
+/// Sets TCP_DEFER_ACCEPT (Linux; socket2 has no setter for it).
+fn defer_accept(sk: &socket2::Socket, secs: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `sk` is an open socket for the whole call; the option value is a c_int that
+    // lives on the stack for the call, and its size is passed with it.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            sk.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
@@ -402,13 +435,14 @@ async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
         shard.metrics.inc("dps_connections_accepted_total", &[("shard", &shard.id_label), ("listener", listener)]);
         shard.metrics.add("dps_connections_open", &[("shard", &shard.id_label)], 1);
         let shard = shard.clone();
-        glommio::spawn_local(async move {
+        // Boxed here, the task's future is moved through glommio's spawn as a pointer.
+        glommio::spawn_local(Box::pin(async move {
             serve_tls(stream, peer, kind, api_only, &shard).await;
             shard.release_source(source);
             let pool = shard.pool(api_only);
             pool.set(pool.get() - 1);
             shard.metrics.add("dps_connections_open", &[("shard", &shard.id_label)], -1);
-        })
+        }))
         .detach();
     }
 }

@@ -181,6 +181,16 @@ pub fn open_tls(s: &TestServer, port: u16) -> TlsStream {
     rustls::StreamOwned::new(conn, tcp)
 }
 
+/// A connection that starts a TLS handshake and stalls: the first byte of a record, then
+/// nothing. The listeners hand a connection over only once its client has sent something
+/// (TCP_DEFER_ACCEPT), so a connection meant to hold a slot must say this much.
+pub fn stalled_connection(port: u16) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.write_all(&[0x16]).unwrap();
+    tcp
+}
+
 /// Writes `bytes` one at a time, 300 ms apart, until a write fails (the server closed):
 /// how long that took, or None if every byte went out.
 pub fn trickle_until_closed(w: &mut impl std::io::Write, bytes: impl Iterator<Item = u8>) -> Option<std::time::Duration> {
