@@ -215,7 +215,8 @@ impl Provisioning {
         let (needs, key) = (pending.needs, pending.key.clone());
         let store = &self.svc.store;
         // The records are KiB each: boxed as they are parsed, the joined futures and this
-        // function's state hold pointers, not copies moved at every step (tuning.md, "Copies").
+        // function's state hold pointers, not copies moved at every step (tuning.md, "Copies of
+        // large futures").
         let enrollment = async {
             match needs.enrollment {
                 true => self.enrollments.get(&key).await?.map(|r| r.parse::<IndividualEnrollment>().map(Box::new)).transpose(),
