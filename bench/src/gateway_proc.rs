@@ -67,6 +67,19 @@ pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(field(14)? + field(15)?)
 }
 
+/// Times the process's threads went to sleep of their own accord so far (the sum of each
+/// thread's `voluntary_ctxt_switches`): each is a park or a blocking wait, and a wake-up later.
+/// Threads that ended are not counted, so take it around a run of a server whose threads live.
+pub fn process_sleeps(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok()).filter_map(|status| voluntary_switches(&status)).sum()
+}
+
+/// `voluntary_ctxt_switches` from a `/proc/.../status` text.
+pub fn voluntary_switches(status: &str) -> Option<u64> {
+    status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")?.trim().parse().ok())
+}
+
 pub struct Gateway {
     child: Child,
     stdin: Option<ChildStdin>,
@@ -140,6 +153,31 @@ mod tests {
         let line = "4242 (dps (shard) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 56 7 0 20 0 5 0 100 0 0";
         assert_eq!(stat_cpu_ticks(line), Some(1234 + 56));
         assert_eq!(stat_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn voluntary_switches_are_read_from_their_own_line() {
+        let status = "Name:\tshard-0-1\nvoluntary_ctxt_switches:\t4711\nnonvoluntary_ctxt_switches:\t12\n";
+        assert_eq!(voluntary_switches(status), Some(4711));
+        assert_eq!(voluntary_switches("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn a_thread_that_sleeps_is_counted() {
+        let (own, all) = std::thread::spawn(|| {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Read while the thread lives; other test threads may come and go meanwhile, so
+            // the process's sum is compared with this thread's own count, not with an earlier sum.
+            let own = std::fs::read_to_string("/proc/thread-self/status").ok().as_deref().and_then(voluntary_switches);
+            (own, process_sleeps(std::process::id()))
+        })
+        .join()
+        .unwrap();
+        let own = own.unwrap();
+        assert!(own >= 20, "20 sleeps, {own} counted");
+        assert!(all >= own, "the process's sum {all} leaves out the thread's {own}");
     }
 
     #[test]

@@ -189,6 +189,8 @@ struct AtRate {
     /// Server CPU per completed session (µs) and the cores it kept busy on average.
     cpu_us: f64,
     cores: f64,
+    /// Times the server's threads went to sleep (and were woken again) per completed session.
+    sleeps: f64,
 }
 
 impl Bench {
@@ -205,11 +207,12 @@ impl Bench {
             timeout: Duration::from_secs(60),
             progress: None,
         };
-        let cpu = gateway_proc::process_cpu(server);
+        let (cpu, sleeps) = (gateway_proc::process_cpu(server), gateway_proc::process_sleeps(server));
         let report = self.rt.block_on(run(fleet, plan))?;
         let spent = (gateway_proc::process_cpu(server) - cpu).as_secs_f64();
-        let cpu_us = spent * 1e6 / report.assigned.max(1) as f64;
-        Ok(AtRate { offered: rate, cores: spent / report.seconds.max(1e-9), report, cpu_us })
+        let done = report.assigned.max(1) as f64;
+        let sleeps = gateway_proc::process_sleeps(server).saturating_sub(sleeps) as f64 / done;
+        Ok(AtRate { offered: rate, cores: spent / report.seconds.max(1e-9), cpu_us: spent * 1e6 / done, sleeps, report })
     }
 }
 
@@ -351,18 +354,20 @@ fn main() -> Result<(), BoxError> {
     for (i, rate) in rates.iter().enumerate() {
         let r = b.at_rate(g.pid(), fleet(&ep, ids(&format!("open-{i}")), None)?, Transport::Mqtt, *rate, seconds)?;
         eprintln!(
-            "DPS at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per registration, {:.2} cores",
+            "DPS at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per registration, {:.2} cores, {:.2} sleeps per registration",
             r.report.per_second(),
             r.cpu_us,
-            r.cores
+            r.cores,
+            r.sleeps
         );
         gateway_at.push(r);
         let r = b.at_rate(m.pid(), fleet(&mep, dummy(), Some(login.clone()))?, Transport::BrokerSession, *rate, seconds)?;
         eprintln!(
-            "Mosquitto at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per session, {:.2} cores",
+            "Mosquitto at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per session, {:.2} cores, {:.2} sleeps per session",
             r.report.per_second(),
             r.cpu_us,
-            r.cores
+            r.cores,
+            r.sleeps
         );
         mosquitto_at.push(r);
     }
@@ -593,21 +598,23 @@ fn main() -> Result<(), BoxError> {
         println!("| server CPU per registration with the mosquitto connector ÷ registry-only | {:.2} |", cpu / dps2_cpu.max(1e-9));
     }
     println!(
-        "\n| offered/s | DPS done/s | DPS server CPU µs/registration | DPS cores | DPS p50 ms | DPS p99 ms | Mosquitto done/s | Mosquitto CPU µs/session | Mosquitto cores | Mosquitto p50 ms | Mosquitto p99 ms | DPS ÷ Mosquitto CPU |"
+        "\n| offered/s | DPS done/s | DPS server CPU µs/registration | DPS cores | DPS sleeps/registration | DPS p50 ms | DPS p99 ms | Mosquitto done/s | Mosquitto CPU µs/session | Mosquitto cores | Mosquitto sleeps/session | Mosquitto p50 ms | Mosquitto p99 ms | DPS ÷ Mosquitto CPU |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (d, m) in gateway_at.iter().zip(&mosquitto_at) {
         println!(
-            "| {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             d.offered,
             d.report.per_second(),
             d.cpu_us,
             d.cores,
+            d.sleeps,
             d.report.ms(0.5),
             d.report.ms(0.99),
             m.report.per_second(),
             m.cpu_us,
             m.cores,
+            m.sleeps,
             m.report.ms(0.5),
             m.report.ms(0.99),
             d.cpu_us / m.cpu_us.max(1e-9)
