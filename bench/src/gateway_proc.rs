@@ -72,12 +72,16 @@ pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
 /// Threads that ended are not counted, so take it around a run of a server whose threads live.
 pub fn process_sleeps(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
-    tasks.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok()).filter_map(|status| voluntary_switches(&status)).sum()
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .filter_map(|status| status_number(&status, "voluntary_ctxt_switches:"))
+        .sum()
 }
 
-/// `voluntary_ctxt_switches` from a `/proc/.../status` text.
-pub fn voluntary_switches(status: &str) -> Option<u64> {
-    status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")?.trim().parse().ok())
+/// The number on a `/proc/.../status` line that starts with `field` (a unit after it, such as
+/// VmHWM's `kB`, is left out).
+pub fn status_number(status: &str, field: &str) -> Option<u64> {
+    status.lines().find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse().ok())
 }
 
 pub struct Gateway {
@@ -115,7 +119,7 @@ impl Gateway {
     pub fn peak_rss(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+            .and_then(|s| status_number(&s, "VmHWM:"))
             .map_or(0, |kib| kib * 1024)
     }
 
@@ -156,10 +160,11 @@ mod tests {
     }
 
     #[test]
-    fn voluntary_switches_are_read_from_their_own_line() {
+    fn status_numbers_are_read_from_their_own_line() {
         let status = "Name:\tshard-0-1\nvoluntary_ctxt_switches:\t4711\nnonvoluntary_ctxt_switches:\t12\n";
-        assert_eq!(voluntary_switches(status), Some(4711));
-        assert_eq!(voluntary_switches("Name:\tx\n"), None);
+        assert_eq!(status_number(status, "voluntary_ctxt_switches:"), Some(4711));
+        assert_eq!(status_number("VmHWM:\t  306176 kB\n", "VmHWM:"), Some(306176));
+        assert_eq!(status_number("Name:\tx\n", "voluntary_ctxt_switches:"), None);
     }
 
     #[test]
@@ -170,7 +175,7 @@ mod tests {
             }
             // Read while the thread lives; other test threads may come and go meanwhile, so
             // the process's sum is compared with this thread's own count, not with an earlier sum.
-            let own = std::fs::read_to_string("/proc/thread-self/status").ok().as_deref().and_then(voluntary_switches);
+            let own = std::fs::read_to_string("/proc/thread-self/status").ok().and_then(|s| status_number(&s, "voluntary_ctxt_switches:"));
             (own, process_sleeps(std::process::id()))
         })
         .join()
