@@ -90,6 +90,24 @@ impl Process {
             .sum()
     }
 
+    /// What the processes started on this data dir logged so far (their stderr, appended).
+    pub fn log(&self) -> String {
+        self.dir.parent().map(|d| std::fs::read_to_string(d.join("dps.log")).unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// The end of [`log`](Self::log), for a failure's message.
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Still running: neither exited nor a zombie (from /proc, so `&self` will do).
+    pub fn running(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']))
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub fn kill(mut self) {
         self.child.kill().unwrap();
