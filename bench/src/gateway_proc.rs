@@ -23,6 +23,8 @@ pub fn config(shards: usize, handshake_only: bool) -> dps_gateway::config::Confi
     c.limits.park_with_fences = std::env::var("DPS_BENCH_FENCES").map_or(true, |v| v != "0");
     // DPS_BENCH_PREEMPT_TIMERS=1: glommio's preemption timers armed on every pass, as upstream.
     c.limits.preempt_timers = std::env::var("DPS_BENCH_PREEMPT_TIMERS").is_ok_and(|v| v == "1");
+    // DPS_BENCH_STEER=0: new connections always spread by the kernel, light load or not.
+    c.limits.steer_light_load = std::env::var("DPS_BENCH_STEER").map_or(true, |v| v != "0");
     // DPS_BENCH_LINGER_US=300: the store writer waits that long for more writes per group.
     if let Some(us) = std::env::var("DPS_BENCH_LINGER_US").ok().and_then(|v| v.parse().ok()) {
         c.store.linger_us = us;

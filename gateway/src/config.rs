@@ -251,6 +251,10 @@ pub struct Limits {
     /// preempt for, and each arm and cancel costs a submission and a timer reprogramming
     /// (tuning.md, "Partial load").
     pub preempt_timers: bool,
+    /// While the shards together are lightly busy, new connections all go to shard 0 (a BPF
+    /// program on the listeners); once it is busy, the kernel spreads them again (tuning.md,
+    /// "Light load on one shard"). Off: always spread.
+    pub steer_light_load: bool,
     /// Refused device credentials (401) allowed per source address per minute, service-wide
     /// (each shard holds its share); past it the source is answered 429 before any store read
     /// until its budget refills. 0: no bound. Sources in `source_allow_list` are exempt.
@@ -302,6 +306,7 @@ impl Default for Limits {
             spin_before_park_us: 0,
             park_with_fences: true,
             preempt_timers: false,
+            steer_light_load: true,
             attestation_failures_per_source: 120,
             write_timeout_secs: 30,
         }

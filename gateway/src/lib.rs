@@ -160,6 +160,11 @@ pub fn start(mut cfg: Config, data_dir: &Path) -> Result<Running, String> {
         hub_workers,
         hub_tasks: Default::default(),
         shared_store: prepared.shared.is_some(),
+        steering: shard::steering::Steering::new(
+            cfg.shards,
+            cfg.limits.steer_light_load,
+            &[cfg.limits.max_connections_per_shard, cfg.limits.max_connections_per_source.div_ceil(cfg.shards.max(1))],
+        ),
     });
     let ip: std::net::IpAddr = cfg.ports.bind.parse().map_err(|_| format!("ports.bind '{}' is not an IP address", cfg.ports.bind))?;
     let mut https = SocketAddr::new(ip, cfg.ports.https);

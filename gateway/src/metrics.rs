@@ -109,6 +109,11 @@ const CATALOGUE: &[(&str, &str, &str)] = &[
     ("dps_service_operations_total", "counter", "Service API operations, by HTTP status."),
     ("dps_connections_accepted_total", "counter", "Connections accepted, by shard and listener."),
     ("dps_connections_open", "gauge", "Connections open, by shard."),
+    (
+        "dps_light_load_steering",
+        "gauge",
+        "1 while new connections all go to shard 0 (the shards are lightly busy), 0 while the kernel spreads them.",
+    ),
     ("dps_tls_handshakes_total", "counter", "TLS handshakes, by shard and result (ok = full, resumed, failed, timeout)."),
     ("dps_cross_shard_lookups_total", "counter", "Enrollment lookups answered by another shard's cache partition, by shard."),
     (

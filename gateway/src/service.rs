@@ -70,6 +70,8 @@ pub struct Service {
     /// The store is shared with other nodes (etcd): their changes to groups, hubs and CA
     /// certificates are found by the store's config stamp, read before every use of a copy.
     pub shared_store: bool,
+    /// Light load on one shard: the shards' CPU clocks and shard 0's decision.
+    pub steering: crate::shard::steering::Steering,
 }
 
 impl Service {

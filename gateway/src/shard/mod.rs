@@ -5,6 +5,7 @@ pub(crate) mod admin;
 pub mod enrollment_cache;
 pub mod mesh;
 pub mod shared_challenges;
+pub mod steering;
 
 use crate::api::ServiceApi;
 use crate::clock::mono_nanos;
@@ -22,6 +23,7 @@ use mesh::{Envelope, Mesh};
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -209,8 +211,10 @@ pub(crate) enum Listener {
 
 /// A listening socket with SO_REUSEPORT (every shard has its own, the kernel spreads the
 /// connections) and SO_REUSEADDR (a restart binds while connections of an earlier process
-/// still sit in TIME_WAIT on the port; glommio's own `bind` sets only the first).
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// still sit in TIME_WAIT on the port; glommio's own `bind` sets only the first). With its
+/// descriptor, which stays the listener's for the listener's life (glommio's listener does
+/// not lend it; the light-load steering sets an option on it).
+fn listen(addr: SocketAddr) -> std::io::Result<(TcpListener, RawFd)> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::os::fd::{FromRawFd, IntoRawFd};
     let sk = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -224,7 +228,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // SAFETY: `fd` is a bound, listening TCP socket that nothing else owns: `into_raw_fd`
     // released it from `sk`, and the listener takes ownership of it here.
     #[allow(unsafe_code)]
-    Ok(unsafe { TcpListener::from_raw_fd(fd) })
+    Ok((unsafe { TcpListener::from_raw_fd(fd) }, fd))
 }
 
 /// How long the kernel holds a connection whose client has sent nothing before handing it to
@@ -240,18 +244,16 @@ const DEFER_ACCEPT_SECS: libc::c_int = 1;
 /// Sets TCP_DEFER_ACCEPT (Linux; socket2 has no setter for it).
 fn defer_accept(sk: &socket2::Socket, secs: libc::c_int) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: `sk` is an open socket for the whole call; the option value is a c_int that
-    // lives on the stack for the call, and its size is passed with it.
+    set_socket_option(sk.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, &secs)
+}
+
+/// `setsockopt` with a value of plain C type `T` (an int, a struct the option takes).
+pub(crate) fn set_socket_option<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> std::io::Result<()> {
+    // SAFETY: `value` is a live `T` for the whole call, passed with its size; the kernel only
+    // reads it (and copies what it keeps). A descriptor that is not an open socket makes the
+    // call fail (EBADF, ENOTSOCK), nothing worse.
     #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::setsockopt(
-            sk.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&secs as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    let rc = unsafe { libc::setsockopt(fd, level, name, (value as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t) };
     if rc == 0 {
         Ok(())
     } else {
@@ -260,9 +262,10 @@ fn defer_accept(sk: &socket2::Socket, secs: libc::c_int) -> std::io::Result<()> 
 }
 
 async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
+    spec.svc.steering.register_this_thread(spec.id);
     let bind = |what: &str, addr: SocketAddr| listen(addr).map_err(|e| bind_error(what, addr, e));
-    let admin = spec.admin.map(|a| bind("admin", a)).transpose();
-    let console = spec.console.map(|a| bind("console", a)).transpose();
+    let admin = spec.admin.map(|a| bind("admin", a).map(|(l, _)| l)).transpose();
+    let console = spec.console.map(|a| bind("console", a).map(|(l, _)| l)).transpose();
     let (https, mqtt, amqp, admin, console) =
         match (bind("HTTPS", spec.https), bind("MQTT", spec.mqtt), bind("AMQP", spec.amqp), admin, console) {
             (Ok(h), Ok(m), Ok(q), Ok(a), Ok(c)) => (h, m, q, a, c),
@@ -273,9 +276,9 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
         };
     let port = |l: &TcpListener, fallback: u16| l.local_addr().map(|a| a.port()).unwrap_or(fallback);
     let ports = BoundPorts {
-        https: port(&https, spec.https.port()),
-        mqtt: port(&mqtt, spec.mqtt.port()),
-        amqp: port(&amqp, spec.amqp.port()),
+        https: port(&https.0, spec.https.port()),
+        mqtt: port(&mqtt.0, spec.mqtt.port()),
+        amqp: port(&amqp.0, spec.amqp.port()),
         admin: admin.as_ref().map(|l| port(l, 0)),
         console: console.as_ref().map(|l| port(l, 0)),
     };
@@ -332,6 +335,9 @@ async fn shard_main(spec: ShardSpec, bound: std::sync::mpsc::Sender<Bound>) {
     let c = admin.map(|l| glommio::spawn_local(admin::admin_loop(l, shard.clone())));
     let w = console.map(|l| glommio::spawn_local(crate::console::console_loop(l, shard.clone())));
     glommio::spawn_local(watch_stalls(shard.clone())).detach();
+    if shard.id == 0 && shard.svc.steering.enabled() {
+        glommio::spawn_local(measure_load(shard.clone())).detach();
+    }
     a.await;
     b.await;
     q.await;
@@ -370,6 +376,30 @@ async fn watch_stalls(shard: Rc<Shard>) {
     }
 }
 
+/// Shard 0 measures every shard's CPU each period and decides whether new connections all
+/// come to it (steering.rs).
+async fn measure_load(shard: Rc<Shard>) {
+    let steering = &shard.svc.steering;
+    // A server starts idle: steered (the accept loops, polled before this task, have attached
+    // the program by now).
+    let mut light = true;
+    shard.metrics.set("dps_light_load_steering", &[], 1);
+    let (mut before, mut at) = (steering.cpu_nanos(), Instant::now());
+    while !shard.stop.load(Ordering::Relaxed) {
+        glommio::timer::sleep(steering::PERIOD).await;
+        let (now, elapsed) = (steering.cpu_nanos(), at.elapsed());
+        let busy = steering::busy(&before, &now, elapsed.as_nanos() as u64);
+        let next = steering::decide(light, &busy);
+        if next != light {
+            tracing::debug!(?busy, to_shard_0 = next, "light-load steering changed");
+            shard.metrics.set("dps_light_load_steering", &[], i64::from(next));
+        }
+        light = next;
+        steering.set_light(light);
+        (before, at) = (now, Instant::now());
+    }
+}
+
 /// How often a pending accept looks at the stop flag: each look wakes the parked shard, so not
 /// often; shutdown waits for it at most this long.
 const STOP_CHECK: Duration = Duration::from_millis(500);
@@ -399,9 +429,23 @@ pub(crate) async fn next_connection<'l>(
     }
 }
 
-async fn accept_loop(listener: TcpListener, kind: Listener, shard: Rc<Shard>) {
+async fn accept_loop((listener, fd): (TcpListener, RawFd), kind: Listener, shard: Rc<Shard>) {
     let mut pending = None;
-    while let Some(accepted) = next_connection(&listener, &mut pending, &shard.stop).await {
+    // Shard 0 applies the light-load steering to its listener's group (steering.rs): the
+    // program it last attached, and whether attaching failed (then it stops trying).
+    let mut steered: Option<u32> = None;
+    let steers = shard.id == 0 && shard.svc.steering.enabled();
+    loop {
+        if steers {
+            let want = if shard.svc.steering.steer(shard.conns.get()) { 0 } else { steering::SPREAD };
+            if steered != Some(want) {
+                if let Err(e) = steering::attach(fd, want) {
+                    tracing::warn!(error = %e, "cannot steer new connections (limits.steer_light_load); the kernel spreads them");
+                }
+                steered = Some(want);
+            }
+        }
+        let Some(accepted) = next_connection(&listener, &mut pending, &shard.stop).await else { break };
         let stream = match accepted {
             Ok(s) => s,
             Err(e) => {
