@@ -7,9 +7,14 @@ mod common;
 use common::{stalled_connection, test_config, TestServer};
 use std::time::{Duration, Instant};
 
+/// The admin listener's metrics page.
+fn metrics_text(s: &TestServer) -> String {
+    reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", s.ep.ports.admin)).unwrap().text().unwrap()
+}
+
 /// Connections each shard accepted so far (by the `shard` label).
 fn accepted_by_shard(s: &TestServer) -> [f64; 2] {
-    let text = reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", s.ep.ports.admin)).unwrap().text().unwrap();
+    let text = metrics_text(s);
     let mut by = [0.0; 2];
     for l in text.lines().filter(|l| l.starts_with("dps_connections_accepted_total{")) {
         let v: f64 = l.rsplit(' ').next().unwrap().parse().unwrap();
@@ -26,7 +31,7 @@ fn accepted_by_shard(s: &TestServer) -> [f64; 2] {
 fn steering_started(s: &TestServer) {
     let t = Instant::now();
     loop {
-        let text = reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", s.ep.ports.admin)).unwrap().text().unwrap();
+        let text = metrics_text(s);
         if text.contains("\ndps_light_load_steering 1\n") {
             return;
         }
@@ -72,7 +77,7 @@ fn turned_off_the_kernel_spreads_them() {
     let shards = one_at_a_time(&s, 40);
     // By the kernel's hash of the client's port: 40 all on one shard is a 1 in 2^39 chance.
     assert!(shards.contains(&0) && shards.contains(&1), "{shards:?}");
-    let text = reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", s.ep.ports.admin)).unwrap().text().unwrap();
+    let text = metrics_text(&s);
     assert!(!text.contains("\ndps_light_load_steering "), "{text}");
 }
 

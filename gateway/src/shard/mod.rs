@@ -380,22 +380,20 @@ async fn watch_stalls(shard: Rc<Shard>) {
 /// come to it (steering.rs).
 async fn measure_load(shard: Rc<Shard>) {
     let steering = &shard.svc.steering;
-    // A server starts idle: steered (the accept loops, polled before this task, have attached
-    // the program by now).
-    let mut light = true;
-    shard.metrics.set("dps_light_load_steering", &[], 1);
+    // A server starts idle, so steered (the accept loops, polled before this task, have
+    // attached the program by now).
+    shard.metrics.set("dps_light_load_steering", &[], i64::from(steering.light()));
     let (mut before, mut at) = (steering.cpu_nanos(), Instant::now());
     while !shard.stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(steering::PERIOD).await;
         let (now, elapsed) = (steering.cpu_nanos(), at.elapsed());
         let busy = steering::busy(&before, &now, elapsed.as_nanos() as u64);
-        let next = steering::decide(light, &busy);
-        if next != light {
+        let next = steering::decide(steering.light(), &busy);
+        if next != steering.light() {
             tracing::debug!(?busy, to_shard_0 = next, "light-load steering changed");
             shard.metrics.set("dps_light_load_steering", &[], i64::from(next));
+            steering.set_light(next);
         }
-        light = next;
-        steering.set_light(light);
         (before, at) = (now, Instant::now());
     }
 }
@@ -432,7 +430,8 @@ pub(crate) async fn next_connection<'l>(
 async fn accept_loop((listener, fd): (TcpListener, RawFd), kind: Listener, shard: Rc<Shard>) {
     let mut pending = None;
     // Shard 0 applies the light-load steering to its listener's group (steering.rs): the
-    // program it last attached, and whether attaching failed (then it stops trying).
+    // program it last attached (or tried to: a failure is logged and tried again at the next
+    // change of decision, not at every accept).
     let mut steered: Option<u32> = None;
     let steers = shard.id == 0 && shard.svc.steering.enabled();
     loop {

@@ -94,6 +94,11 @@ impl Steering {
             .collect()
     }
 
+    /// Shard 0's last decision: the shards are lightly busy.
+    pub fn light(&self) -> bool {
+        self.light.load(Ordering::Relaxed)
+    }
+
     pub fn set_light(&self, light: bool) {
         self.light.store(light, Ordering::Relaxed);
     }
@@ -101,7 +106,7 @@ impl Steering {
     /// Whether new connections should go to shard 0, as shard 0 holding `open` connections
     /// sees it.
     pub fn steer(&self, open: usize) -> bool {
-        self.enabled && self.light.load(Ordering::Relaxed) && open < self.spread_at
+        self.enabled && self.light() && open < self.spread_at
     }
 }
 
@@ -122,7 +127,7 @@ pub fn busy(before: &[u64], after: &[u64], period_ns: u64) -> Vec<f64> {
 }
 
 /// Attaches to a listener's reuseport group a classic BPF program that returns `index`: the
-/// group's listener at that index (in the order they were bound; shard 0's is 0) takes each
+/// group's listener at that index (in the order they began listening; shard 0's, first, is 0) takes each
 /// new connection, and an index past the group's end leaves the choice to the kernel's hash.
 pub fn attach(listener: std::os::fd::RawFd, index: u32) -> std::io::Result<()> {
     // One instruction: BPF_RET | BPF_K, returning the constant.
