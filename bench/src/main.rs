@@ -10,7 +10,9 @@
 //! 3. scaling: the registration with 1 shard and with 2;
 //!
 //! (the four servers of 1-3 run side by side and their rows are measured in four turns each,
-//! so the ratios between them come from the same stretches of the machine's time)
+//! so the ratios between them come from the same stretches of the machine's time; each row
+//! shows loadgen's CPU per session beside the server's, and from both the most a second shard
+//! can add while loadgen shares the cores)
 //! 4. open loop: registrations and Mosquitto sessions offered at 10, 25, 50 and 75 % of the
 //!    measured peak and at 250, 500 and 1,000/s, with the server CPU per session at each (each
 //!    rate for the gateway, then for Mosquitto).
@@ -115,24 +117,59 @@ impl Bench {
     ) -> Result<(Report, f64), BoxError> {
         self.load(fleet(&format!("warm-{key}"))?, t, self.warmup, self.concurrency)?;
         let (r, spent) = self.part(server, fleet(&format!("dev-{key}"))?, t, n)?;
-        let cpu_us = self.keep_row(label, &r, spent);
-        Ok((r, cpu_us))
+        let cpu = self.keep_row(label, &r, spent);
+        Ok((r, cpu.server_us))
     }
 
-    /// One measured closed-loop run of `n` devices, with the CPU seconds `server` spent on it.
-    fn part(&self, server: u32, fleet: Arc<Fleet>, t: Transport, n: usize) -> Result<(Report, f64), BoxError> {
-        let cpu = gateway_proc::process_cpu(server);
+    /// One measured closed-loop run of `n` devices, with the CPU seconds `server` and this
+    /// process (loadgen, the client) spent on it.
+    fn part(&self, server: u32, fleet: Arc<Fleet>, t: Transport, n: usize) -> Result<(Report, Spent), BoxError> {
+        let me = std::process::id();
+        let (cpu, own) = (gateway_proc::process_cpu(server), gateway_proc::process_cpu(me));
         let r = self.load(fleet, t, n, self.concurrency)?;
-        Ok((r, (gateway_proc::process_cpu(server) - cpu).as_secs_f64()))
+        let spent = Spent {
+            server: (gateway_proc::process_cpu(server) - cpu).as_secs_f64(),
+            client: (gateway_proc::process_cpu(me) - own).as_secs_f64(),
+        };
+        Ok((r, spent))
     }
 
-    /// Prints a measured row and keeps it for the table; returns its server CPU µs per session.
-    fn keep_row(&mut self, label: &str, r: &Report, spent: f64) -> f64 {
-        let cpu_us = spent * 1e6 / r.assigned.max(1) as f64;
-        eprintln!("{label}: {:.0}/s, server CPU {cpu_us:.0} µs per session", r.per_second());
-        self.rows.push(format!("{} {cpu_us:.0} |", r.row(label)));
-        cpu_us
+    /// Prints a measured row and keeps it for the table; returns its CPU µs per session.
+    fn keep_row(&mut self, label: &str, r: &Report, spent: Spent) -> CpuPerSession {
+        let done = r.assigned.max(1) as f64;
+        let cpu = CpuPerSession { server_us: spent.server * 1e6 / done, client_us: spent.client * 1e6 / done };
+        eprintln!("{label}: {:.0}/s, server CPU {:.0} µs per session, loadgen {:.0}", r.per_second(), cpu.server_us, cpu.client_us);
+        self.rows.push(format!("{} {:.0} | {:.0} |", r.row(label), cpu.server_us, cpu.client_us));
+        cpu
     }
+}
+
+/// CPU seconds spent over a measured run by the server's process and by this one (loadgen).
+#[derive(Clone, Copy, Default)]
+struct Spent {
+    server: f64,
+    client: f64,
+}
+
+/// CPU µs per completed session: the server's and loadgen's.
+#[derive(Clone, Copy)]
+struct CpuPerSession {
+    server_us: f64,
+    client_us: f64,
+}
+
+impl CpuPerSession {
+    fn total_us(&self) -> f64 {
+        self.server_us + self.client_us
+    }
+}
+
+/// The most a second shard can add when the client runs on the same `cores`: the rate those
+/// cores allow at the CPU per registration measured with 2 shards (server and client), over
+/// the rate measured with 1 shard. Whatever the shards do, two cannot beat this unless a
+/// registration gets cheaper.
+fn scaling_ceiling(cores: f64, two_shards: CpuPerSession, one_shard_per_s: f64) -> f64 {
+    cores * 1e6 / two_shards.total_us().max(1e-9) / one_shard_per_s.max(1e-9)
 }
 
 /// Makes a run's devices from a registration id prefix.
@@ -152,12 +189,17 @@ impl Bench {
     /// …, row 1, …): every row sees the same stretches of the machine's time, so a drift in its
     /// speed (a shared VM's neighbours) moves all of them alike instead of the ratio between
     /// rows measured one after the other. Each row's server CPU counts its own turns only.
-    fn measure_in_turns<const N: usize>(&mut self, rows: &[Row; N], n: usize, rounds: usize) -> Result<[(Report, f64); N], BoxError> {
+    fn measure_in_turns<const N: usize>(
+        &mut self,
+        rows: &[Row; N],
+        n: usize,
+        rounds: usize,
+    ) -> Result<[(Report, CpuPerSession); N], BoxError> {
         for r in rows {
             self.load((r.fleet)(&format!("warm-{}", r.key))?, r.t, self.warmup, self.concurrency)?;
         }
         let rounds = rounds.clamp(1, n.max(1));
-        let mut done: Vec<Option<(Report, f64)>> = rows.iter().map(|_| None).collect();
+        let mut done: Vec<Option<(Report, Spent)>> = rows.iter().map(|_| None).collect();
         for round in 0..rounds {
             // The devices split over the turns, the first ones taking what does not divide.
             let share = n / rounds + usize::from(round < n % rounds);
@@ -167,7 +209,8 @@ impl Bench {
                     None => *acc = Some((rep, spent)),
                     Some((total, cpu_total)) => {
                         total.absorb(&rep).map_err(|e| format!("merging the latencies of {}: {e}", r.key))?;
-                        *cpu_total += spent;
+                        cpu_total.server += spent.server;
+                        cpu_total.client += spent.client;
                     }
                 }
             }
@@ -175,8 +218,8 @@ impl Bench {
         let mut out = Vec::new();
         for (r, acc) in rows.iter().zip(done) {
             let (rep, spent) = acc.ok_or("no turn ran")?;
-            let cpu_us = self.keep_row(&r.label, &rep, spent);
-            out.push((rep, cpu_us));
+            let cpu = self.keep_row(&r.label, &rep, spent);
+            out.push((rep, cpu));
         }
         out.try_into().map_err(|_| "a row was not measured".into())
     }
@@ -342,8 +385,9 @@ fn main() -> Result<(), BoxError> {
             t: Transport::Mqtt,
         },
     ];
-    let [(limit, limit_cpu), (dps2, dps2_cpu), (mosq, mosq_cpu), (dps1, _)] =
+    let [(limit, limit_cpu_all), (dps2, dps2_cpu_all), (mosq, mosq_cpu_all), (dps1, _)] =
         b.measure_in_turns(&rows, devices, if a.smoke { 2 } else { 4 })?;
+    let (limit_cpu, dps2_cpu, mosq_cpu) = (limit_cpu_all.server_us, dps2_cpu_all.server_us, mosq_cpu_all.server_us);
     gl.stop()?;
     g1.stop()?;
     // Open loop: the same registrations and broker sessions offered at fixed rates below the
@@ -528,7 +572,7 @@ fn main() -> Result<(), BoxError> {
         let again = b.load(f, Transport::Mqtt, 1, 1)?;
         let serving = t.elapsed();
         g.stop()?;
-        b.rows.push(format!("{} |", r.row(&format!("{million} devices end to end, MQTT, 2 shards"))));
+        b.rows.push(format!("{} | |", r.row(&format!("{million} devices end to end, MQTT, 2 shards"))));
         extra.push(format!(
             "| {million} devices end to end | {:.0} s total, {:.0}/s, {} errors; gateway peak RSS {:.0} MiB; {:.0} MiB on disk; restart: listening after {:.2} s, first registration answered after {:.2} s{} |",
             r.seconds,
@@ -565,8 +609,8 @@ fn main() -> Result<(), BoxError> {
         a.threads,
         a.concurrency
     );
-    println!("| run | sessions/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | ok | errors | server CPU µs/session |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| run | sessions/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | ok | errors | server CPU µs/session | loadgen CPU µs/session |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &b.rows {
         println!("{r}");
     }
@@ -575,6 +619,17 @@ fn main() -> Result<(), BoxError> {
     println!("| DPS registrations ÷ bare TLS handshakes (2 shards; target ≥ 0.8) | {:.2} |", ratio(&dps2, &limit));
     println!("| DPS registrations ÷ Mosquitto sessions (target > 1.5) | {:.2} |", ratio(&dps2, &mosq));
     println!("| 2 shards ÷ 1 shard | {:.2} |", ratio(&dps2, &dps1));
+    // Both closed-loop rows keep the cores busy, client included: what a second shard can add
+    // is bounded by the cores the 1-shard row left idle.
+    let cores = machine["cores"].as_u64().unwrap_or(1).max(1);
+    println!(
+        "| 2 shards ÷ 1 shard at most, loadgen on the same {cores} cores ({cores} cores ÷ server and loadgen CPU per registration with 2 shards ÷ the 1-shard rate) | {:.2} |",
+        scaling_ceiling(cores as f64, dps2_cpu_all, dps1.per_second())
+    );
+    println!(
+        "| server and loadgen CPU per bare handshake ÷ per DPS registration (2 shards; the limit-ratio when both rows keep the cores busy) | {:.2} |",
+        limit_cpu_all.total_us() / dps2_cpu_all.total_us().max(1e-9)
+    );
     for t in &transports {
         println!("| {} ÷ MQTT | {:.2} |", t.plan.transport.name(), ratio(t, &dps2));
     }
@@ -651,5 +706,17 @@ mod tests {
         assert_eq!(rates, vec![228.0, 250.0, 500.0, 570.0, 1000.0, 1140.0, 1710.0]);
         assert_eq!(quarter_peak_row(&rates, 2280.0), Some(3));
         assert_eq!(quarter_peak_row(&[250.0, 1000.0], 2280.0), None);
+    }
+
+    #[test]
+    fn the_scaling_ceiling_is_what_the_cores_allow_over_the_one_shard_rate() {
+        // A run on the 2-core VM: 304 µs of server and 324 µs of loadgen CPU per registration
+        // with 2 shards; 1 shard did 2,852/s. The two cores allow 3,185/s at that cost: 1.12.
+        let two = CpuPerSession { server_us: 304.0, client_us: 324.0 };
+        let c = scaling_ceiling(2.0, two, 2852.0);
+        assert!((c - 1.117).abs() < 0.001, "{c}");
+        // Half the client's CPU (its work on other cores) raises the bound.
+        let lighter = CpuPerSession { server_us: 304.0, client_us: 162.0 };
+        assert!(scaling_ceiling(2.0, lighter, 2852.0) > 1.5);
     }
 }
