@@ -15,7 +15,7 @@
 //! can add while loadgen shares the cores)
 //! 4. open loop: registrations and Mosquitto sessions offered at 10, 25, 50 and 75 % of the
 //!    measured peak and at 250, 500 and 1,000/s, with the server CPU per session at each (each
-//!    rate for the gateway, then for Mosquitto).
+//!    rate for the gateway, then for Mosquitto; the rates going up, then coming down again).
 //!
 //! Then (not with `--quick`) a row per device transport, a million devices end to end, the
 //! hot-path microbenchmarks and the service API import/read/restart benchmark.
@@ -225,15 +225,56 @@ impl Bench {
     }
 }
 
-/// One open-loop run: what the server spent at an offered rate.
+/// Open-loop runs at one offered rate: what the server spent on them.
 struct AtRate {
     offered: f64,
     report: Report,
-    /// Server CPU per completed session (µs) and the cores it kept busy on average.
-    cpu_us: f64,
-    cores: f64,
-    /// Times the server's threads went to sleep (and were woken again) per completed session.
-    sleeps: f64,
+    /// Server CPU seconds over the runs.
+    spent: f64,
+    /// Times the server's threads went to sleep (and were woken again) over the runs.
+    slept: u64,
+}
+
+impl AtRate {
+    /// Server CPU per completed session (µs).
+    fn cpu_us(&self) -> f64 {
+        self.spent * 1e6 / self.report.assigned.max(1) as f64
+    }
+
+    /// The cores the server kept busy on average.
+    fn cores(&self) -> f64 {
+        self.spent / self.report.seconds.max(1e-9)
+    }
+
+    /// Sleeps of the server's threads per completed session.
+    fn sleeps(&self) -> f64 {
+        self.slept as f64 / self.report.assigned.max(1) as f64
+    }
+
+    /// Adds another run at the same rate.
+    fn absorb(&mut self, other: AtRate) -> Result<(), BoxError> {
+        self.report.absorb(&other.report).map_err(|e| format!("merging the latencies at {:.0}/s: {e}", self.offered))?;
+        self.spent += other.spent;
+        self.slept += other.slept;
+        Ok(())
+    }
+}
+
+/// The open-loop ladder's order: every rate going up, then every rate coming down, each pass
+/// half the time. A rate's two runs then lie symmetrically about the ladder's middle, so a
+/// machine that speeds up or slows down steadily over the ladder moves every rate's total
+/// alike, and the ratios between rates (25 % of the peak ÷ 75 %) stay put.
+fn ladder(rates: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rates).map(|i| (0, i)).chain((0..rates).rev().map(|i| (1, i)))
+}
+
+/// Keeps a run at a rate: the first, or added to the ones before.
+fn keep_at(slot: &mut Option<AtRate>, r: AtRate) -> Result<(), BoxError> {
+    match slot {
+        None => *slot = Some(r),
+        Some(kept) => kept.absorb(r)?,
+    }
+    Ok(())
 }
 
 impl Bench {
@@ -253,9 +294,8 @@ impl Bench {
         let (cpu, sleeps) = (gateway_proc::process_cpu(server), gateway_proc::process_sleeps(server));
         let report = self.rt.block_on(run(fleet, plan))?;
         let spent = (gateway_proc::process_cpu(server) - cpu).as_secs_f64();
-        let done = report.assigned.max(1) as f64;
-        let sleeps = gateway_proc::process_sleeps(server).saturating_sub(sleeps) as f64 / done;
-        Ok(AtRate { offered: rate, cores: spent / report.seconds.max(1e-9), cpu_us: spent * 1e6 / done, sleeps, report })
+        let slept = gateway_proc::process_sleeps(server).saturating_sub(sleeps);
+        Ok(AtRate { offered: rate, report, spent, slept })
     }
 }
 
@@ -391,30 +431,36 @@ fn main() -> Result<(), BoxError> {
     gl.stop()?;
     g1.stop()?;
     // Open loop: the same registrations and broker sessions offered at fixed rates below the
-    // peak, each rate for the gateway and then for Mosquitto.
+    // peak, each rate for the gateway and then for Mosquitto, up the ladder and down again.
     let rates = offered_rates(dps2.per_second(), a.smoke);
-    let seconds = if a.smoke { 1.0 } else { 8.0 };
-    let (mut gateway_at, mut mosquitto_at) = (Vec::new(), Vec::new());
-    for (i, rate) in rates.iter().enumerate() {
-        let r = b.at_rate(g.pid(), fleet(&ep, ids(&format!("open-{i}")), None)?, Transport::Mqtt, *rate, seconds)?;
+    let seconds = if a.smoke { 1.0 } else { 8.0 } / 2.0;
+    let (mut gateway_at, mut mosquitto_at): (Vec<Option<AtRate>>, Vec<Option<AtRate>>) =
+        (rates.iter().map(|_| None).collect(), rates.iter().map(|_| None).collect());
+    for (pass, i) in ladder(rates.len()) {
+        let rate = rates[i];
+        let r = b.at_rate(g.pid(), fleet(&ep, ids(&format!("open-{i}-{pass}")), None)?, Transport::Mqtt, rate, seconds)?;
         eprintln!(
             "DPS at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per registration, {:.2} cores, {:.2} sleeps per registration",
             r.report.per_second(),
-            r.cpu_us,
-            r.cores,
-            r.sleeps
+            r.cpu_us(),
+            r.cores(),
+            r.sleeps()
         );
-        gateway_at.push(r);
-        let r = b.at_rate(m.pid(), fleet(&mep, dummy(), Some(login.clone()))?, Transport::BrokerSession, *rate, seconds)?;
+        keep_at(&mut gateway_at[i], r)?;
+        let r = b.at_rate(m.pid(), fleet(&mep, dummy(), Some(login.clone()))?, Transport::BrokerSession, rate, seconds)?;
         eprintln!(
             "Mosquitto at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per session, {:.2} cores, {:.2} sleeps per session",
             r.report.per_second(),
-            r.cpu_us,
-            r.cores,
-            r.sleeps
+            r.cpu_us(),
+            r.cores(),
+            r.sleeps()
         );
-        mosquitto_at.push(r);
+        keep_at(&mut mosquitto_at[i], r)?;
     }
+    let all = |v: Vec<Option<AtRate>>| -> Result<Vec<AtRate>, BoxError> {
+        v.into_iter().map(|r| r.ok_or_else(|| "an open-loop rate was not measured".into())).collect()
+    };
+    let (gateway_at, mosquitto_at) = (all(gateway_at)?, all(mosquitto_at)?);
     drop(m);
     let mut transports = Vec::new();
     if !a.quick {
@@ -661,18 +707,18 @@ fn main() -> Result<(), BoxError> {
             "| {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             d.offered,
             d.report.per_second(),
-            d.cpu_us,
-            d.cores,
-            d.sleeps,
+            d.cpu_us(),
+            d.cores(),
+            d.sleeps(),
             d.report.ms(0.5),
             d.report.ms(0.99),
             m.report.per_second(),
-            m.cpu_us,
-            m.cores,
-            m.sleeps,
+            m.cpu_us(),
+            m.cores(),
+            m.sleeps(),
             m.report.ms(0.5),
             m.report.ms(0.99),
-            d.cpu_us / m.cpu_us.max(1e-9)
+            d.cpu_us() / m.cpu_us().max(1e-9)
         );
     }
     let offered: Vec<f64> = gateway_at.iter().map(|r| r.offered).collect();
@@ -680,7 +726,7 @@ fn main() -> Result<(), BoxError> {
         println!(
             "| CPU per registration at 25 % of peak ÷ at {:.0}/s (target ≤ 1.3) | {:.2} |",
             high.offered,
-            low.cpu_us / high.cpu_us.max(1e-9)
+            low.cpu_us() / high.cpu_us().max(1e-9)
         );
     }
     if !extra.is_empty() {
@@ -689,7 +735,7 @@ fn main() -> Result<(), BoxError> {
             println!("{e}");
         }
     }
-    let at_1000 = gateway_at.iter().find(|r| r.offered == 1000.0).map_or(f64::NAN, |r| r.cpu_us);
+    let at_1000 = gateway_at.iter().find(|r| r.offered == 1000.0).map_or(f64::NAN, |r| r.cpu_us());
     println!("limit-ratio={:.2} mosquitto-ratio={:.2} cpu-us-at-1000={at_1000:.0}", ratio(&dps2, &limit), ratio(&dps2, &mosq));
     Ok(())
 }
@@ -706,6 +752,48 @@ mod tests {
         assert_eq!(rates, vec![228.0, 250.0, 500.0, 570.0, 1000.0, 1140.0, 1710.0]);
         assert_eq!(quarter_peak_row(&rates, 2280.0), Some(3));
         assert_eq!(quarter_peak_row(&[250.0, 1000.0], 2280.0), None);
+    }
+
+    /// Every rate runs twice, once going up and once coming down, and its two runs lie
+    /// symmetrically about the ladder's middle (a steady drift of the machine cancels).
+    #[test]
+    fn the_ladder_goes_up_then_down_symmetrically() {
+        let order: Vec<(usize, usize)> = ladder(3).collect();
+        assert_eq!(order, vec![(0, 0), (0, 1), (0, 2), (1, 2), (1, 1), (1, 0)]);
+        for i in 0..3 {
+            let at: Vec<usize> = order.iter().enumerate().filter(|(_, (_, r))| *r == i).map(|(t, _)| t).collect();
+            assert_eq!(at.len(), 2);
+            assert_eq!(at[0] + at[1], order.len() - 1, "rate {i}'s runs are symmetric about the middle");
+        }
+    }
+
+    /// Two runs at a rate add up: CPU per session is all CPU over all sessions.
+    #[test]
+    fn runs_at_a_rate_add_up() {
+        let run = |sessions: u64, secs: u64, spent: f64, slept: u64| {
+            let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+            for _ in 0..sessions {
+                hist.record(2_000).unwrap();
+            }
+            let plan = Plan {
+                transport: Transport::Mqtt,
+                devices: sessions as usize,
+                concurrency: 1,
+                rate: Some(100.0),
+                resume: false,
+                timeout: Duration::from_secs(1),
+                progress: None,
+            };
+            AtRate { offered: 100.0, report: Report::new(&plan, Duration::from_secs(secs), hist, Default::default()), spent, slept }
+        };
+        let mut kept = None;
+        keep_at(&mut kept, run(100, 1, 0.05, 400)).unwrap();
+        keep_at(&mut kept, run(300, 3, 0.09, 600)).unwrap();
+        let r = kept.unwrap();
+        assert!((r.cpu_us() - 350.0).abs() < 1e-6, "{}", r.cpu_us());
+        assert!((r.sleeps() - 2.5).abs() < 1e-9);
+        assert!((r.cores() - 0.035).abs() < 1e-9);
+        assert_eq!(r.report.assigned, 400);
     }
 
     #[test]
