@@ -188,7 +188,8 @@ impl Bench {
     /// The rows' warm-ups, then `n` devices of each measured in `rounds` turns (row 1, row 2,
     /// …, row 1, …): every row sees the same stretches of the machine's time, so a drift in its
     /// speed (a shared VM's neighbours) moves all of them alike instead of the ratio between
-    /// rows measured one after the other. Each row's server CPU counts its own turns only.
+    /// rows measured one after the other. Each row's CPU (server and loadgen) counts its own
+    /// turns only.
     fn measure_in_turns<const N: usize>(
         &mut self,
         rows: &[Row; N],
