@@ -145,10 +145,18 @@ impl Bench {
 }
 
 /// CPU seconds spent over a measured run by the server's process and by this one (loadgen).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Spent {
     server: f64,
     client: f64,
+}
+
+impl std::ops::AddAssign for Spent {
+    /// Another turn of the same row.
+    fn add_assign(&mut self, other: Spent) {
+        self.server += other.server;
+        self.client += other.client;
+    }
 }
 
 /// CPU µs per completed session: the server's and loadgen's.
@@ -210,8 +218,7 @@ impl Bench {
                     None => *acc = Some((rep, spent)),
                     Some((total, cpu_total)) => {
                         total.absorb(&rep).map_err(|e| format!("merging the latencies of {}: {e}", r.key))?;
-                        cpu_total.server += spent.server;
-                        cpu_total.client += spent.client;
+                        *cpu_total += spent;
                     }
                 }
             }

@@ -386,15 +386,15 @@ async fn measure_load(shard: Rc<Shard>) {
     let (mut before, mut at) = (steering.cpu_nanos(), Instant::now());
     while !shard.stop.load(Ordering::Relaxed) {
         glommio::timer::sleep(steering::PERIOD).await;
-        let (now, elapsed) = (steering.cpu_nanos(), at.elapsed());
-        let busy = steering::busy(&before, &now, elapsed.as_nanos() as u64);
+        let (now, t) = (steering.cpu_nanos(), Instant::now());
+        let busy = steering::busy(&before, &now, t.duration_since(at).as_nanos() as u64);
         let next = steering::decide(steering.light(), &busy);
         if next != steering.light() {
             tracing::debug!(?busy, to_shard_0 = next, "light-load steering changed");
             shard.metrics.set("dps_light_load_steering", &[], i64::from(next));
             steering.set_light(next);
         }
-        (before, at) = (now, Instant::now());
+        (before, at) = (now, t);
     }
 }
 
