@@ -91,7 +91,7 @@ pub fn rotate_data_key(dir: &Path, env_key: Option<String>) -> Result<Rotated, S
             let path = dir.join(DATA_KEY_FILE);
             let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let mut keys = parse_keys(&text)?;
-            keys.insert(0, random_bytes::<32>());
+            keys.insert(0, key_with_an_id_of_its_own(&keys, random_bytes::<32>));
             (keys, Some(path))
         }
     };
@@ -110,6 +110,18 @@ pub fn rotate_data_key(dir: &Path, env_key: Option<String>) -> Result<Rotated, S
         write_keys(dir, &ring[..1])?;
     }
     Ok(Rotated { resealed, from_env: file.is_none() })
+}
+
+/// A new data key whose one-byte id no key in `keys` has, so the id alone tells which values
+/// a rotation has re-sealed (the store checks by opening when ids collide, as they may with
+/// keys from `DPS_DATA_KEY`).
+fn key_with_an_id_of_its_own(keys: &[[u8; 32]], mut generate: impl FnMut() -> [u8; 32]) -> [u8; 32] {
+    loop {
+        let k = generate();
+        if keys.iter().all(|old| DataKey::id_of(old) != DataKey::id_of(&k)) {
+            return k;
+        }
+    }
 }
 
 /// Replaces `data.key` atomically (a new file, synced, renamed over the old, the directory
@@ -351,6 +363,26 @@ fn create_meta<T: serde::Serialize>(store: &dyn Store, key: &str, value: &T) -> 
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_rotation_key_never_shares_an_id_with_the_keys_it_replaces() {
+        let old = [3u8; 32];
+        let same_id = (0u8..=255).map(|n| [n; 32]).chain((0u8..=255).map(|n| {
+            let mut k = [9u8; 32];
+            k[0] = n;
+            k
+        }));
+        let twin = same_id.filter(|k| *k != old).find(|k| DataKey::id_of(k) == DataKey::id_of(&old)).unwrap();
+        let mut offered = vec![[200u8; 32], twin].into_iter();
+        // The generator's first key has the old key's id: it is passed over for the next.
+        let mut calls = 0;
+        let k = key_with_an_id_of_its_own(&[old], || {
+            calls += 1;
+            offered.next_back().unwrap()
+        });
+        assert_eq!((k, calls), ([200u8; 32], 2));
+        assert_ne!(DataKey::id_of(&k), DataKey::id_of(&old));
+    }
 
     #[test]
     fn keys_from_the_environment() {

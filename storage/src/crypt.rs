@@ -123,13 +123,14 @@ impl DataKey {
 
     pub fn open(&self, table: Table, key: &str, v: &[u8]) -> Option<Record> {
         match *v.first()? {
-            FORMAT_2 => self.open_2(table, key, v),
+            FORMAT_2 => Self::open_2(self.keys.iter(), table, key, v),
             FORMAT_1 => self.open_1(table, key, v),
             _ => None,
         }
     }
 
-    fn open_2(&self, table: Table, key: &str, v: &[u8]) -> Option<Record> {
+    /// A format 2 value opened under whichever of `keys` sealed it.
+    fn open_2<'k>(keys: impl Iterator<Item = &'k Key>, table: Table, key: &str, v: &[u8]) -> Option<Record> {
         let (&id, &class, &elen) = (v.get(1)?, v.get(2)?, v.get(3)?);
         let header_len = 4 + elen as usize;
         let header = v.get(..header_len)?;
@@ -137,7 +138,7 @@ impl DataKey {
         let salt: [u8; SALT_LEN] = v.get(header_len..header_len + SALT_LEN)?.try_into().ok()?;
         let sealed = v.get(header_len + SALT_LEN..)?;
         // Ids are one byte: two keys of a ring may share one, so each is tried.
-        self.keys.iter().filter(|k| k.id == id).find_map(|k| {
+        keys.filter(|k| k.id == id).find_map(|k| {
             let mut buf = sealed.to_vec();
             let body = k
                 .record_key(&salt)
@@ -165,9 +166,22 @@ impl DataKey {
     }
 
     /// Whether a stored value is sealed in the current format under the current key (a
-    /// rotation leaves those alone).
-    pub fn is_current(&self, v: &[u8]) -> bool {
-        v.first() == Some(&FORMAT_2) && v.get(1) == Some(&self.current_id())
+    /// rotation leaves those alone). The one-byte id settles it unless another key of the ring
+    /// has the same id (one new key in 256 does): then only opening the value under the current
+    /// key tells. Regression: the id alone was trusted, so a rotation to a new key whose id
+    /// matched the old one's re-sealed nothing and then dropped the old key, the only one that
+    /// opened the store.
+    pub fn is_current(&self, table: Table, key: &str, v: &[u8]) -> bool {
+        let current = &self.keys[0];
+        if v.first() != Some(&FORMAT_2) || v.get(1) != Some(&current.id) {
+            return false;
+        }
+        self.keys[1..].iter().all(|k| k.id != current.id) || Self::open_2(std::iter::once(current), table, key, v).is_some()
+    }
+
+    /// The id a data key gets (the first byte of an HMAC of it).
+    pub fn id_of(bytes: &[u8; 32]) -> u8 {
+        Key::new(bytes).id
     }
 
     /// The etag without decrypting.
@@ -250,11 +264,39 @@ mod tests {
         let v_old = DataKey::new(&old).seal(Table::Hubs, "h", &record());
         let ring = DataKey::ring(&[new, old]);
         assert_eq!(ring.open(Table::Hubs, "h", &v_old), Some(record()));
-        assert!(!ring.is_current(&v_old));
+        assert!(!ring.is_current(Table::Hubs, "h", &v_old));
         let v_new = ring.seal(Table::Hubs, "h", &record());
-        assert!(ring.is_current(&v_new));
+        assert!(ring.is_current(Table::Hubs, "h", &v_new));
         assert_eq!(DataKey::new(&new).open(Table::Hubs, "h", &v_new), Some(record()));
         assert_eq!(DataKey::new(&old).open(Table::Hubs, "h", &v_new), None);
+    }
+
+    /// Two different keys whose one-byte ids are equal (found by trying: among 257 keys two
+    /// must share an id).
+    fn keys_sharing_an_id() -> ([u8; 32], [u8; 32]) {
+        let mut seen = std::collections::HashMap::new();
+        for n in 0u16..=256 {
+            let mut k = [7u8; 32];
+            k[..2].copy_from_slice(&n.to_le_bytes());
+            if let Some(first) = seen.insert(DataKey::id_of(&k), k) {
+                return (first, k);
+            }
+        }
+        unreachable!("257 keys, 256 ids")
+    }
+
+    #[test]
+    fn a_new_key_with_the_old_keys_id_still_finds_the_old_values() {
+        let (old, new) = keys_sharing_an_id();
+        assert_ne!(old, new);
+        let v_old = DataKey::new(&old).seal(Table::Enrollments, "d", &record());
+        let ring = DataKey::ring(&[new, old]);
+        assert_eq!(ring.current_id(), v_old[1], "the ids collide");
+        assert!(!ring.is_current(Table::Enrollments, "d", &v_old), "sealed under the old key, whatever its id");
+        assert_eq!(ring.open(Table::Enrollments, "d", &v_old), Some(record()));
+        let v_new = ring.seal(Table::Enrollments, "d", &record());
+        assert!(ring.is_current(Table::Enrollments, "d", &v_new));
+        assert_eq!(DataKey::new(&new).open(Table::Enrollments, "d", &v_new), Some(record()));
     }
 
     #[test]
@@ -274,6 +316,6 @@ mod tests {
         assert_eq!(k.open(Table::Groups, "g1", &v), Some(record()));
         assert_eq!(k.open(Table::Groups, "g2", &v), None);
         assert_eq!(DataKey::etag_of(&v), Some("\"e1\""));
-        assert!(!k.is_current(&v));
+        assert!(!k.is_current(Table::Groups, "g1", &v));
     }
 }

@@ -70,10 +70,10 @@ impl FjallStore {
                     let (k, v) = kv.into_inner()?;
                     last = Some(k.to_vec());
                     // Record counters in `meta` are plain numbers, not sealed values.
-                    if (t == Table::Meta && k.starts_with(b"count/")) || self.key.is_current(&v) {
+                    let key = String::from_utf8_lossy(&k).into_owned();
+                    if (t == Table::Meta && k.starts_with(b"count/")) || self.key.is_current(t, &key, &v) {
                         continue;
                     }
-                    let key = String::from_utf8_lossy(&k).into_owned();
                     let rec = self.key.open(t, &key, &v).ok_or_else(|| StoreError::Corrupt { table: t.name(), key: key.clone() })?;
                     stale.push((key, rec));
                     if stale.len() >= BATCH {

@@ -71,6 +71,35 @@ fn another_data_key_cannot_read() {
 }
 
 #[test]
+fn reseal_moves_every_value_even_when_the_new_keys_id_is_the_old_ones() {
+    // Regression: key ids are one byte and a rotation trusted them, so a new key whose id
+    // matched the old key's (one in 256) re-sealed nothing, and the old key's removal then
+    // left every value unreadable (a CI run of `dps rotate-data-key` said "Re-sealed 0").
+    let old = [3; 32];
+    let new = (0u8..=255)
+        .map(|n| {
+            let mut k = [9u8; 32];
+            k[0] = n;
+            k
+        })
+        .chain((0u8..=255).map(|n| [n; 32]))
+        .find(|k| *k != old && DataKey::id_of(k) == DataKey::id_of(&old))
+        .unwrap();
+    let d = tempfile::tempdir().unwrap();
+    {
+        let s = open(d.path());
+        s.commit(vec![put(Table::Enrollments, "dev", rec("\"e\"", 0, "secret"), Expect::Absent, None)]).unwrap();
+    }
+    {
+        let s = FjallStore::open(d.path(), DataKey::ring(&[new, old]), 8 << 20).unwrap();
+        assert_eq!(s.reseal().unwrap(), 1);
+        assert_eq!(s.reseal().unwrap(), 0);
+    }
+    let s = FjallStore::open(d.path(), DataKey::new(&new), 8 << 20).unwrap();
+    assert_eq!(s.get(Table::Enrollments, "dev").unwrap().unwrap().body, b"secret");
+}
+
+#[test]
 fn reseal_moves_every_value_to_the_new_key() {
     let d = tempfile::tempdir().unwrap();
     let (old, new) = ([3; 32], [4; 32]);
