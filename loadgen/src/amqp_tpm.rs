@@ -9,7 +9,7 @@ use crate::tpm_device::TpmHandle;
 use dps_core::amqp::{encode_frame, parse_frame, FRAME_SASL, SASL_HEADER};
 use fe2o3_amqp_types::primitives::{Binary, Symbol};
 use fe2o3_amqp_types::sasl::{SaslChallenge, SaslInit, SaslOutcome, SaslResponse};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 struct Frames<'a, Io> {
     io: &'a mut Io,
@@ -27,6 +27,15 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Frames<'_, Io> {
             self.buf.extend_from_slice(&chunk[..got]);
         }
         Ok(self.buf.drain(..n).collect())
+    }
+
+    /// Sends the SASL protocol header and reads the server's.
+    async fn start(&mut self) -> Result<(), Failure> {
+        crate::wire::send_all(self.io, &SASL_HEADER).await.map_err(|_| Failure::Protocol)?;
+        if self.read_exact_bytes(8).await? != SASL_HEADER {
+            return Err(Failure::Protocol);
+        }
+        Ok(())
     }
 
     /// The body of the next SASL frame.
@@ -50,7 +59,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> Frames<'_, Io> {
 
     async fn send<T: serde::Serialize>(&mut self, body: &T) -> Result<(), Failure> {
         let bytes = serde_amqp::to_vec(body).map_err(|_| Failure::Protocol)?;
-        self.io.write_all(&encode_frame(FRAME_SASL, 0, &bytes)).await.map_err(|_| Failure::Protocol)
+        crate::wire::send_all(self.io, &encode_frame(FRAME_SASL, 0, &bytes)).await.map_err(|_| Failure::Protocol)
     }
 
     /// A challenge's bytes, or the refusal when the server ended SASL with an outcome.
@@ -73,11 +82,8 @@ pub async fn sasl_tpm<Io: AsyncRead + AsyncWrite + Unpin>(
     string_to_sign: &str,
     token_for: impl FnOnce(&[u8]) -> String,
 ) -> Result<(), Failure> {
-    io.write_all(&SASL_HEADER).await.map_err(|_| Failure::Protocol)?;
     let mut f = Frames { io, buf: Vec::new() };
-    if f.read_exact_bytes(8).await? != SASL_HEADER {
-        return Err(Failure::Protocol);
-    }
+    f.start().await?;
     f.next().await?; // sasl-mechanisms
     let mut init = vec![0u8];
     init.extend_from_slice(id_scope.as_bytes());
@@ -132,6 +138,42 @@ mod tests {
         let mut io = tokio_test_io(&[0, 0, 0, 8, 2, 0, 0, 0]);
         let mut f = Frames { io: &mut io, buf: Vec::new() };
         assert!(matches!(f.next().await, Err(Failure::Protocol)));
+    }
+
+    /// The header and each SASL frame leave before the device waits for the server's answer,
+    /// even on a writer that keeps what is written until a flush (tokio-rustls does, once the
+    /// task's cooperative budget is spent; the device then waited for an answer to a frame the
+    /// server never got, until the server's login deadline closed the connection).
+    #[tokio::test]
+    async fn every_sasl_frame_leaves_before_the_device_waits_for_the_answer() {
+        use dps_core::amqp::{encode_frame, FRAME_SASL, SASL_HEADER};
+        use fe2o3_amqp_types::primitives::Binary;
+        use fe2o3_amqp_types::sasl::{SaslChallenge, SaslResponse};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ours, mut theirs) = tokio::io::duplex(4096);
+        let mut io = crate::held_writes::HeldWrites::new(ours);
+        let response = SaslResponse { response: Binary::from(vec![0u8, 7, 7]) };
+        let expected = encode_frame(FRAME_SASL, 0, &serde_amqp::to_vec(&response).unwrap());
+        let device = async {
+            let mut f = Frames { io: &mut io, buf: Vec::new() };
+            f.start().await.unwrap();
+            f.send(&response).await.unwrap();
+            f.challenge().await.unwrap()
+        };
+        let server = async {
+            let mut header = [0u8; 8];
+            theirs.read_exact(&mut header).await.unwrap();
+            assert_eq!(header, SASL_HEADER);
+            theirs.write_all(&SASL_HEADER).await.unwrap();
+            let mut frame = vec![0u8; expected.len()];
+            theirs.read_exact(&mut frame).await.unwrap();
+            assert_eq!(frame, expected);
+            let challenge = SaslChallenge { challenge: Binary::from(vec![9u8]) };
+            theirs.write_all(&encode_frame(FRAME_SASL, 0, &serde_amqp::to_vec(&challenge).unwrap())).await.unwrap();
+        };
+        let both = async { tokio::join!(device, server).0 };
+        let challenge = tokio::time::timeout(std::time::Duration::from_secs(10), both).await.expect("a frame was held back");
+        assert_eq!(challenge, [9]);
     }
 
     /// A stream that yields `bytes` and then ends (writes are accepted and dropped).

@@ -6,6 +6,8 @@ pub mod amqp_device;
 mod amqp_tpm;
 pub mod device;
 pub mod endpoint;
+#[cfg(test)]
+mod held_writes;
 pub mod identities;
 pub mod report;
 pub mod run;

@@ -42,12 +42,22 @@ pub async fn open_tls<IO: AsyncRead + AsyncWrite + Unpin>(
     queued.map(|_| s)
 }
 
+/// Writes `b` and flushes: a written message must leave now, since the device waits for the
+/// answer. `write_all` alone may leave it in the TLS session: tokio-rustls reports a write
+/// done once the plaintext is in the session, even when the socket refused the record (as
+/// tokio does once the task has spent its cooperative budget), and only a flush or a later
+/// write sends it; the device then waits for an answer to bytes the server never got.
+pub async fn send_all<W: AsyncWrite + Unpin>(w: &mut W, b: &[u8]) -> io::Result<()> {
+    w.write_all(b).await?;
+    w.flush().await
+}
+
 /// A TLS stream as is.
 pub struct Plain<IO>(pub TlsStream<IO>);
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Wire for Plain<IO> {
     async fn send(&mut self, b: &[u8]) -> io::Result<()> {
-        self.0.write_all(b).await
+        send_all(&mut self.0, b).await
     }
     async fn recv(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         let mut chunk = [0u8; 4096];
@@ -87,7 +97,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n"
         );
-        inner.write_all(req.as_bytes()).await?;
+        send_all(&mut inner, req.as_bytes()).await?;
         let mut raw = BytesMut::new();
         let end = loop {
             if let Some(p) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -128,7 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
         let mask = self.mask.to_be_bytes();
         f.extend_from_slice(&mask);
         f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.inner.write_all(&f).await
+        send_all(&mut self.inner, &f).await
     }
 
     /// One complete server frame from `raw`, if there is one: (fin, opcode, payload).
@@ -269,7 +279,62 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(10), three_flights()).await.expect("the session did not finish");
     }
 
-    async fn three_flights() {
+    /// A message sent on a TLS session or a WebSocket reaches the server before the device
+    /// waits for the answer, even on a transport that keeps what is written until a flush
+    /// (see [`send_all`]).
+    #[tokio::test]
+    async fn a_message_leaves_before_the_device_waits_for_the_answer() {
+        let exchange = async {
+            let (server, client) = configs();
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let serve = tokio::spawn(async move {
+                let mut s = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(theirs).await.unwrap();
+                let mut got = [0u8; 5];
+                s.read_exact(&mut got).await.unwrap();
+                s.write_all(b"answer").await.unwrap();
+                s.flush().await.unwrap();
+                got
+            });
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let io = crate::held_writes::HeldWrites::new(ours);
+            let mut w = Plain(open_tls(Arc::new(client), name, io, b"").await.unwrap());
+            w.send(b"hello").await.unwrap();
+            let mut buf = BytesMut::new();
+            while buf.len() < 6 {
+                assert!(w.recv(&mut buf).await.unwrap() > 0);
+            }
+            assert_eq!(serve.await.unwrap(), *b"hello");
+
+            // A WebSocket: the upgrade request, then a frame.
+            let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+            let serve = tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    theirs.read_exact(&mut b).await.unwrap();
+                    head.push(b[0]);
+                }
+                theirs.write_all(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").await.unwrap();
+                let mut frame = [0u8; 2 + 4 + 2];
+                theirs.read_exact(&mut frame).await.unwrap();
+                theirs.write_all(&[0x82, 2, b'o', b'k']).await.unwrap();
+                frame
+            });
+            let mut ws =
+                Ws::connect(crate::held_writes::HeldWrites::new(ours), "localhost", "/$iothub/websocket", "mqtt", 1).await.unwrap();
+            ws.send(b"hi").await.unwrap();
+            let mut buf = BytesMut::new();
+            assert_eq!(ws.recv(&mut buf).await.unwrap(), 2);
+            assert_eq!(&buf[..], b"ok");
+            let frame = serve.await.unwrap();
+            assert_eq!(frame[0], 0x82, "a final binary frame");
+            assert_eq!(frame[1], 0x80 | 2, "masked, two bytes");
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), exchange).await.expect("a message was held back");
+    }
+
+    /// A server and a client configuration that trusts it (a self-signed `localhost`).
+    fn configs() -> (rustls::ServerConfig, rustls::ClientConfig) {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let cert = ck.cert.der().clone();
         let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
@@ -287,7 +352,11 @@ mod tests {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        (server, client)
+    }
 
+    async fn three_flights() {
+        let (server, client) = configs();
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let serve = tokio::spawn(async move {
             let mut s = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(theirs).await.unwrap();
