@@ -164,6 +164,22 @@ impl Connection {
         std::mem::take(&mut self.output)
     }
 
+    /// What the connection waits for from the device, for the log and metrics when the login
+    /// deadline passes first: the step of the login the device stalled at.
+    pub fn waiting_for(&self) -> &'static str {
+        match self.phase {
+            Phase::Header => "protocol-header",
+            Phase::SaslInit => "sasl-init",
+            Phase::TpmSrk { .. } => "tpm-srk",
+            Phase::TpmSegments { .. } => "tpm-segment-ack",
+            Phase::TpmToken => "tpm-token",
+            Phase::TpmWaitingForHost | Phase::TpmWaitingForVerdict => "host",
+            Phase::AmqpHeader => "amqp-header",
+            Phase::Open => "open",
+            Phase::Closed | Phase::Failed(_) => "nothing",
+        }
+    }
+
     /// True once the device is known and the connection is open: what a device must reach
     /// within the login deadline.
     pub fn logged_in(&self) -> bool {
@@ -935,6 +951,51 @@ mod tests {
         assert!(matches!(c.poll(), Ok(Some(Event::TpmKeys { .. }))));
         assert!(matches!(c.refuse("no"), Err(Failure::Refused("no"))));
         assert_eq!(c.poll(), Err(Failure::Refused("no")));
+    }
+
+    /// Each step of a TPM login names what it waits for next (the login deadline's log and
+    /// metric say where a device stalled).
+    #[test]
+    fn the_awaited_login_step_is_named_at_every_phase() {
+        let mut c = Connection::new(settings(false)).unwrap();
+        assert_eq!(c.waiting_for(), "protocol-header");
+        c.receive(&amqp::SASL_HEADER[..4]);
+        assert_eq!(c.poll(), Ok(None));
+        assert_eq!(c.waiting_for(), "protocol-header", "half a header");
+        c.receive(&amqp::SASL_HEADER[4..]);
+        assert_eq!(c.poll(), Ok(None));
+        assert_eq!(c.waiting_for(), "sasl-init");
+        let mut init = vec![0u8];
+        init.extend_from_slice(format!("{SCOPE}\0{ID}\0").as_bytes());
+        init.extend_from_slice(&[1, 2]);
+        c.receive(&sasl_init("TPM", &init));
+        assert_eq!(c.poll(), Ok(None));
+        assert_eq!(c.waiting_for(), "tpm-srk");
+        c.receive(&sasl_response(&[0, 9]));
+        assert!(matches!(c.poll(), Ok(Some(Event::TpmKeys { .. }))));
+        assert_eq!(c.waiting_for(), "host", "the host makes the challenge");
+        c.tpm_challenge(&vec![7u8; TPM_SEGMENT + 1]).unwrap();
+        assert_eq!(c.waiting_for(), "tpm-segment-ack");
+        c.receive(&sasl_response(&[0]));
+        assert_eq!(c.poll(), Ok(None));
+        assert_eq!(c.waiting_for(), "tpm-token");
+        let mut last = vec![0u8];
+        last.extend_from_slice(token().as_bytes());
+        c.receive(&sasl_response(&last));
+        assert!(matches!(c.poll(), Ok(Some(Event::TpmAnswer { .. }))));
+        assert_eq!(c.waiting_for(), "host", "the host checks the answer");
+        let credential = Credential::Tpm(Box::new(crate::request::TpmCredential {
+            endorsement_key: vec![1, 2],
+            storage_root_key: vec![9],
+            answer: None,
+        }));
+        c.tpm_admit(credential).unwrap();
+        assert_eq!(c.poll(), Ok(None));
+        assert_eq!(c.waiting_for(), "amqp-header");
+        assert!(!c.logged_in());
+        c.receive(&amqp::AMQP_HEADER);
+        assert_eq!(c.poll(), Ok(None));
+        assert!(c.logged_in(), "past the login: the deadline no longer applies");
     }
 
     #[test]

@@ -114,6 +114,11 @@ const CATALOGUE: &[(&str, &str, &str)] = &[
         "gauge",
         "1 while new connections all go to shard 0 (the shards are lightly busy), 0 while the kernel spreads them.",
     ),
+    (
+        "dps_login_timeouts_total",
+        "counter",
+        "Device connections closed at the login deadline (limits.login_timeout_secs), by protocol and the login step still awaited.",
+    ),
     ("dps_tls_handshakes_total", "counter", "TLS handshakes, by shard and result (ok = full, resumed, failed, timeout)."),
     ("dps_cross_shard_lookups_total", "counter", "Enrollment lookups answered by another shard's cache partition, by shard."),
     (

@@ -117,4 +117,20 @@ fn a_client_that_trickles_sasl_bytes_is_closed_at_the_login_deadline() {
     let closed = trickle_until_closed(&mut tls, frame.into_iter().cycle().take(40));
     let closed = closed.unwrap_or_else(|| panic!("the connection outlived 40 trickled bytes (12 s) past a 2 s login deadline"));
     assert!(closed < std::time::Duration::from_secs(11), "trickled for {closed:?}");
+    // Counted by the step it never finished.
+    let timeouts = |step| counter(&s, "dps_login_timeouts_total", &[("protocol", "amqp"), ("waiting_for", step)]);
+    assert_eq!(timeouts("sasl-init"), 1.0);
+
+    // A TPM device that sends its init and never its storage root key: counted at that step.
+    let mut tls = open_amqp(&s);
+    tls.write_all(&dps_core::amqp::SASL_HEADER).unwrap();
+    let mut init = vec![0u8];
+    init.extend_from_slice(format!("{}\0stalled-tpm\0", s.ep.id_scope).as_bytes());
+    init.extend_from_slice(&[1, 2, 3]);
+    tls.write_all(&sasl_init("TPM", &init)).unwrap();
+    tls.flush().unwrap();
+    let all = read_all(&mut tls);
+    assert!(!all.is_empty(), "the header, mechanisms and the first challenge came before the close");
+    assert_eq!(timeouts("tpm-srk"), 1.0);
+    assert_eq!(timeouts("sasl-init"), 1.0);
 }

@@ -705,6 +705,7 @@ fn a_client_that_trickles_bytes_is_closed_at_the_login_deadline() {
     let closed = trickle_until_closed(&mut c.tls, std::iter::repeat_n(0, 26));
     let closed = closed.unwrap_or_else(|| panic!("still open after 8 s of trickling"));
     assert!(closed < std::time::Duration::from_secs(6), "closed at the 2 s login deadline, not later: {closed:?}");
+    assert_eq!(counter(&s, "dps_login_timeouts_total", &[("protocol", "mqtt"), ("waiting_for", "connect")]), 1.0);
 }
 
 /// Runs `program args` with `input` on its stdin; its output.

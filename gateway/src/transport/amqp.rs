@@ -3,7 +3,7 @@
 //! `dps_core::amqp_connection`, writes what it answers, and carries out its requests.
 
 use crate::provisioning::{Provisioning, Via};
-use crate::transport::stream::{ByteStream, End, ReadDeadlines};
+use crate::transport::stream::{ByteStream, End, Interrupted, ReadDeadlines};
 use dps_core::amqp_connection::{Connection, Event, Failure, Settings};
 use dps_core::registration::tpm::verify_sasl_answer;
 use dps_core::request::{Credential, TpmCredential};
@@ -57,6 +57,10 @@ pub async fn serve_amqp<S: ByteStream>(
             None => match crate::transport::stream::read_before(s, &mut chunk, deadlines.next(idle, conn.logged_in()), stop).await {
                 Ok(0) => return End::Closed,
                 Ok(n) => conn.receive(&chunk[..n]),
+                Err(Interrupted::Timeout) if !conn.logged_in() => {
+                    let registration_id = conn.identity().map(|i| i.registration_id.clone());
+                    return End::LoginTimeout { waiting_for: conn.waiting_for(), registration_id };
+                }
                 Err(i) => return End::from(i),
             },
             Some(Event::Closed) => return End::Closed,

@@ -101,14 +101,27 @@ pub(crate) async fn serve_tls(stream: TcpStream, source: std::net::IpAddr, kind:
         }
         Listener::Mqtt => {
             let end = Box::pin(mqtt::serve_mqtt(&mut s, Via::Mqtt, &shard.prov, &shard.stop, &shard.limits, chain, source)).await;
-            tracing::debug!(shard = shard.id, ?end, "MQTT connection ended");
+            ended(shard, Via::Mqtt, &end, source);
         }
         Listener::Amqp => {
             let end = Box::pin(amqp::serve_amqp(&mut s, Via::Amqp, &shard.prov, &shard.stop, &shard.limits, chain, source)).await;
-            tracing::debug!(shard = shard.id, ?end, "AMQP connection ended");
+            ended(shard, Via::Amqp, &end, source);
         }
     }
     let _ = s.close().await;
+}
+
+/// Logs how a device connection ended; a login deadline that passed is counted by the step
+/// the device had not taken (`dps_login_timeouts_total`) and logged at info: a fleet whose
+/// devices stall at one step (a slow TPM, a lost packet) shows it there.
+fn ended(shard: &Shard, via: Via, end: &stream::End, source: std::net::IpAddr) {
+    if let stream::End::LoginTimeout { waiting_for, registration_id } = end {
+        shard.metrics.inc("dps_login_timeouts_total", &[("protocol", via.name()), ("waiting_for", waiting_for)]);
+        let id = registration_id.as_deref().unwrap_or("");
+        tracing::info!(shard = shard.id, protocol = via.name(), waiting_for, registration_id = id, %source, "login deadline passed; connection closed");
+    } else {
+        tracing::debug!(shard = shard.id, protocol = via.name(), ?end, "device connection ended");
+    }
 }
 
 /// Reads and discards what the client is still sending (e.g. the rest of an oversized body),
@@ -144,10 +157,10 @@ async fn serve_websocket<S: AsyncRead + AsyncWrite + Unpin>(
             let mut ws = websocket::WsStream::new(s, leftover, shard.limits.max_mqtt_packet_bytes + 16);
             if protocol == websocket::AMQP {
                 let end = amqp::serve_amqp(&mut ws, Via::AmqpWs, &shard.prov, &shard.stop, &shard.limits, client_certificate, source).await;
-                tracing::debug!(shard = shard.id, ?end, "AMQP over WebSocket ended");
+                ended(shard, Via::AmqpWs, &end, source);
             } else {
                 let end = mqtt::serve_mqtt(&mut ws, Via::MqttWs, &shard.prov, &shard.stop, &shard.limits, client_certificate, source).await;
-                tracing::debug!(shard = shard.id, ?end, "MQTT over WebSocket ended");
+                ended(shard, Via::MqttWs, &end, source);
             }
         }
         Err(why) => {

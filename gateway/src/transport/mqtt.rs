@@ -3,7 +3,7 @@
 //! answers, and hands its requests to the registration driver.
 
 use crate::provisioning::{Provisioning, Via};
-use crate::transport::stream::{read_before, ByteStream, End, ReadDeadlines};
+use crate::transport::stream::{read_before, ByteStream, End, Interrupted, ReadDeadlines};
 use dps_core::mqtt_session::{Ended, Event, Session, Settings};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -72,6 +72,9 @@ pub async fn serve_mqtt<S: ByteStream>(
                 match read_before(s, &mut chunk, deadline, stop).await {
                     Ok(0) => return End::Closed,
                     Ok(n) => session.receive(&chunk[..n]),
+                    Err(Interrupted::Timeout) if !session.connected() => {
+                        return End::LoginTimeout { waiting_for: "connect", registration_id: None }
+                    }
                     Err(i) => return End::from(i),
                 }
             }

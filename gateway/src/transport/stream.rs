@@ -27,6 +27,12 @@ pub enum End {
     Closed,
     Disconnect,
     Timeout,
+    /// The login deadline passed with the device's next login step still to come: that step,
+    /// and the device's registration id when it had sent it (AMQP's SASL init).
+    LoginTimeout {
+        waiting_for: &'static str,
+        registration_id: Option<String>,
+    },
     Shutdown,
     TooLarge,
     Malformed(String),

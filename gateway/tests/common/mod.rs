@@ -203,3 +203,18 @@ pub fn trickle_until_closed(w: &mut impl std::io::Write, bytes: impl Iterator<It
     }
     None
 }
+
+/// One counter series from a metrics scrape, its labels given in any order; 0 while absent.
+pub fn counter(s: &TestServer, family: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", s.ep.ports.admin)).unwrap().text().unwrap();
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(family)?.strip_prefix('{'))
+        .filter_map(|l| l.split_once("} "))
+        .filter(|(set, _)| {
+            let set: Vec<&str> = set.split(',').collect();
+            wanted.iter().all(|w| set.contains(&w.as_str()))
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
