@@ -352,7 +352,7 @@ mod tests {
                 }
             }
         }
-        assert!(seen >= 12, "{seen}");
+        assert!(seen >= 13, "{seen}");
     }
 
     #[test]
