@@ -458,7 +458,7 @@ fn silent_mqtt_connections_are_closed() {
 #[test]
 fn a_connection_is_accepted_with_its_first_bytes() {
     let s = TestServer::start(test_config());
-    let accepted = || counter_sum(&s, "dps_connections_accepted_total");
+    let accepted = || counter(&s, "dps_connections_accepted_total", &[]);
     let mut raw = std::net::TcpStream::connect(("127.0.0.1", s.ep.ports.mqtt)).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(accepted(), 0.0, "a silent connection waits in the kernel");
@@ -505,12 +505,6 @@ fn a_flood_of_requests_is_answered_in_order_and_others_are_served() {
     assert_eq!(other.register("1", b"").0, 200);
 }
 
-/// Sum of a counter's series (every label set) in a metrics scrape; 0 when it has none yet.
-fn counter_sum(s: &TestServer, family: &str) -> f64 {
-    let text = reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", s.ep.ports.admin)).unwrap().text().unwrap();
-    text.lines().filter(|l| l.starts_with(&format!("{family}{{"))).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-}
-
 /// With point reads on the shard (fjall's default) an enrollment owned by the other shard is
 /// read from the store, not asked of its owner (two shard wake-ups saved per registration),
 /// and a key rolled through the service API is obeyed at once either way. The same traffic
@@ -539,7 +533,7 @@ fn enrollment_lookups_read_the_store_instead_of_waking_the_owner() {
                 assert_eq!(connect(&s, &id, OTHER).register(&n.to_string(), b"").0, 200, "{id}: new key after the roll");
             }
         }
-        let hops = counter_sum(&s, "dps_cross_shard_lookups_total");
+        let hops = counter(&s, "dps_cross_shard_lookups_total", &[]);
         match inline {
             true => assert_eq!(hops, 0.0, "no lookup asked another shard"),
             false => assert!(hops > 0.0, "without point reads on the shard, owners are asked"),

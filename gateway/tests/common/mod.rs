@@ -204,7 +204,8 @@ pub fn trickle_until_closed(w: &mut impl std::io::Write, bytes: impl Iterator<It
     None
 }
 
-/// One counter series from a metrics scrape, its labels given in any order; 0 while absent.
+/// A counter from a metrics scrape: the sum of its series that carry every label given (in any
+/// order; none given: all its series); 0 while it has none.
 pub fn counter(s: &TestServer, family: &str, labels: &[(&str, &str)]) -> f64 {
     let text = reqwest::blocking::get(format!("http://127.0.0.1:{}/metrics", s.ep.ports.admin)).unwrap().text().unwrap();
     let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
