@@ -25,7 +25,8 @@ pub fn candidates<'a>(linked: &'a [LinkedHub], iot_hubs: Option<&[String]>, lega
     } else {
         linked.iter().filter(|h| named.iter().any(|n| n.eq_ignore_ascii_case(&h.name))).collect()
     };
-    out.sort_by_key(|h| h.name.to_ascii_lowercase());
+    // By name, ignoring ASCII case, without a lowercased copy per comparison.
+    out.sort_by(|a, b| a.name.bytes().map(|c| c.to_ascii_lowercase()).cmp(b.name.bytes().map(|c| c.to_ascii_lowercase())));
     out
 }
 
@@ -124,6 +125,15 @@ mod tests {
         assert!(matches!(allocate(AllocationPolicy::Static, &hubs, None, None, "d", &none), Err(AllocationError::NoHub(_))));
         assert!(matches!(allocate(AllocationPolicy::Hashed, &[], None, None, "d", &none), Err(AllocationError::NoHub(_))));
         assert_eq!(allocate(AllocationPolicy::Static, &hubs, None, Some("a"), "d", &none).unwrap(), "a");
+    }
+
+    #[test]
+    fn candidates_are_in_name_order_whatever_the_case() {
+        // The order decides which hub a hash lands on, so it must not depend on how an operator
+        // wrote the names.
+        let hubs = vec![hub("b-hub", 1, true), hub("C-hub", 1, true), hub("A-hub", 1, true), hub("a-Hub2", 1, true)];
+        let names: Vec<&str> = candidates(&hubs, None, None).iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["A-hub", "a-Hub2", "b-hub", "C-hub"]);
     }
 
     #[test]

@@ -124,11 +124,16 @@ impl Timers {
     fn process_timers(&mut self) -> (Option<Instant>, usize) {
         let now = Instant::now();
 
-        // Split timers into ready and pending timers.
-        let pending = self.timers.split_off(&(now, 0));
-        let ready = mem::replace(&mut self.timers, pending);
-        let woke = ready.len();
-        for (_, waker) in ready {
+        // Take the due timers (deadline before `now`) off the front, one at a time. Splitting
+        // the map at `now` instead builds new nodes for the pending part and frees the old
+        // ones on every call, due timers or not, and this runs on every pass of the loop.
+        let mut woke = 0;
+        while let Some(due) = self.timers.first_entry() {
+            if due.key().0 >= now {
+                break;
+            }
+            let waker = due.remove();
+            woke += 1;
             wake!(waker);
         }
 
