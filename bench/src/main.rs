@@ -13,9 +13,10 @@
 //! so the ratios between them come from the same stretches of the machine's time; each row
 //! shows loadgen's CPU per session beside the server's, and from both the most a second shard
 //! can add while loadgen shares the cores)
-//! 4. open loop: registrations and Mosquitto sessions offered at 10, 25, 50 and 75 % of the
-//!    measured peak and at 250, 500 and 1,000/s, with the server CPU per session at each (each
-//!    rate for the gateway, then for Mosquitto; the rates going up, then coming down again).
+//! 4. open loop: registrations (2 shards and 1 shard) and Mosquitto sessions offered at 10, 25,
+//!    50 and 75 % of the measured peak and at 250, 500 and 1,000/s, with the server CPU per
+//!    session at each (each rate for the gateway with 2 shards, with 1 shard, then for
+//!    Mosquitto; the rates going up, then coming down again).
 //!
 //! Then (not with `--quick`) a row per device transport, a million devices end to end, the
 //! hot-path microbenchmarks and the service API import/read/restart benchmark.
@@ -259,6 +260,18 @@ impl AtRate {
         self.slept as f64 / self.report.assigned.max(1) as f64
     }
 
+    /// One progress line: offered and done rates, the server's CPU, cores and sleeps.
+    fn summary(&self, per: &str) -> String {
+        format!(
+            "{:.0}/s offered: {:.0}/s, server CPU {:.0} µs per {per}, {:.2} cores, {:.2} sleeps per {per}",
+            self.offered,
+            self.report.per_second(),
+            self.cpu_us(),
+            self.cores(),
+            self.sleeps()
+        )
+    }
+
     /// Adds another run at the same rate.
     fn absorb(&mut self, other: AtRate) -> Result<(), BoxError> {
         self.report.absorb(&other.report).map_err(|e| format!("merging the latencies at {:.0}/s: {e}", self.offered))?;
@@ -330,6 +343,15 @@ fn quarter_peak_row(offered: &[f64], peak: f64) -> Option<usize> {
         .filter(|(_, r)| (*r - target).abs() < 0.05 * peak)
         .min_by(|(_, a), (_, b)| (*a - target).abs().total_cmp(&(*b - target).abs()))
         .map(|(i, _)| i)
+}
+
+/// Over the open-loop rates, 2 shards against 1: the lowest ratio of registrations done per
+/// second (at or above 1, two shards never did less) and the highest ratio of server CPU per
+/// registration (what the second shard costs where one would do).
+fn shard_scaling_by_rate(two: &[AtRate], one: &[AtRate]) -> (f64, f64) {
+    two.iter().zip(one).fold((f64::INFINITY, 0.0_f64), |(done, cpu), (t, o)| {
+        (done.min(t.report.per_second() / o.report.per_second().max(1e-9)), cpu.max(t.cpu_us() / o.cpu_us().max(1e-9)))
+    })
 }
 
 fn fleet(ep: &Endpoint, ids: Identities, broker: Option<BrokerLogin>) -> Result<Arc<Fleet>, BoxError> {
@@ -437,38 +459,30 @@ fn main() -> Result<(), BoxError> {
         b.measure_in_turns(&rows, devices, if a.smoke { 2 } else { 4 })?;
     let (limit_cpu, dps2_cpu, mosq_cpu) = (limit_cpu_all.server_us, dps2_cpu_all.server_us, mosq_cpu_all.server_us);
     gl.stop()?;
-    g1.stop()?;
     // Open loop: the same registrations and broker sessions offered at fixed rates below the
-    // peak, each rate for the gateway and then for Mosquitto, up the ladder and down again.
+    // peak, each rate for the gateway with 2 shards, with 1 shard and then for Mosquitto, up the
+    // ladder and down again.
     let rates = offered_rates(dps2.per_second(), a.smoke);
     let seconds = if a.smoke { 1.0 } else { 8.0 } / 2.0;
-    let (mut gateway_at, mut mosquitto_at): (Vec<Option<AtRate>>, Vec<Option<AtRate>>) =
-        (rates.iter().map(|_| None).collect(), rates.iter().map(|_| None).collect());
+    let none = || -> Vec<Option<AtRate>> { rates.iter().map(|_| None).collect() };
+    let (mut gateway_at, mut one_shard_at, mut mosquitto_at) = (none(), none(), none());
     for (pass, i) in ladder(rates.len()) {
         let rate = rates[i];
         let r = b.at_rate(g.pid(), fleet(&ep, ids(&format!("open-{i}-{pass}")), None)?, Transport::Mqtt, rate, seconds)?;
-        eprintln!(
-            "DPS at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per registration, {:.2} cores, {:.2} sleeps per registration",
-            r.report.per_second(),
-            r.cpu_us(),
-            r.cores(),
-            r.sleeps()
-        );
+        eprintln!("DPS, 2 shards, {}", r.summary("registration"));
         keep_at(&mut gateway_at[i], r)?;
+        let r = b.at_rate(g1.pid(), fleet(&ep1, ids1(&format!("open1-{i}-{pass}")), None)?, Transport::Mqtt, rate, seconds)?;
+        eprintln!("DPS, 1 shard, {}", r.summary("registration"));
+        keep_at(&mut one_shard_at[i], r)?;
         let r = b.at_rate(m.pid(), fleet(&mep, dummy(), Some(login.clone()))?, Transport::BrokerSession, rate, seconds)?;
-        eprintln!(
-            "Mosquitto at {rate:.0}/s offered: {:.0}/s, server CPU {:.0} µs per session, {:.2} cores, {:.2} sleeps per session",
-            r.report.per_second(),
-            r.cpu_us(),
-            r.cores(),
-            r.sleeps()
-        );
+        eprintln!("Mosquitto, {}", r.summary("session"));
         keep_at(&mut mosquitto_at[i], r)?;
     }
     let all = |v: Vec<Option<AtRate>>| -> Result<Vec<AtRate>, BoxError> {
         v.into_iter().map(|r| r.ok_or_else(|| "an open-loop rate was not measured".into())).collect()
     };
-    let (gateway_at, mosquitto_at) = (all(gateway_at)?, all(mosquitto_at)?);
+    let (gateway_at, one_shard_at, mosquitto_at) = (all(gateway_at)?, all(one_shard_at)?, all(mosquitto_at)?);
+    g1.stop()?;
     drop(m);
     let mut transports = Vec::new();
     if !a.quick {
@@ -737,6 +751,30 @@ fn main() -> Result<(), BoxError> {
             low.cpu_us() / high.cpu_us().max(1e-9)
         );
     }
+    println!(
+        "\n| offered/s | 2 shards done/s | 1 shard done/s | 2 shards CPU µs/registration | 1 shard CPU µs/registration | 2 shards ÷ 1 shard CPU | 2 shards sleeps/registration | 1 shard sleeps/registration | 2 shards p50 / p99 ms | 1 shard p50 / p99 ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (two, one) in gateway_at.iter().zip(&one_shard_at) {
+        println!(
+            "| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
+            two.offered,
+            two.report.per_second(),
+            one.report.per_second(),
+            two.cpu_us(),
+            one.cpu_us(),
+            two.cpu_us() / one.cpu_us().max(1e-9),
+            two.sleeps(),
+            one.sleeps(),
+            two.report.ms(0.5),
+            two.report.ms(0.99),
+            one.report.ms(0.5),
+            one.report.ms(0.99)
+        );
+    }
+    let (done, cpu) = shard_scaling_by_rate(&gateway_at, &one_shard_at);
+    println!("| 2 shards ÷ 1 shard, registrations done per second, lowest over the offered rates (target ≥ 1) | {done:.2} |");
+    println!("| 2 shards ÷ 1 shard, CPU per registration, highest over the offered rates | {cpu:.2} |");
     if !extra.is_empty() {
         println!("\n| measurement | value |\n|---|---|");
         for e in &extra {
@@ -775,25 +813,29 @@ mod tests {
         }
     }
 
+    /// A run at 100/s offered: `sessions` done in `secs`, the server spending `spent` CPU
+    /// seconds and sleeping `slept` times.
+    fn measured(sessions: u64, secs: u64, spent: f64, slept: u64) -> AtRate {
+        let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+        for _ in 0..sessions {
+            hist.record(2_000).unwrap();
+        }
+        let plan = Plan {
+            transport: Transport::Mqtt,
+            devices: sessions as usize,
+            concurrency: 1,
+            rate: Some(100.0),
+            resume: false,
+            timeout: Duration::from_secs(1),
+            progress: None,
+        };
+        AtRate { offered: 100.0, report: Report::new(&plan, Duration::from_secs(secs), hist, Default::default()), spent, slept }
+    }
+
     /// Two runs at a rate add up: CPU per session is all CPU over all sessions.
     #[test]
     fn runs_at_a_rate_add_up() {
-        let run = |sessions: u64, secs: u64, spent: f64, slept: u64| {
-            let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap();
-            for _ in 0..sessions {
-                hist.record(2_000).unwrap();
-            }
-            let plan = Plan {
-                transport: Transport::Mqtt,
-                devices: sessions as usize,
-                concurrency: 1,
-                rate: Some(100.0),
-                resume: false,
-                timeout: Duration::from_secs(1),
-                progress: None,
-            };
-            AtRate { offered: 100.0, report: Report::new(&plan, Duration::from_secs(secs), hist, Default::default()), spent, slept }
-        };
+        let run = measured;
         let mut kept = None;
         keep_at(&mut kept, run(100, 1, 0.05, 400)).unwrap();
         keep_at(&mut kept, run(300, 3, 0.09, 600)).unwrap();
@@ -802,6 +844,19 @@ mod tests {
         assert!((r.sleeps() - 2.5).abs() < 1e-9);
         assert!((r.cores() - 0.035).abs() < 1e-9);
         assert_eq!(r.report.assigned, 400);
+    }
+
+    /// Over the ladder, the lowest ratio of rates done and the highest of CPU, each from its
+    /// own rate.
+    #[test]
+    fn shard_scaling_by_rate_takes_the_worst_rate_of_each() {
+        // 100/s done by both at the first rate, 2 shards costing 1.2 × one; at the second, 2
+        // shards did 190 in 2 s against 1 shard's 200 (0.95), at 0.9 × its CPU.
+        let two = [measured(100, 1, 0.036, 0), measured(190, 2, 0.0513, 0)];
+        let one = [measured(100, 1, 0.030, 0), measured(200, 2, 0.060, 0)];
+        let (done, cpu) = shard_scaling_by_rate(&two, &one);
+        assert!((done - 0.95).abs() < 1e-9, "{done}");
+        assert!((cpu - 1.2).abs() < 1e-9, "{cpu}");
     }
 
     #[test]
