@@ -17,7 +17,9 @@ pub struct HotPath {
     token: String,
     /// CONNECT, SUBSCRIBE and PUBLISH as a device pipelines them.
     wire: Bytes,
-    status: dps_core::device::OperationStatus,
+    /// The assigned state the answer renders, and its operation.
+    state: dps_core::model::DeviceRegistrationState,
+    operation_id: String,
     store: dps_storage::FjallStore,
     _dir: tempfile::TempDir,
     next: u64,
@@ -48,19 +50,10 @@ impl HotPath {
             "registrationId": "device-000042", "createdDateTimeUtc": "2026-11-26T12:00:00.0000000Z",
             "assignedHub": "hub-a.example.net", "deviceId": "device-000042", "status": "assigned", "substatus": "initialAssignment",
             "lastUpdatedDateTimeUtc": "2026-11-26T12:00:00.0000000Z", "etag": "\"0a1b2c3d\""}))?;
-        let status = dps_core::device::OperationStatus {
-            operation_id: dps_core::device::operation_id(42, "device-000042"),
-            status: dps_core::model::RegistrationStatus::Assigned,
-            registration_state: Some(dps_core::device::DeviceRegistrationResult {
-                state,
-                symmetric_key: Some(dps_core::device::SymmetricKeyResult { enrollment_group_id: Some("bench".into()) }),
-                x509: None,
-                tpm: None,
-            }),
-        };
+        let operation_id = dps_core::device::operation_id(42, "device-000042");
         let dir = tempfile::tempdir()?;
         let store = dps_storage::FjallStore::open(dir.path(), dps_storage::DataKey::new(&[7u8; 32]), 64 << 20)?;
-        let mut h = HotPath { device_key, token, wire: wire.freeze(), status, store, _dir: dir, next: 0 };
+        let mut h = HotPath { device_key, token, wire: wire.freeze(), state, operation_id, store, _dir: dir, next: 0 };
         // Records for the reads.
         h.store_put_group(1_000);
         Ok(h)
@@ -87,7 +80,18 @@ impl HotPath {
 
     /// The assigned answer: JSON rendering and the MQTT PUBLISH around it.
     pub fn render_response(&self) -> usize {
-        let body = serde_json::to_vec(black_box(&self.status)).unwrap_or_default();
+        let state = black_box(&self.state);
+        let status = dps_core::device::OperationStatus {
+            operation_id: &self.operation_id,
+            status: state.status,
+            registration_state: Some(dps_core::device::DeviceRegistrationResult {
+                state: state.public_view(),
+                symmetric_key: Some(dps_core::device::SymmetricKeyResult { enrollment_group_id: Some("bench") }),
+                x509: None,
+                tpm: None,
+            }),
+        };
+        let body = serde_json::to_vec(&status).unwrap_or_default();
         let topic = dps_core::device::response_topic(200, "1", None);
         let mut b = BytesMut::with_capacity(body.len() + 64);
         let _ = mqttbytes::v4::Publish::new(topic, mqttbytes::QoS::AtLeastOnce, body).write(&mut b);

@@ -2,7 +2,7 @@
 //! MQTT username, request/response topics, the register body and the operation status.
 
 use crate::error::{ErrorKind, ServiceError};
-use crate::model::{DeviceRegistrationState, RegistrationStatus};
+use crate::model::RegistrationStatus;
 use crate::request::{Operation, RegistrationPath};
 use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
@@ -92,40 +92,41 @@ pub fn parse_registration_body(body: &[u8]) -> Result<DeviceRegistration, Servic
 /// `symmetricKey` member of a result: which group matched.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct SymmetricKeyResult {
+pub struct SymmetricKeyResult<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub enrollment_group_id: Option<String>,
+    pub enrollment_group_id: Option<&'a str>,
 }
 
-/// `DeviceRegistrationResult`: the registration state plus attestation-specific members.
+/// `DeviceRegistrationResult`: the registration state plus attestation-specific members,
+/// borrowed from the state they describe.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct DeviceRegistrationResult {
+pub struct DeviceRegistrationResult<'a> {
     #[serde(flatten)]
-    pub state: DeviceRegistrationState,
+    pub state: crate::model::PublicState<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub symmetric_key: Option<SymmetricKeyResult>,
+    pub symmetric_key: Option<SymmetricKeyResult<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub x509: Option<crate::model::X509RegistrationResult>,
+    pub x509: Option<&'a crate::model::X509RegistrationResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tpm: Option<TpmRegistrationResult>,
+    pub tpm: Option<TpmRegistrationResult<'a>>,
 }
 
 /// `tpm` member of a result: the `authenticationKey` that carries the device's hub key.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct TpmRegistrationResult {
-    pub authentication_key: String,
+pub struct TpmRegistrationResult<'a> {
+    pub authentication_key: &'a str,
 }
 
 /// `RegistrationOperationStatus`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct OperationStatus {
-    pub operation_id: String,
+pub struct OperationStatus<'a> {
+    pub operation_id: &'a str,
     pub status: RegistrationStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub registration_state: Option<DeviceRegistrationResult>,
+    pub registration_state: Option<DeviceRegistrationResult<'a>>,
 }
 
 /// Operation ids: `{version}.{nonce}.{hex registration id}`; only `[0-9a-z.]`, so they travel

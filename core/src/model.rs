@@ -324,6 +324,23 @@ impl DeviceRegistrationState {
         self.hub_task.is_some() || self.custom_allocation.is_some()
     }
 
+    /// The view the device API answers with, borrowed (no copy of the state per answer).
+    pub fn public_view(&self) -> PublicState<'_> {
+        PublicState {
+            registration_id: &self.registration_id,
+            created_date_time_utc: self.created_date_time_utc.as_ref(),
+            assigned_hub: self.assigned_hub.as_deref(),
+            device_id: self.device_id.as_deref(),
+            status: self.status,
+            substatus: self.substatus,
+            error_code: self.error_code,
+            error_message: self.error_message.as_deref(),
+            last_updated_date_time_utc: self.last_updated_date_time_utc.as_ref(),
+            etag: self.etag.as_deref(),
+            payload: self.payload.as_ref(),
+        }
+    }
+
     /// The view clients see: internal members removed.
     pub fn public(mut self) -> DeviceRegistrationState {
         self.enrollment_group_id = None;
@@ -335,6 +352,33 @@ impl DeviceRegistrationState {
         self.twin = None;
         self
     }
+}
+
+/// The members of a [`DeviceRegistrationState`] that clients see, serialised as the state's own
+/// (the same names, the same members left out when absent), borrowed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublicState<'a> {
+    pub registration_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_date_time_utc: Option<&'a UtcTime>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<&'a str>,
+    pub status: RegistrationStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub substatus: Option<Substatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_updated_date_time_utc: Option<&'a UtcTime>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etag: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<&'a Value>,
 }
 
 /// What a TPM device's registration keeps: the identity key K it proved it imported (base64;
@@ -541,6 +585,58 @@ mod tests {
         assert_eq!(out["provisioningStatus"], "disabled");
         assert_eq!(out["initialTwin"]["properties"]["desired"]["b"], 2);
         assert!(out.get("deviceId").is_none(), "absent members are omitted, not null");
+    }
+
+    /// The borrowed view the device API answers with serialises exactly as the owned state with
+    /// its internal members removed: every member present, and every optional one absent.
+    #[test]
+    fn the_public_view_serialises_as_the_public_state() {
+        let t = |n: i128| UtcTime::from_unix_nanos(n * 1_000_000_000);
+        let full = DeviceRegistrationState {
+            registration_id: "dev-1".into(),
+            created_date_time_utc: Some(t(1_700_000_000)),
+            assigned_hub: Some("hub-a.example.net".into()),
+            device_id: Some("dev-1".into()),
+            status: RegistrationStatus::Failed,
+            substatus: Some(Substatus::ReprovisionedToInitialAssignment),
+            error_code: Some(400_209),
+            error_message: Some("quoted \"text\" and ünïcode".into()),
+            last_updated_date_time_utc: Some(t(1_700_000_100)),
+            etag: Some("\"e1\"".into()),
+            payload: Some(serde_json::json!({"a": [1, 2], "b": null})),
+            enrollment_group_id: Some("group".into()),
+            operation_id: Some("1.00.64".into()),
+            x509: None,
+            tpm: Some(TpmRegistrationSecret { hmac_key: "k".into(), endorsement_key: "ek".into(), authentication_key: "ak".into() }),
+            hub_task: None,
+            custom_allocation: None,
+            twin: Some(crate::hub::Twin::default()),
+        };
+        let bare = DeviceRegistrationState {
+            registration_id: "dev-2".into(),
+            created_date_time_utc: None,
+            assigned_hub: None,
+            device_id: None,
+            status: RegistrationStatus::Assigning,
+            substatus: None,
+            error_code: None,
+            error_message: None,
+            last_updated_date_time_utc: None,
+            etag: None,
+            payload: None,
+            enrollment_group_id: None,
+            operation_id: None,
+            x509: None,
+            tpm: None,
+            hub_task: None,
+            custom_allocation: None,
+            twin: None,
+        };
+        for s in [full, bare] {
+            let view = serde_json::to_string(&s.public_view()).unwrap();
+            let owned = serde_json::to_string(&s.clone().public()).unwrap();
+            assert_eq!(view, owned);
+        }
     }
 
     #[test]

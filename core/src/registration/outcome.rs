@@ -41,12 +41,12 @@ pub const POLL_AFTER_SECS: u64 = 1;
 
 /// The state with its attestation's member: `x509` for a certificate, `tpm` for a TPM, else
 /// `symmetricKey`.
-fn result(state: &DeviceRegistrationState) -> DeviceRegistrationResult {
-    let x509 = state.x509.clone();
-    let tpm = state.tpm.as_ref().map(|t| TpmRegistrationResult { authentication_key: t.authentication_key.clone() });
+fn result(state: &DeviceRegistrationState) -> DeviceRegistrationResult<'_> {
+    let x509 = state.x509.as_ref();
+    let tpm = state.tpm.as_ref().map(|t| TpmRegistrationResult { authentication_key: &t.authentication_key });
     let symmetric_key =
-        (x509.is_none() && tpm.is_none()).then(|| SymmetricKeyResult { enrollment_group_id: state.enrollment_group_id.clone() });
-    DeviceRegistrationResult { state: state.clone().public(), symmetric_key, x509, tpm }
+        (x509.is_none() && tpm.is_none()).then_some(SymmetricKeyResult { enrollment_group_id: state.enrollment_group_id.as_deref() });
+    DeviceRegistrationResult { state: state.public_view(), symmetric_key, x509, tpm }
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -61,8 +61,7 @@ impl Outcome {
     pub fn reply(&self, tracking_id: &str, now: UtcTime) -> Reply {
         match self {
             Outcome::Operation { operation_id, state } => {
-                let status =
-                    OperationStatus { operation_id: operation_id.clone(), status: state.status, registration_state: Some(result(state)) };
+                let status = OperationStatus { operation_id, status: state.status, registration_state: Some(result(state)) };
                 let done = !matches!(state.status, RegistrationStatus::Assigning | RegistrationStatus::Unassigned);
                 let (code, retry_after) = if done { (200, None) } else { (202, Some(POLL_AFTER_SECS)) };
                 Reply { status: code, body: json(&status), retry_after, credential_refused: false }
