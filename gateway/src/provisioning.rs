@@ -252,10 +252,16 @@ impl Provisioning {
             config: &snapshot,
             challenge: challenge.as_ref(),
         };
-        let Decision { write, outcome } = self.registrar.borrow_mut().decide(pending, facts, now, mono_nanos(), &mut SystemEntropy);
-        if let Some(w) = write {
-            self.commit(w).await?;
-        }
+        // The machine's borrow ends here, before the commit's await (other requests on this
+        // shard decide meanwhile).
+        let decision = self.registrar.borrow_mut().decide(pending, facts, now, mono_nanos(), &mut SystemEntropy);
+        let outcome = match decision {
+            Decision::Answer(outcome) => outcome,
+            Decision::Commit { write, operation_id, state } => {
+                self.commit(write, &state).await?;
+                Outcome::Operation { operation_id, state }
+            }
+        };
         // A registration whose hub must first take the device: start (or, after a restart,
         // resume) the hub task, and wait a little for it so the device is usually answered
         // `assigned` at once instead of polling.
@@ -293,9 +299,9 @@ impl Provisioning {
     }
 
     /// Makes the decided registration state durable; the outcome holds only once it is.
-    async fn commit(&self, w: RegistrationWrite) -> Result<(), ServiceError> {
+    async fn commit(&self, w: RegistrationWrite, state: &DeviceRegistrationState) -> Result<(), ServiceError> {
         let body =
-            serde_json::to_vec(&w.state).map_err(|e| ServiceError::new(ErrorKind::Internal, "internal error").because(e.to_string()))?;
+            serde_json::to_vec(state).map_err(|e| ServiceError::new(ErrorKind::Internal, "internal error").because(e.to_string()))?;
         let record = Record { etag: w.etag, class: 0, body };
         let op = Op::Put { table: Table::Registrations, key: w.key, record, expect: Expect::Any, quota: Some(w.quota) };
         // A shard with a few connections open has little to do while an fsync blocks it, so it

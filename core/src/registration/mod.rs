@@ -6,9 +6,11 @@
 //!    what it [`Needs`]: the individual enrollment, the registration state, the config snapshot.
 //! 2. The host fetches those and calls [`Registrar::decide`], which attests the device against
 //!    the enrollment list, spends rate budgets, computes the new registration state and returns
-//!    a [`Decision`]: the write to commit (if any) and the [`Outcome`].
-//! 3. The host commits the write; the outcome holds once it is durable (if the commit fails,
-//!    the host answers with the failure instead). Each transport renders the outcome its way.
+//!    a [`Decision`]: an [`Outcome`] to answer at once, or a registration state to commit
+//!    first.
+//! 3. The host commits that state; the operation in that state is the outcome once it is
+//!    durable (if the commit fails, the host answers with the failure instead). Each transport
+//!    renders the outcome its way.
 //!
 //! Time comes in as arguments (`now` for token expiry and timestamps, `mono` nanoseconds for
 //! rate limits) and randomness as [`Fresh`], so tests replay any sequence exactly.
@@ -138,25 +140,29 @@ pub trait Entropy {
     fn tpm_secrets(&mut self) -> crate::tpm::challenge::Secrets;
 }
 
-/// A registration state to store, create or replace (the store keeps its by-group index).
+/// Where and how a decided registration state is stored (create or replace; the store keeps its
+/// by-group index).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegistrationWrite {
     pub key: String,
     pub etag: String,
-    pub state: DeviceRegistrationState,
     /// Fail with a quota error when this creates a record beyond this many.
     pub quota: u64,
 }
 
+/// What the machine decided.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Decision {
-    pub write: Option<RegistrationWrite>,
-    pub outcome: Outcome,
+pub enum Decision {
+    /// Answer with this; nothing to store.
+    Answer(Outcome),
+    /// Store `state` as `write` says, then answer `Outcome::Operation` with this operation id
+    /// and that state: the device is told exactly what was stored.
+    Commit { write: RegistrationWrite, operation_id: String, state: DeviceRegistrationState },
 }
 
 impl Decision {
     fn answer(outcome: Outcome) -> Decision {
-        Decision { write: None, outcome }
+        Decision::Answer(outcome)
     }
 }
 
@@ -305,9 +311,8 @@ impl Registrar {
                 state.tpm = tpm;
                 let operation_id = operation_id(fresh.nonce, &p.key);
                 state.operation_id = Some(operation_id.clone());
-                let write =
-                    RegistrationWrite { key: p.key, etag: fresh.etag, state: state.clone(), quota: self.settings.max_registrations };
-                Ok(Decision { write: Some(write), outcome: Outcome::Operation { operation_id, state } })
+                let write = RegistrationWrite { key: p.key, etag: fresh.etag, quota: self.settings.max_registrations };
+                Ok(Decision::Commit { write, operation_id, state })
             }
             Step::OperationStatus(operation_id) => {
                 let state = facts

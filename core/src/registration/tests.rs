@@ -46,7 +46,8 @@ pub(super) struct World {
     pub now: i64,
     pub mono: u64,
     pub entropy: Counted,
-    pub writes: Vec<RegistrationWrite>,
+    /// Each commit: where, and the state stored.
+    pub writes: Vec<(RegistrationWrite, DeviceRegistrationState)>,
 }
 
 pub(super) fn no_limits() -> Limits {
@@ -94,14 +95,17 @@ impl World {
             challenge: challenge.as_ref(),
         };
         let d = self.reg.decide(p, facts, now, self.mono, &mut self.entropy);
-        if let Outcome::Challenge { issued, .. } = &d.outcome {
+        if let Decision::Answer(Outcome::Challenge { issued, .. }) = &d {
             self.challenges.remember(key, issued.clone(), self.now).unwrap();
         }
-        if let Some(w) = d.write {
-            self.states.insert(w.key.clone(), w.state.clone());
-            self.writes.push(w);
+        match d {
+            Decision::Answer(outcome) => outcome,
+            Decision::Commit { write, operation_id, state } => {
+                self.states.insert(write.key.clone(), state.clone());
+                self.writes.push((write, state.clone()));
+                Outcome::Operation { operation_id, state }
+            }
         }
-        d.outcome
     }
 
     pub fn register(&mut self, id: &str, key: &[u8]) -> Outcome {
@@ -316,11 +320,11 @@ fn the_write_carries_the_state_the_device_is_told() {
     let mut w = World::new(no_limits());
     w.enroll(individual("d", json!({"deviceId": "renamed"})));
     let o = w.register("d", KEY_A);
-    let write = w.writes.last().unwrap().clone();
+    let (write, stored) = w.writes.last().unwrap().clone();
     assert_eq!((write.key.as_str(), write.quota, write.etag.as_str()), ("d", 1000, "\"etag-1\""));
-    assert_eq!(&write.state, state(&o));
-    assert_eq!(write.state.operation_id.as_deref(), Some(operation(&o).as_str()));
-    assert_eq!(write.state.device_id.as_deref(), Some("renamed"));
+    assert_eq!(&stored, state(&o));
+    assert_eq!(stored.operation_id.as_deref(), Some(operation(&o).as_str()));
+    assert_eq!(stored.device_id.as_deref(), Some("renamed"));
     // Refusals and reads write nothing.
     let n = w.writes.len();
     w.register("d", b"wrong");

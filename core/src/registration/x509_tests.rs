@@ -118,10 +118,13 @@ impl World {
         let facts =
             Facts { enrollment: self.enrollment.as_ref(), registration: self.state.as_ref(), config: &self.config, challenge: None };
         let d = self.reg.decide(p, facts, now, 0, &mut super::tests::Counted::default());
-        if let Some(w) = d.write {
-            self.state = Some(w.state);
+        match d {
+            Decision::Answer(outcome) => outcome,
+            Decision::Commit { operation_id, state, .. } => {
+                self.state = Some(state.clone());
+                Outcome::Operation { operation_id, state }
+            }
         }
-        d.outcome
     }
 
     fn register(&mut self, chain: &[&[u8]]) -> Outcome {
