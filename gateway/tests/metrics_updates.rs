@@ -1,43 +1,13 @@
 #![allow(clippy::unwrap_used)]
-// A counting global allocator is an unsafe trait impl forwarding to the system allocator;
-// this test binary holds the only one.
-#![allow(unsafe_code)]
 //! A shard counts into its metrics on every connection and registration: once a series
 //! exists, updating it must not allocate (it used to format `name{labels}` each time, about
 //! 25 allocations per registration). Its own test binary: the allocator here counts.
 
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+
+use counting_alloc::allocations;
 use dps_gateway::metrics::Metrics;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static COUNTING: Counting = Counting;
-
-fn allocations(f: impl FnOnce()) -> usize {
-    let before = ALLOCATIONS.with(|n| n.get());
-    f();
-    ALLOCATIONS.with(|n| n.get()) - before
-}
 
 #[test]
 fn updating_an_existing_series_allocates_nothing() {

@@ -8,50 +8,11 @@
 //! Allocations are counted on the executor's thread only, by a counting global allocator (this
 //! test binary's own).
 
-// A global allocator is an unsafe trait; this one only counts and hands on to the system's.
-#![allow(unsafe_code)]
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
 
 use glommio::{LocalExecutorBuilder, Placement};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::time::Duration;
-
-struct Counting;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static COUNT: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note_allocation() {
-    // `try_with`: the thread's locals may be gone while it exits.
-    let _ = COUNTING.try_with(|on| {
-        if on.get() {
-            let _ = COUNT.try_with(|c| c.set(c.get() + 1));
-        }
-    });
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_allocation();
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 /// Timers pending throughout, as on a shard with a thousand connections open.
 const PENDING: usize = 1_000;
@@ -76,13 +37,11 @@ fn a_pass_of_the_event_loop_does_not_allocate_for_the_timers_still_pending() {
             for _ in 0..20 {
                 glommio::timer::sleep(Duration::from_micros(50)).await;
             }
-            COUNT.with(|c| c.set(0));
-            COUNTING.with(|on| on.set(true));
+            let before = counting_alloc::so_far();
             for _ in 0..SLEEPS {
                 glommio::timer::sleep(Duration::from_micros(50)).await;
             }
-            COUNTING.with(|on| on.set(false));
-            COUNT.with(|c| c.get()) as f64 / SLEEPS as f64
+            (counting_alloc::so_far() - before) as f64 / SLEEPS as f64
         })
     })
     .join()
