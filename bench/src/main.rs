@@ -835,10 +835,9 @@ mod tests {
     /// Two runs at a rate add up: CPU per session is all CPU over all sessions.
     #[test]
     fn runs_at_a_rate_add_up() {
-        let run = measured;
         let mut kept = None;
-        keep_at(&mut kept, run(100, 1, 0.05, 400)).unwrap();
-        keep_at(&mut kept, run(300, 3, 0.09, 600)).unwrap();
+        keep_at(&mut kept, measured(100, 1, 0.05, 400)).unwrap();
+        keep_at(&mut kept, measured(300, 3, 0.09, 600)).unwrap();
         let r = kept.unwrap();
         assert!((r.cpu_us() - 350.0).abs() < 1e-6, "{}", r.cpu_us());
         assert!((r.sleeps() - 2.5).abs() < 1e-9);

@@ -160,12 +160,6 @@ pub enum Decision {
     Commit { write: RegistrationWrite, operation_id: String, state: DeviceRegistrationState },
 }
 
-impl Decision {
-    fn answer(outcome: Outcome) -> Decision {
-        Decision::Answer(outcome)
-    }
-}
-
 /// One shard's registration machine: the instance's settings and the shard's rate budgets.
 #[derive(Debug)]
 pub struct Registrar {
@@ -249,7 +243,7 @@ impl Registrar {
     pub fn decide(&mut self, p: Pending, facts: Facts<'_>, now: UtcTime, mono: u64, entropy: &mut impl Entropy) -> Decision {
         match self.try_decide(p, facts, now, mono, entropy) {
             Ok(d) => d,
-            Err(e) => Decision::answer(Outcome::Refused(e)),
+            Err(e) => Decision::Answer(Outcome::Refused(e)),
         }
     }
 
@@ -269,7 +263,7 @@ impl Registrar {
                         let Some((token, kept)) = &t.answer else {
                             let (authentication_key, issued) =
                                 tpm::challenge(&t.endorsement_key, &t.storage_root_key, entropy.tpm_secrets(), now)?;
-                            return Ok(Decision::answer(Outcome::Challenge { authentication_key, issued }));
+                            return Ok(Decision::Answer(Outcome::Challenge { authentication_key, issued }));
                         };
                         let issued = kept.as_ref().or(facts.challenge).ok_or_else(|| {
                             ServiceError::unauthorized("no TPM challenge is outstanding for this device (used, expired or never issued)")
@@ -321,14 +315,14 @@ impl Registrar {
                     .ok_or_else(|| operation_not_found(&operation_id))?;
                 still_admitted(&p.proof, &p.registration_id, state, &facts, now)?;
                 self.admission.take_poll(&p.key, mono)?;
-                Ok(Decision::answer(Outcome::Operation { operation_id, state: state.clone() }))
+                Ok(Decision::Answer(Outcome::Operation { operation_id, state: state.clone() }))
             }
             Step::Lookup => {
                 let state = facts.registration.ok_or_else(|| {
                     ServiceError::new(ErrorKind::RegistrationNotFound, "registration not found").because("no registration state")
                 })?;
                 still_admitted(&p.proof, &p.registration_id, state, &facts, now)?;
-                Ok(Decision::answer(Outcome::Registration { state: state.clone() }))
+                Ok(Decision::Answer(Outcome::Registration { state: state.clone() }))
             }
         }
     }
