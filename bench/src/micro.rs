@@ -17,9 +17,8 @@ pub struct HotPath {
     token: String,
     /// CONNECT, SUBSCRIBE and PUBLISH as a device pipelines them.
     wire: Bytes,
-    /// The assigned state the answer renders, and its operation.
-    state: dps_core::model::DeviceRegistrationState,
-    operation_id: String,
+    /// The assigned registration the answer renders.
+    assigned: dps_core::registration::Outcome,
     store: dps_storage::FjallStore,
     _dir: tempfile::TempDir,
     next: u64,
@@ -49,11 +48,12 @@ impl HotPath {
         let state: dps_core::model::DeviceRegistrationState = serde_json::from_value(serde_json::json!({
             "registrationId": "device-000042", "createdDateTimeUtc": "2026-11-26T12:00:00.0000000Z",
             "assignedHub": "hub-a.example.net", "deviceId": "device-000042", "status": "assigned", "substatus": "initialAssignment",
-            "lastUpdatedDateTimeUtc": "2026-11-26T12:00:00.0000000Z", "etag": "\"0a1b2c3d\""}))?;
-        let operation_id = dps_core::device::operation_id(42, "device-000042");
+            "lastUpdatedDateTimeUtc": "2026-11-26T12:00:00.0000000Z", "etag": "\"0a1b2c3d\"", "_enrollmentGroupId": "bench"}))?;
+        let assigned =
+            dps_core::registration::Outcome::Operation { operation_id: dps_core::device::operation_id(42, "device-000042"), state };
         let dir = tempfile::tempdir()?;
         let store = dps_storage::FjallStore::open(dir.path(), dps_storage::DataKey::new(&[7u8; 32]), 64 << 20)?;
-        let mut h = HotPath { device_key, token, wire: wire.freeze(), state, operation_id, store, _dir: dir, next: 0 };
+        let mut h = HotPath { device_key, token, wire: wire.freeze(), assigned, store, _dir: dir, next: 0 };
         // Records for the reads.
         h.store_put_group(1_000);
         Ok(h)
@@ -80,22 +80,13 @@ impl HotPath {
 
     /// The assigned answer: JSON rendering and the MQTT PUBLISH around it.
     pub fn render_response(&self) -> usize {
-        let state = black_box(&self.state);
-        let status = dps_core::device::OperationStatus {
-            operation_id: &self.operation_id,
-            status: state.status,
-            registration_state: Some(dps_core::device::DeviceRegistrationResult {
-                state: state.public_view(),
-                symmetric_key: Some(dps_core::device::SymmetricKeyResult { enrollment_group_id: Some("bench") }),
-                x509: None,
-                tpm: None,
-            }),
-        };
-        let body = serde_json::to_vec(&status).unwrap_or_default();
+        let body = black_box(&self.assigned).reply("", dps_core::time::UtcTime::from_unix_secs(0)).body;
         let topic = dps_core::device::response_topic(200, "1", None);
         let mut b = BytesMut::with_capacity(body.len() + 64);
-        let _ = mqttbytes::v4::Publish::new(topic, mqttbytes::QoS::AtLeastOnce, body).write(&mut b);
-        b.len()
+        let mut publish = mqttbytes::v4::Publish::new(topic, mqttbytes::QoS::AtLeastOnce, body);
+        // QoS 1 needs a packet id (0 is refused, and nothing is written).
+        publish.pkid = 1;
+        publish.write(&mut b).unwrap_or(0)
     }
 
     fn put(i: u64) -> Op {
@@ -171,4 +162,23 @@ pub fn run(budget: Duration) -> Result<Vec<(String, f64)>, BoxError> {
         time(budget, || assert!(h.store_put_group(256))) / 256.0,
     ));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The timed answer is the device API's own rendering of an assigned symmetric-key
+    /// registration, inside an MQTT PUBLISH.
+    #[test]
+    fn the_rendered_answer_is_the_assigned_registration() {
+        let h = HotPath::new().unwrap();
+        let body = h.assigned.reply("", dps_core::time::UtcTime::from_unix_secs(0)).body;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "assigned");
+        assert_eq!(v["registrationState"]["assignedHub"], "hub-a.example.net");
+        assert_eq!(v["registrationState"]["symmetricKey"]["enrollmentGroupId"], "bench");
+        assert!(v["registrationState"].get("_enrollmentGroupId").is_none(), "internal members stay out");
+        assert!(h.render_response() > body.len(), "the PUBLISH carries the body");
+    }
 }
