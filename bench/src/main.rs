@@ -745,8 +745,15 @@ fn main() -> Result<(), BoxError> {
     }
     let offered: Vec<f64> = gateway_at.iter().map(|r| r.offered).collect();
     if let (Some(low), Some(high)) = (quarter_peak_row(&offered, dps2.per_second()).map(|i| &gateway_at[i]), gateway_at.last()) {
+        // The target compares with the cost at the peak: the closed-loop row's, where the
+        // shards never sleep for long and group commit shares each fsync most widely. The
+        // open loop's highest rate (75 %) is printed beside it, for the runs before it.
         println!(
-            "| CPU per registration at 25 % of peak ÷ at {:.0}/s (target ≤ 1.3) | {:.2} |",
+            "| CPU per registration at 25 % of peak ÷ at the peak (closed loop, 2 shards; target ≤ 1.3) | {:.2} |",
+            low.cpu_us() / dps2_cpu.max(1e-9)
+        );
+        println!(
+            "| CPU per registration at 25 % of peak ÷ at {:.0}/s (open loop) | {:.2} |",
             high.offered,
             low.cpu_us() / high.cpu_us().max(1e-9)
         );
